@@ -1,0 +1,1 @@
+"""Inference engines: one per process, shared by every session."""

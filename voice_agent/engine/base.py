@@ -1,0 +1,132 @@
+"""The interface sessions use to talk to an inference engine.
+
+A session opens a Conversation once, then submits one turn at a time:
+new audio (16 kHz mono float32) and/or text. `submit` returns a TurnHandle at
+once (or raises Busy); iterating it yields Delta pieces as tokens decode; when
+iteration ends, `handle.result` holds the whole text, usage and timing.
+`handle.cancel(keep_tokens)` stops generation within one decode step and keeps
+only the first `keep_tokens` reply tokens in the conversation's history (None:
+keep everything that was decoded).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+SAMPLE_RATE = 16000
+
+AudioArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_ms: float = 0.0
+    ttft_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class TurnInput:
+    """One user turn. audio: 16 kHz mono float32 in [-1, 1]; text: typed text or
+    an instruction about the audio (audio analysis mode). At least one is set."""
+
+    audio: AudioArray | None = None
+    text: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.audio is None and not self.text:
+            raise ValueError("a turn needs audio or text")
+
+
+@dataclass(frozen=True)
+class Delta:
+    """The next piece of reply text. `tokens` counts reply tokens decoded up to
+    and including this piece (what to pass to cancel(keep_tokens=...))."""
+
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    text: str
+    usage: Usage
+    timing: Timing
+    cancelled: bool = False
+
+
+@dataclass
+class Conversation:
+    """Handle to one conversation's state inside the engine.
+
+    The engine owns what is inside `state`; callers only keep the handle.
+    `turns` counts completed turns, `audio_clips` the clips in the history.
+    """
+
+    conversation_id: str
+    system_prompt: str | None
+    turns: int = 0
+    audio_clips: int = 0
+    state: object = field(default=None, repr=False)
+
+
+class TurnHandle(abc.ABC):
+    """A submitted turn. Async-iterate it for Delta pieces."""
+
+    @abc.abstractmethod
+    def __aiter__(self) -> AsyncIterator[Delta]: ...
+
+    @abc.abstractmethod
+    def cancel(self, keep_tokens: int | None = None) -> None:
+        """Stop generating within one decode step; safe to call more than once."""
+
+    @property
+    @abc.abstractmethod
+    def result(self) -> TurnResult:
+        """The finished turn; raises RuntimeError before iteration has ended."""
+
+
+class Engine(abc.ABC):
+    """One engine per process, shared by all sessions. Model code never runs on
+    the event loop."""
+
+    model_name: str = ""
+    demo_model: bool = False
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start the worker (thread or process). Idempotent."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Cancel turns in flight and stop the worker."""
+
+    @abc.abstractmethod
+    def new_conversation(
+        self, system_prompt: str | None = None, conversation_id: str | None = None
+    ) -> Conversation: ...
+
+    @abc.abstractmethod
+    def submit(
+        self, conversation: Conversation, turn: TurnInput, max_new_tokens: int | None = None
+    ) -> TurnHandle:
+        """Queue a turn. Raises errors.Busy when the queue is full. Turns of one
+        conversation run in submission order: a turn submitted while an earlier
+        one of the same conversation still runs (or is being cancelled) starts
+        only after that one has finished and its history is settled."""
+
+    def history_text(self, conversation: Conversation) -> str:
+        """The conversation's ChatML history as text, for inspection and tests."""
+        raise NotImplementedError
