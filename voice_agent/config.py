@@ -1,0 +1,150 @@
+"""One configuration dataclass for the whole server.
+
+Every field has a CLI flag (`--field-name`), an environment variable
+(`VOICE_AGENT_FIELD_NAME`) and a default. Precedence: flag > env var > default.
+The help text of each flag is the `help` entry of the field's metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from voice_agent.errors import ConfigError
+
+ENV_PREFIX = "VOICE_AGENT_"
+DEFAULT_MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
+
+
+def _default_demo_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "voice_agent" / "tiny-model")
+
+
+def _f(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class Config:
+    # network
+    host: str = _f("127.0.0.1", "address to listen on (loopback by default)")
+    port: int = _f(8765, "HTTP/WebSocket port: serves the page, /healthz and /v1/realtime")
+    web_dir: str | None = _f(None, "directory of the browser page (default: the bundled web/)")
+    max_message_bytes: int = _f(
+        65536, "largest WebSocket frame accepted; a bigger one closes the connection with 1009"
+    )
+    ping_interval: float = _f(20.0, "seconds between keepalive pings (0 disables them)")
+    ping_timeout: float = _f(20.0, "seconds to wait for a pong before closing the connection")
+    max_sessions: int = _f(100, "concurrent sessions; beyond it new connections close with 1013")
+    # model
+    model: str | None = _f(
+        None,
+        "model directory or hub id (default Qwen/Qwen2-Audio-7B-Instruct from the local "
+        "cache; when absent the server falls back to the tiny demo model)",
+    )
+    demo_model_dir: str = _f(
+        _default_demo_dir(), "where the tiny demo model is written when no weights are found"
+    )
+    device: str = _f("auto", "auto, cpu or cuda[:N]; auto uses CUDA in bfloat16 when present")
+    max_new_tokens: int = _f(256, "reply tokens per turn at most")
+    temperature: float = _f(0.0, "sampling temperature; 0 decodes greedily")
+    top_p: float = _f(1.0, "nucleus sampling threshold when temperature > 0")
+    max_queue: int = _f(64, "turns waiting for the engine; beyond it a turn is refused with busy")
+    # conversation
+    system_prompt: str | None = _f(
+        None, "system prompt of every conversation (default: the model's own)"
+    )
+    vad_aggressiveness: int = _f(2, "webrtcvad aggressiveness, 0 (least) to 3 (most)")
+    preroll_ms: int = _f(300, "audio before the speech onset kept in the utterance")
+    hangover_ms: int = _f(600, "silence that ends an utterance")
+    min_speech_ms: int = _f(200, "shorter bursts of sound are dropped as noise")
+    max_utterance_ms: int = _f(30000, "longer speech is closed and continues as the next utterance")
+    barge_in_ms: int = _f(300, "speech this long during a reply cancels the reply")
+    max_queued_utterances: int = _f(
+        4, "utterances waiting behind a running reply; beyond it the oldest is dropped"
+    )
+    max_text_chars: int = _f(4000, "longest typed text turn")
+    # operations
+    log_level: str = _f("info", "debug, info, warning or error")
+    log_format: str = _f("text", "text or json (one JSON object per line)")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append("port must be 0..65535")
+        if not 0 <= self.vad_aggressiveness <= 3:
+            problems.append("vad_aggressiveness must be 0..3")
+        if self.max_message_bytes < 1024:
+            problems.append("max_message_bytes must be at least 1024")
+        for name in ("max_sessions", "max_queue", "max_new_tokens", "max_text_chars"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.log_format not in ("text", "json"):
+            problems.append("log_format must be text or json")
+        if self.max_utterance_ms > 30000 or self.max_utterance_ms < 1000:
+            problems.append("max_utterance_ms must be 1000..30000 (the encoder sees 30 s)")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    # -- construction -------------------------------------------------------
+
+    @classmethod
+    def from_sources(
+        cls, args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None
+    ) -> Config:
+        """Build from parsed flags (None = not given) over env vars over defaults."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            flag_value = getattr(args, f.name, None) if args is not None else None
+            if flag_value is not None:
+                values[f.name] = flag_value
+                continue
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f, raw)
+        return cls(**values)
+
+
+def _base_type(f: dataclasses.Field[Any]) -> type:
+    text = str(f.type)
+    for name, typ in (("int", int), ("float", float), ("bool", bool)):
+        if text.startswith(name):
+            return typ
+    return str
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    typ = _base_type(f)
+    try:
+        if typ is bool:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        return typ(raw)
+    except ValueError:
+        env = ENV_PREFIX + f.name.upper()
+        raise ConfigError(f"{env}={raw!r} is not a valid {typ.__name__}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+    """Add one flag per Config field (or the named subset). Defaults are None so
+    that unset flags fall through to env vars and then to the dataclass default."""
+    for f in dataclasses.fields(Config):
+        if only is not None and f.name not in only:
+            continue
+        env = ENV_PREFIX + f.name.upper()
+        default = f.default
+        help_text = f"{f.metadata['help']} (env {env}; default: {default})"
+        flag = "--" + f.name.replace("_", "-")
+        typ = _base_type(f)
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(
+                flag, type=typ, default=None, metavar=f.name.upper(), help=help_text
+            )
