@@ -12,7 +12,8 @@ keep everything that was decoded).
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -130,3 +131,69 @@ class Engine(abc.ABC):
     def history_text(self, conversation: Conversation) -> str:
         """The conversation's ChatML history as text, for inspection and tests."""
         raise NotImplementedError
+
+
+_Item = Delta | TurnResult | BaseException
+
+
+class QueueTurnHandle(TurnHandle):
+    """A TurnHandle fed through an asyncio.Queue on the caller's loop.
+
+    The producer (a worker thread or a task) calls `push` with Delta pieces and
+    finally a TurnResult or an exception; `push` is safe from any thread.
+    `cancel` records the request (read by the producer through
+    `cancel_requested` and `keep_tokens`) and calls `on_cancel`, if given.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._result: TurnResult | None = None
+        self._iterated = False
+        self.cancel_requested = False
+        self.keep_tokens: int | None = None
+        self.on_cancel: Callable[[], None] | None = None
+
+    def push(self, item: _Item) -> None:
+        """Deliver a piece, the result or an error; callable from any thread."""
+        try:
+            if self._loop.is_closed():
+                return
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop closed meanwhile: nobody is listening
+            pass
+
+    async def _iterate(self) -> AsyncIterator[Delta]:
+        if self._iterated:
+            raise RuntimeError("a TurnHandle can be iterated only once")
+        self._iterated = True
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, Delta):
+                yield item
+            elif isinstance(item, TurnResult):
+                self._result = item
+                return
+            else:
+                raise item
+
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        return self._iterate()
+
+    def cancel(self, keep_tokens: int | None = None) -> None:
+        if self.cancel_requested:
+            if keep_tokens is not None:
+                self.keep_tokens = (
+                    keep_tokens if self.keep_tokens is None else min(keep_tokens, self.keep_tokens)
+                )
+            return
+        self.keep_tokens = None if keep_tokens is None else max(0, keep_tokens)
+        self.cancel_requested = True
+        if self.on_cancel is not None:
+            self.on_cancel()
+
+    @property
+    def result(self) -> TurnResult:
+        if self._result is None:
+            raise RuntimeError("the turn has not finished: iterate the handle first")
+        return self._result

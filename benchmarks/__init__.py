@@ -1,0 +1,1 @@
+"""Reproducible benchmarks that print JSON (run as scripts or `voice-agent bench NAME`)."""

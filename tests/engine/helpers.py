@@ -1,0 +1,39 @@
+"""Helpers for the engine tests."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from voice_agent.engine.base import Delta, TurnHandle
+from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
+
+EngineFactory = Callable[..., Any]
+
+
+async def collect(handle: TurnHandle) -> list[Delta]:
+    return [d async for d in handle]
+
+
+class DecodeGate:
+    """Blocks the worker inside decode step number `at` until `release()`."""
+
+    def __init__(self, engine: Qwen2AudioEngine, at: int) -> None:
+        self.at = at
+        self.steps = 0
+        self.reached = threading.Event()
+        self.go = threading.Event()
+        original = engine._decode
+
+        def gated(turn: Any) -> None:
+            self.steps += 1
+            if self.steps == self.at:
+                self.reached.set()
+                self.go.wait(timeout=60)
+            original(turn)
+
+        setattr(engine, "_decode", gated)  # noqa: B010 - patch the instance
+
+    def release(self) -> None:
+        self.go.set()

@@ -1,0 +1,119 @@
+"""ScriptedEngine: scripted replies word by word, for session/transport tests."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from voice_agent.engine.base import Delta, TurnInput
+from voice_agent.engine.scripted import ScriptedEngine, words
+from voice_agent.errors import Busy, EngineError
+
+
+async def collect(handle: object) -> list[Delta]:
+    return [d async for d in handle]  # type: ignore[attr-defined]
+
+
+def test_words_keep_their_spaces() -> None:
+    assert words("Turn on  the light.") == ["Turn", " on", "  the", " light."]
+
+
+async def test_replies_in_order_word_by_word() -> None:
+    engine = ScriptedEngine(["Hello there.", "Light on."], token_delay=0)
+    await engine.start()
+    conv = engine.new_conversation()
+    h1 = engine.submit(conv, TurnInput(text="hi"))
+    deltas = await collect(h1)
+    assert [d.text for d in deltas] == ["Hello", " there."]
+    assert [d.tokens for d in deltas] == [1, 2]
+    assert h1.result.text == "Hello there."
+    assert h1.result.usage.completion_tokens == 2
+    h2 = engine.submit(conv, TurnInput(audio=np.zeros(1600, dtype=np.float32)))
+    await collect(h2)
+    assert h2.result.text == "Light on."
+    h3 = engine.submit(conv, TurnInput(text="again"))
+    await collect(h3)
+    assert h3.result.text == "Light on."  # the last reply repeats
+    assert [t.text for _, t in engine.submitted] == ["hi", None, "again"]
+    assert conv.turns == 3 and conv.audio_clips == 1
+    assert "assistant\nHello there.<|im_end|>" in engine.history_text(conv)
+    await engine.close()
+
+
+async def test_callable_replies_and_injected_sleep() -> None:
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    engine = ScriptedEngine(lambda t: f"you said {t.text}", token_delay=0.25, sleep=fake_sleep)
+    conv = engine.new_conversation()
+    h = engine.submit(conv, TurnInput(text="lamp"))
+    await collect(h)
+    assert h.result.text == "you said lamp"
+    assert slept == [0.25, 0.25, 0.25]
+
+
+async def test_cancel_keeps_keep_tokens() -> None:
+    engine = ScriptedEngine(["one two three four five six"], token_delay=0)
+    conv = engine.new_conversation()
+    h = engine.submit(conv, TurnInput(text="count"))
+    got = []
+    async for d in h:
+        got.append(d)
+        if d.tokens == 3:
+            h.cancel(keep_tokens=2)
+    assert 3 <= len(got) < 6  # stops within a token or so of the cancel
+    assert h.result.cancelled and h.result.text == "one two"
+    assert engine.history_text(conv).endswith("assistant\none two<|im_end|>\n")
+    h.cancel(keep_tokens=1)  # safe to call again
+
+
+async def test_max_new_tokens() -> None:
+    engine = ScriptedEngine(["a b c d"], token_delay=0)
+    h = engine.submit(engine.new_conversation(), TurnInput(text="x"), max_new_tokens=2)
+    await collect(h)
+    assert h.result.text == "a b"
+
+
+async def test_busy_when_queue_bound_hit() -> None:
+    engine = ScriptedEngine(["a b c"], token_delay=0.01, max_queue=2)
+    conv = engine.new_conversation()
+    handles = [engine.submit(conv, TurnInput(text="1")), engine.submit(conv, TurnInput(text="2"))]
+    with pytest.raises(Busy):
+        engine.submit(conv, TurnInput(text="3"))
+    for h in handles:
+        await collect(h)
+    h = engine.submit(conv, TurnInput(text="4"))  # room again
+    await collect(h)
+
+
+async def test_turns_of_one_conversation_run_in_order() -> None:
+    engine = ScriptedEngine(lambda t: f"reply {t.text}", token_delay=0.001)
+    conv = engine.new_conversation()
+    h1 = engine.submit(conv, TurnInput(text="1"))
+    h2 = engine.submit(conv, TurnInput(text="2"))
+    await asyncio.gather(collect(h2), collect(h1))
+    history = engine.history_text(conv)
+    assert history.index("reply 1") < history.index("reply 2")
+
+
+async def test_failing_reply_is_an_engine_error() -> None:
+    def boom(turn: TurnInput) -> str:
+        raise ValueError("script broke")
+
+    engine = ScriptedEngine(boom)
+    h = engine.submit(engine.new_conversation(), TurnInput(text="x"))
+    with pytest.raises(EngineError):
+        await collect(h)
+
+
+async def test_close_cancels_in_flight() -> None:
+    engine = ScriptedEngine(["a b c d e f g"], token_delay=10)
+    h = engine.submit(engine.new_conversation(), TurnInput(text="x"))
+    await asyncio.sleep(0)
+    await engine.close()
+    await asyncio.wait_for(collect(h), timeout=5)
+    assert h.result.cancelled

@@ -1,0 +1,193 @@
+"""An engine that replies with scripted text, word by word (pure asyncio).
+
+For tests of what sessions and transports do with a reply (command parsing,
+cancellation, barge-in): no model, no torch. Each word (with its leading
+whitespace) is one token; a token is delivered every `token_delay` seconds
+through the injected `sleep`. Every path it stands in for is also tested with
+the real Qwen2-Audio classes on the tiny model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from voice_agent.engine.base import (
+    Conversation,
+    Delta,
+    Engine,
+    QueueTurnHandle,
+    Timing,
+    TurnHandle,
+    TurnInput,
+    TurnResult,
+    Usage,
+)
+from voice_agent.errors import Busy, EngineError
+
+Replies = list[str] | Callable[[TurnInput], str]
+_WORD = re.compile(r"\s*\S+")
+
+
+def words(text: str) -> list[str]:
+    """The scripted engine's tokens: words with their leading whitespace."""
+    return _WORD.findall(text)
+
+
+@dataclass
+class _ScriptState:
+    history: list[str] = field(default_factory=list)
+    last: asyncio.Task[None] | None = None
+
+
+class ScriptedEngine(Engine):
+    """Replies from a list (used in order, the last one repeating) or a callable.
+
+    A callable that raises makes that turn fail with EngineError, as a model
+    failure would. `submitted` records every (conversation, turn) accepted.
+    """
+
+    def __init__(
+        self,
+        replies: Replies | None = None,
+        *,
+        token_delay: float = 0.005,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        max_queue: int = 64,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.model_name = "scripted"
+        self.replies: Replies = replies if replies is not None else ["OK."]
+        self.token_delay = token_delay
+        self.max_queue = max_queue
+        self.submitted: list[tuple[Conversation, TurnInput]] = []
+        self._sleep = sleep
+        self._clock = clock
+        self._reply_index = 0
+        self._unfinished = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count(1)
+        self.started = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.started = False
+
+    def new_conversation(
+        self, system_prompt: str | None = None, conversation_id: str | None = None
+    ) -> Conversation:
+        cid = conversation_id or f"scripted-{next(self._ids)}"
+        return Conversation(cid, system_prompt, state=_ScriptState())
+
+    def _next_reply(self, turn: TurnInput) -> str:
+        if callable(self.replies):
+            return self.replies(turn)
+        if not self.replies:
+            return ""
+        i = min(self._reply_index, len(self.replies) - 1)
+        self._reply_index += 1
+        return self.replies[i]
+
+    def submit(
+        self, conversation: Conversation, turn: TurnInput, max_new_tokens: int | None = None
+    ) -> TurnHandle:
+        state = conversation.state
+        if not isinstance(state, _ScriptState):
+            raise ValueError("conversation was not created by this engine")
+        if self._unfinished >= self.max_queue:
+            raise Busy("the engine is busy, try again")
+        self._unfinished += 1
+        self.submitted.append((conversation, turn))
+        handle = QueueTurnHandle(asyncio.get_running_loop())
+        previous = state.last
+        task = asyncio.create_task(
+            self._run(conversation, state, turn, handle, previous, max_new_tokens)
+        )
+        state.last = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return handle
+
+    async def _run(
+        self,
+        conversation: Conversation,
+        state: _ScriptState,
+        turn: TurnInput,
+        handle: QueueTurnHandle,
+        previous: asyncio.Task[None] | None,
+        max_new_tokens: int | None,
+    ) -> None:
+        submitted = self._clock()
+        try:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            started = self._clock()
+            first = 0.0
+            if handle.cancel_requested:
+                handle.push(TurnResult("", Usage(), Timing(), cancelled=True))
+                return
+            try:
+                tokens = words(self._next_reply(turn))
+            except Exception:
+                handle.push(EngineError("the model failed on this turn"))
+                return
+            if max_new_tokens is not None:
+                tokens = tokens[:max_new_tokens]
+            produced = 0
+            for piece in tokens:
+                if handle.cancel_requested:
+                    break
+                await self._sleep(self.token_delay)
+                if handle.cancel_requested:
+                    break
+                produced += 1
+                if not first:
+                    first = self._clock()
+                handle.push(Delta(piece, produced))
+            cancelled = handle.cancel_requested
+            keep = produced
+            if cancelled and handle.keep_tokens is not None:
+                keep = min(produced, handle.keep_tokens)
+            text = "".join(tokens[:keep])
+            user = ("<audio>" if turn.audio is not None else "") + (turn.text or "")
+            state.history.append(
+                f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{text}<|im_end|>\n"
+            )
+            conversation.turns += 1
+            if turn.audio is not None:
+                conversation.audio_clips += 1
+            now = self._clock()
+            handle.push(
+                TurnResult(
+                    text,
+                    Usage(prompt_tokens=0, cached_tokens=0, completion_tokens=produced),
+                    Timing(
+                        queue_ms=(started - submitted) * 1000.0,
+                        ttft_ms=((first or now) - submitted) * 1000.0,
+                        total_ms=(now - submitted) * 1000.0,
+                    ),
+                    cancelled=cancelled,
+                )
+            )
+        except asyncio.CancelledError:
+            handle.push(TurnResult("", Usage(), Timing(), cancelled=True))
+            raise
+        finally:
+            self._unfinished -= 1
+
+    def history_text(self, conversation: Conversation) -> str:
+        state = conversation.state
+        if not isinstance(state, _ScriptState):
+            raise ValueError("conversation was not created by this engine")
+        system = conversation.system_prompt or "You are a helpful assistant."
+        return f"<|im_start|>system\n{system}<|im_end|>\n" + "".join(state.history)
