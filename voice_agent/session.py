@@ -1,0 +1,337 @@
+"""Session: one conversation's turn state machine (sans-I/O, no clocks).
+
+The async driver feeds it microphone PCM, typed text, client commands and what
+the engine reports for each reply; it returns the actions to execute, in order:
+
+    Send(event)                              send a server event to the client
+    SubmitTurn(reply_id, utterance_id, turn) submit `turn` to the engine; report
+                                             its deltas/result/failure back with
+                                             on_delta / on_done / on_failed
+    CancelTurn(reply_id, keep_tokens, reason) cancel that engine turn, keeping
+                                             `keep_tokens` reply tokens
+
+A Send(ReplyStarted) always comes right before its SubmitTurn. If submitting
+fails at once (errors.Busy), the driver calls on_failed for that reply id.
+
+At most one reply runs at a time. Turns (closed utterances and typed text)
+that arrive while a reply runs wait in a queue and are answered in order. The
+queue holds at most `max_queued_utterances` waiting turns; when a new one
+would exceed it, the OLDEST waiting turn is dropped, counted in
+`dropped_utterances` and reported with an `error` event (code `busy`).
+
+State (`state`): "thinking" while a reply runs and no delta was sent yet,
+"replying" once one was; otherwise "listening" while an utterance is open
+(speech.started sent, speech.stopped not yet), else "idle". The reply wins
+over speech: while the user talks over a reply the state stays the reply's.
+
+Barge-in: speech that started after the running reply was submitted and
+has lasted `barge_in_ms` (counted from its onset by the segmenter) cancels the
+reply: CancelTurn(keep_tokens = tokens of the last sent delta, "barge_in") and
+reply.cancelled with the text sent so far. `barge_in_ms <= 0` turns barge-in
+off. Speech that was already going on when a reply was submitted never
+cancels it, nor does the continuation of an utterance split at max length.
+Turns that were waiting behind the barged-in reply stay queued in order, and
+nothing new is submitted until the interrupting utterance has closed; it then
+joins the queue behind them. A client `cancel` works the same way (reason
+"client") but submits the next waiting turn at once.
+
+History: a turn enters `history` when it ends (done or cancelled), as a user
+entry followed by an assistant entry; a cancelled reply keeps only the text
+that was sent. Failed and dropped turns never enter it (the engine drops a
+failed turn from its history as well).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from voice_agent.audio import duration_ms
+from voice_agent.engine.base import Delta, TurnInput, TurnResult
+from voice_agent.errors import BadAudio, BadMessage, Busy
+from voice_agent.protocol import (
+    ReplyCancelled,
+    ReplyDelta,
+    ReplyDone,
+    ReplyStarted,
+    ServerEvent,
+    SpeechStartedEvent,
+    SpeechStoppedEvent,
+    error_event,
+    reply_wire_id,
+    utterance_wire_id,
+)
+from voice_agent.vad import Segmenter, SegmenterEvent, SpeechStarted, VadConfig
+
+State = Literal["idle", "listening", "thinking", "replying"]
+
+# segmenter reason -> wire reason (the protocol has no "end_of_stream")
+_WIRE_REASON = {"end_of_stream": "silence"}
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    vad: VadConfig = field(default_factory=VadConfig)
+    barge_in_ms: int = 300  # speech this long cancels the running reply; <= 0: never
+    max_queued_utterances: int = 4  # waiting turns; beyond it the oldest is dropped
+    max_text_chars: int = 4000  # longer `text` -> BadMessage
+    system_prompt: str | None = None  # for the driver, when it opens the engine Conversation
+
+
+@dataclass(frozen=True)
+class Send:
+    event: ServerEvent
+
+
+@dataclass(frozen=True)
+class SubmitTurn:
+    reply_id: str
+    utterance_id: str | None
+    turn: TurnInput
+
+
+@dataclass(frozen=True)
+class CancelTurn:
+    reply_id: str
+    keep_tokens: int
+    reason: str  # "barge_in" | "client"
+
+
+Action = Send | SubmitTurn | CancelTurn
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    role: Literal["user", "assistant"]
+    text: str | None  # typed text or reply text; None for a spoken user turn
+    audio_ms: int | None  # duration of the user's clip; None for text
+    utterance_id: str | None
+    reply_id: str | None
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class _Turn:
+    utterance_id: str | None
+    turn: TurnInput
+    audio_ms: int | None
+
+
+@dataclass
+class _Reply:
+    reply_id: str
+    user: _Turn
+    last_started: int  # newest segmenter utterance id started before submission
+    text: str = ""  # text sent in deltas so far
+    tokens: int = 0  # Delta.tokens of the last sent delta
+    streaming: bool = False
+
+
+class Session:
+    """One conversation's turns, barge-in and history (see module doc)."""
+
+    def __init__(
+        self,
+        session_id: str,
+        config: SessionConfig = SessionConfig(),
+        sample_rate: int = 16000,
+        channels: int = 1,
+    ) -> None:
+        self.session_id = session_id
+        self.config = config
+        self._seg = Segmenter(config.vad, sample_rate, channels)
+        self._reply: _Reply | None = None
+        self._queue: deque[_Turn] = deque()
+        self._next_reply = 1
+        self._open: int | None = None  # segmenter id of the open (started) utterance
+        self._last_started = 0
+        self._continuation: int | None = None  # open utterance continuing a max-length split
+        self._split_at_ms: int | None = None
+        self._hold: int | None = None  # interrupting utterance: submit nothing until it closes
+        self._ended = False
+        self.history: list[HistoryEntry] = []
+        self.dropped_utterances = 0
+        self.barge_ins = 0
+
+    # -- read-only views --------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        r = self._reply
+        if r is not None:
+            return "replying" if r.streaming else "thinking"
+        return "listening" if self._open is not None else "idle"
+
+    @property
+    def reply_id(self) -> str | None:
+        """The reply running now, if any."""
+        return None if self._reply is None else self._reply.reply_id
+
+    @property
+    def queued(self) -> int:
+        """Turns waiting for the running reply to end."""
+        return len(self._queue)
+
+    @property
+    def dropped_noise(self) -> int:
+        """Bursts the segmenter dropped as shorter than min_speech_ms."""
+        return self._seg.dropped
+
+    @property
+    def position_ms(self) -> int:
+        """Audio consumed so far (from the sample count)."""
+        return self._seg.position_ms
+
+    # -- input ------------------------------------------------------------
+
+    def feed_audio(self, pcm: bytes) -> list[Action]:
+        """Microphone PCM16 at the session's rate; BadAudio leaves the session usable."""
+        if self._ended:
+            raise BadAudio("the audio stream has ended")
+        return self._segments(self._seg.feed(pcm))
+
+    def text(self, text: str) -> list[Action]:
+        """A typed user turn (queued like an utterance while a reply runs)."""
+        if len(text) > self.config.max_text_chars:
+            raise BadMessage(f"text is longer than {self.config.max_text_chars} characters")
+        if not text.strip():
+            raise BadMessage("text is empty")
+        return self._enqueue(_Turn(None, TurnInput(text=text), None))
+
+    def commit(self) -> list[Action]:
+        """audio.commit: close the utterance in progress now ([] when none)."""
+        return [] if self._ended else self._segments(self._seg.commit())
+
+    def cancel(self) -> list[Action]:
+        """Client cancel of the running reply ([] when none)."""
+        return [] if self._reply is None else self._cancel("client")
+
+    def end_of_stream(self) -> list[Action]:
+        """No more audio: close any open utterance (it is still answered)."""
+        if self._ended:
+            return []
+        self._ended = True
+        return self._segments(self._seg.flush())
+
+    # -- engine reports ---------------------------------------------------
+
+    def on_delta(self, reply_id: str, delta: Delta) -> list[Action]:
+        """A decoded piece; ignored unless `reply_id` runs now. An empty piece is
+        not sent and does not count towards keep_tokens."""
+        r = self._current(reply_id)
+        if r is None or not delta.text:
+            return []
+        r.text += delta.text
+        r.tokens = delta.tokens
+        r.streaming = True
+        return [Send(ReplyDelta(reply_id, delta.text))]
+
+    def on_done(self, reply_id: str, result: TurnResult) -> list[Action]:
+        r = self._current(reply_id)
+        if r is None:
+            return []
+        self._reply = None
+        timing = {k: round(v, 1) for k, v in asdict(result.timing).items()}
+        actions: list[Action] = [
+            Send(ReplyDone(reply_id, result.text, asdict(result.usage), timing))
+        ]
+        self._record(r, result.text, result.cancelled)
+        return actions + self._pump()
+
+    def on_failed(self, reply_id: str, exc: BaseException) -> list[Action]:
+        if self._current(reply_id) is None:
+            return []
+        self._reply = None
+        actions: list[Action] = [Send(error_event(exc, reply_id))]
+        return actions + self._pump()
+
+    # -- internals --------------------------------------------------------
+
+    def _current(self, reply_id: str) -> _Reply | None:
+        r = self._reply
+        return r if r is not None and r.reply_id == reply_id else None
+
+    def _segments(self, events: list[SegmenterEvent]) -> list[Action]:
+        actions: list[Action] = []
+        for ev in events:
+            uid = utterance_wire_id(ev.utterance_id)
+            if isinstance(ev, SpeechStarted):
+                self._open = self._last_started = ev.utterance_id
+                is_cont = self._split_at_ms is not None and ev.start_ms == self._split_at_ms
+                self._continuation = ev.utterance_id if is_cont else None
+                self._split_at_ms = None
+                actions.append(Send(SpeechStartedEvent(uid, ev.start_ms)))
+                continue
+            self._open = None
+            self._split_at_ms = ev.end_ms if ev.reason == "max_length" else None
+            reason = _WIRE_REASON.get(ev.reason, ev.reason)
+            actions.append(Send(SpeechStoppedEvent(uid, ev.start_ms, ev.end_ms, reason)))
+            # A whole utterance that went by within one chunk may still barge in.
+            if self._may_barge(ev.utterance_id, ev.end_ms - ev.start_ms):
+                actions += self._cancel("barge_in", hold=ev.utterance_id)
+            self._continuation = None
+            if self._hold == ev.utterance_id:
+                self._hold = None
+            turn = _Turn(uid, TurnInput(audio=ev.audio), duration_ms(ev.audio))
+            actions += self._enqueue(turn)
+        if self._open is not None and self._may_barge(self._open, self._seg.speech_ms):
+            actions += self._cancel("barge_in", hold=self._open)
+        return actions
+
+    def _may_barge(self, utterance: int, speech_ms: int) -> bool:
+        r = self._reply
+        limit = self.config.barge_in_ms
+        return (
+            r is not None
+            and limit > 0
+            and speech_ms >= limit
+            and utterance > r.last_started
+            and utterance != self._continuation
+        )
+
+    def _cancel(self, reason: str, hold: int | None = None) -> list[Action]:
+        r = self._reply
+        assert r is not None
+        self._reply = None
+        if reason == "barge_in":
+            self.barge_ins += 1
+            self._hold = hold
+        self._record(r, r.text, True)
+        actions: list[Action] = [
+            CancelTurn(r.reply_id, r.tokens, reason),
+            Send(ReplyCancelled(r.reply_id, reason, r.text)),
+        ]
+        return actions + self._pump()
+
+    def _record(self, r: _Reply, text: str, cancelled: bool) -> None:
+        u = r.user
+        self.history.append(
+            HistoryEntry("user", u.turn.text, u.audio_ms, u.utterance_id, r.reply_id)
+        )
+        self.history.append(
+            HistoryEntry("assistant", text, None, u.utterance_id, r.reply_id, cancelled)
+        )
+
+    def _enqueue(self, turn: _Turn) -> list[Action]:
+        self._queue.append(turn)
+        actions = self._pump()
+        while len(self._queue) > max(0, self.config.max_queued_utterances):
+            old = self._queue.popleft()
+            self.dropped_utterances += 1
+            what = "text turn" if old.utterance_id is None else f"utterance {old.utterance_id}"
+            actions.append(Send(error_event(Busy(f"{what} dropped: too many turns waiting"))))
+        return actions
+
+    def _pump(self) -> list[Action]:
+        """Submit the next waiting turn when nothing runs and nothing holds it."""
+        if self._reply is not None or self._hold is not None or not self._queue:
+            return []
+        t = self._queue.popleft()
+        reply_id = reply_wire_id(self._next_reply)
+        self._next_reply += 1
+        self._reply = _Reply(reply_id, t, self._last_started)
+        return [
+            Send(ReplyStarted(reply_id, t.utterance_id)),
+            SubmitTurn(reply_id, t.utterance_id, t.turn),
+        ]
