@@ -1,0 +1,220 @@
+"""LiveSession against the ScriptedEngine: order, cancel, busy, failures, close."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from voice_agent.audio import decode, float_to_pcm16, frames, silence
+from voice_agent.engine.base import Conversation, TurnHandle, TurnInput
+from voice_agent.engine.scripted import ScriptedEngine
+from voice_agent.errors import Busy
+from voice_agent.live import LiveSession, Metrics
+from voice_agent.protocol import (
+    ErrorEvent,
+    ReplyCancelled,
+    ReplyDelta,
+    ReplyDone,
+    ReplyStarted,
+    ServerEvent,
+    SpeechStoppedEvent,
+)
+from voice_agent.session import SessionConfig
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Recorder:
+    """The `send` callback: keeps events, lets tests wait for one."""
+
+    def __init__(self) -> None:
+        self.events: list[ServerEvent] = []
+        self._changed = asyncio.Event()
+
+    async def __call__(self, event: ServerEvent) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    async def until(self, test: Callable[[list[ServerEvent]], bool], timeout: float = 20) -> None:
+        async with asyncio.timeout(timeout):
+            while not test(self.events):
+                self._changed.clear()
+                await self._changed.wait()
+
+    def of(self, kind: type[ServerEvent]) -> list[ServerEvent]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+def count_at_least(kind: type[ServerEvent], n: int) -> Callable[[list[ServerEvent]], bool]:
+    return lambda events: sum(isinstance(e, kind) for e in events) >= n
+
+
+def echo(turn: TurnInput) -> str:
+    return f"you said {turn.text}" if turn.text else "heard some audio"
+
+
+def make_live(
+    engine: ScriptedEngine, rec: Recorder, metrics: Metrics | None = None, sid: str = "s1"
+) -> LiveSession:
+    return LiveSession(
+        engine, rec, session_id=sid, config=SessionConfig(), metrics=metrics, max_new_tokens=64
+    )
+
+
+async def test_text_turns_are_answered_in_order() -> None:
+    engine = ScriptedEngine(echo, token_delay=0.001)
+    rec = Recorder()
+    metrics = Metrics()
+    live = make_live(engine, rec, metrics)
+    try:
+        for word in ("one", "two", "three"):
+            await live.text(word)
+        await rec.until(count_at_least(ReplyDone, 3))
+    finally:
+        await live.close()
+    done = rec.of(ReplyDone)
+    assert [e.text for e in done if isinstance(e, ReplyDone)] == [
+        "you said one",
+        "you said two",
+        "you said three",
+    ]
+    # every reply's events are contiguous and in order: started, deltas, done
+    order = [
+        (type(e).__name__, str(getattr(e, "reply_id", "")))
+        for e in rec.events
+        if isinstance(e, ReplyStarted | ReplyDelta | ReplyDone)
+    ]
+    replies = [rid for _, rid in order]
+    assert replies == sorted(replies)
+    for rid in ("r1", "r2", "r3"):
+        kinds = [k for k, r in order if r == rid]
+        assert kinds[0] == "ReplyStarted" and kinds[-1] == "ReplyDone"
+        assert set(kinds[1:-1]) == {"ReplyDelta"}
+    assert metrics.turns_total == 3
+    assert "you said three" in engine.history_text(live.conversation)
+
+
+async def test_client_cancel_stops_the_reply_and_the_next_turn_runs() -> None:
+    long = " ".join(["word"] * 400)
+    engine = ScriptedEngine(lambda t: long if t.text == "long" else "short reply", token_delay=0.01)
+    rec = Recorder()
+    live = make_live(engine, rec)
+    try:
+        await live.text("long")
+        await live.text("next")
+        await rec.until(count_at_least(ReplyDelta, 2))
+        await live.cancel()
+        await rec.until(count_at_least(ReplyDone, 1))
+    finally:
+        await live.close()
+    cancelled = rec.of(ReplyCancelled)
+    assert len(cancelled) == 1
+    c = cancelled[0]
+    assert isinstance(c, ReplyCancelled) and c.reason == "client" and c.reply_id == "r1"
+    done = rec.of(ReplyDone)
+    assert isinstance(done[0], ReplyDone) and done[0].reply_id == "r2"
+    assert done[0].text == "short reply"
+    # the cancelled reply kept only what was sent
+    assert long not in engine.history_text(live.conversation)
+    assert c.text in engine.history_text(live.conversation)
+
+
+class BusyOnce(ScriptedEngine):
+    """Refuses the first submitted turn with Busy."""
+
+    refused = False
+
+    def submit(
+        self, conversation: Conversation, turn: TurnInput, max_new_tokens: int | None = None
+    ) -> TurnHandle:
+        if not self.refused:
+            self.refused = True
+            raise Busy("the engine is busy, try again")
+        return super().submit(conversation, turn, max_new_tokens)
+
+
+async def test_busy_engine_gives_busy_error_and_the_session_goes_on() -> None:
+    engine = BusyOnce(echo, token_delay=0.001)
+    rec = Recorder()
+    live = make_live(engine, rec)
+    try:
+        await live.text("first")
+        await live.text("second")
+        await rec.until(count_at_least(ReplyDone, 1))
+    finally:
+        await live.close()
+    errors = [e for e in rec.of(ErrorEvent) if isinstance(e, ErrorEvent)]
+    assert [(e.code, e.reply_id) for e in errors] == [("busy", "r1")]
+    done = rec.of(ReplyDone)
+    assert isinstance(done[0], ReplyDone) and done[0].text == "you said second"
+
+
+async def test_a_failing_turn_fails_alone() -> None:
+    def reply(turn: TurnInput) -> str:
+        if turn.text == "boom":
+            raise RuntimeError("model exploded with secret text")
+        return echo(turn)
+
+    engine = ScriptedEngine(reply, token_delay=0.001)
+    rec_a, rec_b = Recorder(), Recorder()
+    a = make_live(engine, rec_a, sid="a")
+    b = make_live(engine, rec_b, sid="b")
+    try:
+        await a.text("boom")
+        await b.text("hello")
+        await a.text("after")
+        await rec_a.until(count_at_least(ReplyDone, 1))
+        await rec_b.until(count_at_least(ReplyDone, 1))
+    finally:
+        await a.close()
+        await b.close()
+    errors = [e for e in rec_a.of(ErrorEvent) if isinstance(e, ErrorEvent)]
+    assert len(errors) == 1 and errors[0].code == "internal" and errors[0].reply_id == "r1"
+    assert "secret" not in errors[0].message
+    done_a = rec_a.of(ReplyDone)
+    assert isinstance(done_a[0], ReplyDone) and done_a[0].text == "you said after"
+    done_b = rec_b.of(ReplyDone)
+    assert isinstance(done_b[0], ReplyDone) and done_b[0].text == "you said hello"
+    assert not rec_b.of(ErrorEvent)
+
+
+async def test_close_cancels_turns_in_flight() -> None:
+    engine = ScriptedEngine([" ".join(["slow"] * 1000)], token_delay=0.02)
+    rec = Recorder()
+    live = make_live(engine, rec)
+    await live.text("one")
+    await live.text("two")
+    await rec.until(count_at_least(ReplyDelta, 1))
+    await live.close()
+    assert live.closed and live.replies_in_flight == 0
+    sent = len(rec.events)
+    await live.text("ignored after close")
+    await asyncio.sleep(0.1)
+    assert len(rec.events) == sent  # nothing is sent after close
+    async with asyncio.timeout(10):  # the engine lets go of both turns
+        while engine._unfinished:
+            await asyncio.sleep(0.01)
+    await engine.close()
+
+
+async def test_audio_utterance_reaches_the_engine(audio_dir: Path) -> None:
+    engine = ScriptedEngine(echo, token_delay=0.001)
+    rec = Recorder()
+    live = make_live(engine, rec)
+    audio = decode(audio_dir / "ldc93s1-16k-mono.wav")
+    try:
+        for frame in frames(silence(0.5)):
+            await live.feed_audio(frame)
+        for frame in frames(audio):
+            await live.feed_audio(frame)
+        await live.feed_audio(float_to_pcm16(silence(1.5)))
+        await rec.until(count_at_least(ReplyDone, 1))
+    finally:
+        await live.close()
+    assert len(rec.of(SpeechStoppedEvent)) == 1
+    assert len(engine.submitted) == 1
+    conversation, turn = engine.submitted[0]
+    assert conversation is live.conversation and turn.audio is not None
