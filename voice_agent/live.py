@@ -134,11 +134,16 @@ class LiveSession:
         channels: int = 1,
         max_new_tokens: int | None = None,
         metrics: Metrics | None = None,
+        conversation: Conversation | None = None,
+        ids_from: tuple[int, int] = (0, 0),
     ) -> None:
         self.session_id = session_id
         self.engine = engine
-        self.session = Session(session_id, config, sample_rate=sample_rate, channels=channels)
-        self.conversation: Conversation = engine.new_conversation(
+        self.session = Session(
+            session_id, config, sample_rate=sample_rate, channels=channels, ids_from=ids_from
+        )
+        # A resumed session brings its engine conversation (history) along.
+        self.conversation: Conversation = conversation or engine.new_conversation(
             config.system_prompt, conversation_id=session_id
         )
         self.max_new_tokens = max_new_tokens

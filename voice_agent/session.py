@@ -137,13 +137,18 @@ class Session:
         config: SessionConfig = SessionConfig(),
         sample_rate: int = 16000,
         channels: int = 1,
+        *,
+        ids_from: tuple[int, int] = (0, 0),
     ) -> None:
+        """`ids_from` = (utterances, replies) already numbered in this
+        conversation: a resumed session continues at u<n+1> and r<m+1>."""
         self.session_id = session_id
         self.config = config
         self._seg = Segmenter(config.vad, sample_rate, channels)
         self._reply: _Reply | None = None
         self._queue: deque[_Turn] = deque()
-        self._next_reply = 1
+        self._utterance_base = ids_from[0]
+        self._next_reply = ids_from[1] + 1
         self._open: int | None = None  # segmenter id of the open (started) utterance
         self._last_started = 0
         self._continuation: int | None = None  # open utterance continuing a max-length split
@@ -162,6 +167,11 @@ class Session:
         if r is not None:
             return "replying" if r.streaming else "thinking"
         return "listening" if self._open is not None else "idle"
+
+    @property
+    def ids_used(self) -> tuple[int, int]:
+        """(utterances, replies) numbered so far, for `ids_from` on resume."""
+        return self._utterance_base + self._last_started, self._next_reply - 1
 
     @property
     def reply_id(self) -> str | None:
@@ -255,7 +265,7 @@ class Session:
     def _segments(self, events: list[SegmenterEvent]) -> list[Action]:
         actions: list[Action] = []
         for ev in events:
-            uid = utterance_wire_id(ev.utterance_id)
+            uid = utterance_wire_id(self._utterance_base + ev.utterance_id)
             if isinstance(ev, SpeechStarted):
                 self._open = self._last_started = ev.utterance_id
                 is_cont = self._split_at_ms is not None and ev.start_ms == self._split_at_ms

@@ -141,15 +141,14 @@ async def test_three_clips_in_one_stream(
     for name in names:
         parts += [decode(audio_dir / name), gap]
     stream = pcm16_mono(np.concatenate(parts))
-    # Sent faster than real time, each utterance would barge in on the reply
-    # before it: barge-in is off here (it has its own test, at real-time pace).
-    cfg = replace(config, barge_in_ms=0)
+    # At real-time pace with the default settings (barge-in on): each reply
+    # finishes in the 1.5 s gap, before the next clip starts.
     async with (
-        running_server(cfg, tiny_engine, close_engine=False) as server,
+        running_server(config, tiny_engine, close_engine=False) as server,
         RealtimeClient(server.url) as client,
     ):
         sid = (await client.start()).session_id
-        await stream_pcm(client, stream, speed=0, silence_after=0.5)
+        await stream_pcm(client, stream, speed=1.0, silence_after=0.5)
         done = await wait_done(client, 3)
         history = tiny_engine.history_text(server.sessions[sid].conversation)
     stopped = client.of_type(SpeechStoppedEvent)

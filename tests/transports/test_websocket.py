@@ -263,6 +263,28 @@ async def test_malformed_messages_while_another_client_is_served(
     assert replies == [f"echo turn {i + 1}" for i in range(len(replies))]
 
 
+async def test_reconnect_with_session_id_resumes_the_conversation(config: Config) -> None:
+    engine = ScriptedEngine(echo, token_delay=0.001)
+    async with running_server(config, engine) as app:
+        async with RealtimeClient(app.url) as first:
+            sid = (await first.start()).session_id
+            await first.send_text("one")
+            assert (await first.wait_for(ReplyDone, 20)).reply_id == "r1"
+        async with asyncio.timeout(10):  # the server saw the disconnect
+            while sid not in app.detached:
+                await asyncio.sleep(0.01)
+        async with RealtimeClient(app.url) as again:
+            assert (await again.start(session_id=sid)).session_id == sid
+            await again.send_text("two")
+            done = await again.wait_for(ReplyDone, 20)
+            assert (done.reply_id, done.text) == ("r2", "echo two")
+        async with RealtimeClient(app.url) as stranger:
+            other = (await stranger.start(session_id="no-such-session")).session_id
+            assert other not in (sid, "no-such-session")
+    conversations = [conversation for conversation, _ in engine.submitted]
+    assert len(conversations) == 2 and conversations[0] is conversations[1]
+
+
 async def test_session_limit_closes_with_1013(config: Config) -> None:
     engine = ScriptedEngine(echo, token_delay=0.001)
     async with running_server(replace(config, max_sessions=2), engine) as app:

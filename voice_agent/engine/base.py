@@ -128,6 +128,10 @@ class Engine(abc.ABC):
         one of the same conversation still runs (or is being cancelled) starts
         only after that one has finished and its history is settled."""
 
+    def release(self, conversation: Conversation) -> None:  # noqa: B027 (optional hook)
+        """The conversation has no client now: free what can be rebuilt (its KV
+        cache) and keep its history, so it can be resumed later."""
+
     def history_text(self, conversation: Conversation) -> str:
         """The conversation's ChatML history as text, for inspection and tests."""
         raise NotImplementedError

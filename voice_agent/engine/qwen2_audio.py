@@ -359,6 +359,11 @@ class Qwen2AudioEngine(Engine):
             self._inbox.put(item)
         return handle
 
+    def release(self, conversation: Conversation) -> None:
+        st = conversation.state
+        if isinstance(st, _ConvState) and not st.running:
+            st.cache = None  # rebuilt from the history (ids + clips) at the next turn
+
     def history_text(self, conversation: Conversation) -> str:
         state = conversation.state
         if not isinstance(state, _ConvState):

@@ -26,7 +26,9 @@ import http
 import json
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -37,7 +39,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from voice_agent.config import Config
-from voice_agent.engine.base import Engine
+from voice_agent.engine.base import Conversation, Engine
 from voice_agent.errors import (
     CLOSE_GOING_AWAY,
     CLOSE_TRY_AGAIN,
@@ -142,6 +144,9 @@ class WebSocketServerApp:
         self.close_engine = close_engine
         self.metrics = Metrics()
         self.sessions: dict[str, LiveSession] = {}
+        # Conversations whose connection ended, kept for resuming by session_id
+        # (least recently detached dropped first, at most max_sessions of them).
+        self.detached: OrderedDict[str, _Detached] = OrderedDict()
         self.web_dir = Path(config.web_dir) if config.web_dir else default_web_dir()
         self._connections = 0  # open realtime connections (what max_sessions limits)
         self._server: Server | None = None
@@ -222,6 +227,24 @@ class WebSocketServerApp:
         finally:
             self._closed.set()
 
+    # -- resuming conversations --------------------------------------------
+
+    def detach(self, live: LiveSession) -> None:
+        """Keep an ended session's conversation so the client can resume it."""
+        if self._shutting_down:
+            return
+        self.engine.release(live.conversation)
+        self.detached[live.session_id] = _Detached(live.conversation, live.session.ids_used)
+        while len(self.detached) > self.config.max_sessions:
+            self.detached.popitem(last=False)
+
+    def resume(self, session_id: str | None) -> _Detached | None:
+        """The detached conversation `session_id`, or None (unknown, expired or
+        still attached to another connection: a new session starts instead)."""
+        if session_id is None:
+            return None
+        return self.detached.pop(session_id, None)
+
     # -- HTTP -------------------------------------------------------------
 
     async def _process_request(
@@ -272,6 +295,12 @@ class WebSocketServerApp:
             self._connections -= 1
 
 
+@dataclass(frozen=True)
+class _Detached:
+    conversation: Conversation
+    ids_used: tuple[int, int]
+
+
 class _Connection:
     """One realtime WebSocket: protocol handling in front of one LiveSession."""
 
@@ -318,6 +347,7 @@ class _Connection:
             return
         await live.close()
         self.app.sessions.pop(live.session_id, None)
+        self.app.detach(live)
         self.app.metrics.sessions_active = len(self.app.sessions)
         logger.info(
             "session ended",
@@ -357,7 +387,8 @@ class _Connection:
         if self.live is not None:
             raise BadMessage("the session has already started")
         app = self.app
-        session_id = uuid.uuid4().hex
+        resumed = app.resume(start.session_id)
+        session_id = start.session_id if start.session_id and resumed else uuid.uuid4().hex
         live = LiveSession(
             app.engine,
             self.send,
@@ -367,6 +398,8 @@ class _Connection:
             channels=start.channels,
             max_new_tokens=app.config.max_new_tokens,
             metrics=app.metrics,
+            conversation=resumed.conversation if resumed else None,
+            ids_from=resumed.ids_used if resumed else (0, 0),
         )
         self.live = live
         self.session_id = session_id
@@ -381,6 +414,7 @@ class _Connection:
                 "channels": start.channels,
                 "device": start.device or "",
                 "resume_requested": start.session_id is not None,
+                "resumed": resumed is not None,
             },
         )
         await self.send(
