@@ -56,9 +56,7 @@ def decode_with_info(
             raise BadAudio("audio is empty")
         opener: object = io.BytesIO(source)
     else:
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise BadAudio(f"no such file: {path}")
+        path = _existing_file(source)
         opener = path
     try:
         with sf.SoundFile(opener) as f:
@@ -171,11 +169,18 @@ def duration_ms(a: AudioArray) -> int:
     return len(a) * 1000 // SAMPLE_RATE
 
 
-def read_wav_pcm16(path: str | os.PathLike[str]) -> tuple[bytes, int, int]:
-    """Read an audio file as it is: (interleaved PCM16 LE bytes, rate, channels)."""
+def _existing_file(path: str | os.PathLike[str]) -> str:
     name = os.fspath(path)
+    if os.path.isdir(name):
+        raise BadAudio(f"not a file: {name}")
     if not os.path.isfile(name):
         raise BadAudio(f"no such file: {name}")
+    return name
+
+
+def read_wav_pcm16(path: str | os.PathLike[str]) -> tuple[bytes, int, int]:
+    """Read an audio file as it is: (interleaved PCM16 LE bytes, rate, channels)."""
+    name = _existing_file(path)
     try:
         data, rate = sf.read(name, dtype="int16", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
