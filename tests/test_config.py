@@ -51,7 +51,15 @@ def test_every_field_has_a_flag_with_help_naming_its_env_var() -> None:
     for f in dataclasses.fields(Config):
         action = actions[f.name]
         assert action.help and ENV_PREFIX + f.name.upper() in action.help
-        assert action.option_strings == ["--" + f.name.replace("_", "-")]
+        assert action.option_strings == [f.metadata.get("flag") or "--" + f.name.replace("_", "-")]
+
+
+def test_repeatable_ice_server_flag_and_comma_separated_env() -> None:
+    assert Config.from_sources(parse([]), env={}).ice_servers == ()
+    args = parse(["--ice-server", "stun:a:3478", "--ice-server", "turn:u:p@b:3478"])
+    assert Config.from_sources(args, env={}).ice_servers == ("stun:a:3478", "turn:u:p@b:3478")
+    env = {"VOICE_AGENT_ICE_SERVERS": "stun:a:3478, stun:c:19302"}
+    assert Config.from_sources(parse([]), env=env).ice_servers == ("stun:a:3478", "stun:c:19302")
 
 
 def test_bad_env_value_is_a_clear_config_error() -> None:

@@ -42,6 +42,12 @@ class Config:
     ping_interval: float = _f(20.0, "seconds between keepalive pings (0 disables them)")
     ping_timeout: float = _f(20.0, "seconds to wait for a pong before closing the connection")
     max_sessions: int = _f(100, "concurrent sessions; beyond it new connections close with 1013")
+    ice_servers: tuple[str, ...] = _f(
+        (),
+        "STUN/TURN server for WebRTC, repeatable (stun:host:port, "
+        "turn:user:pass@host:port); none by default, so nothing outside the LAN is contacted",
+        flag="--ice-server",
+    )
     # model
     model: str | None = _f(
         None,
@@ -104,7 +110,7 @@ class Config:
         for f in dataclasses.fields(cls):
             flag_value = getattr(args, f.name, None) if args is not None else None
             if flag_value is not None:
-                values[f.name] = flag_value
+                values[f.name] = tuple(flag_value) if _is_list(f) else flag_value
                 continue
             raw = env.get(ENV_PREFIX + f.name.upper())
             if raw is not None:
@@ -120,7 +126,13 @@ def _base_type(f: dataclasses.Field[Any]) -> type:
     return str
 
 
+def _is_list(f: dataclasses.Field[Any]) -> bool:
+    return str(f.type).startswith("tuple")
+
+
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    if _is_list(f):  # env vars hold lists comma-separated
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
     typ = _base_type(f)
     try:
         if typ is bool:
@@ -140,9 +152,13 @@ def add_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = 
         env = ENV_PREFIX + f.name.upper()
         default = f.default
         help_text = f"{f.metadata['help']} (env {env}; default: {default})"
-        flag = "--" + f.name.replace("_", "-")
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         typ = _base_type(f)
-        if typ is bool:
+        if _is_list(f):
+            parser.add_argument(
+                flag, dest=f.name, action="append", default=None, metavar="URL", help=help_text
+            )
+        elif typ is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             parser.add_argument(
