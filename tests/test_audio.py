@@ -21,13 +21,13 @@ FILES = sorted(p.name for p in AUDIO_DIR.glob("*") if p.suffix in {".wav", ".fla
 @pytest.fixture(scope="session")
 def audio_dir() -> Path:
     if not AUDIO_DIR.is_dir():
-        pytest.skip(f"{AUDIO_DIR} not found")
+        pytest.fail(f"{AUDIO_DIR} not found: tests need ../shared/audio beside the project")
     return AUDIO_DIR
 
 
 def soxi_seconds(path: Path) -> float:
     if shutil.which("soxi") is None:
-        pytest.skip("soxi not installed (apt-get install sox libsox-fmt-mp3)")
+        pytest.fail("soxi not installed (apt-get install sox libsox-fmt-mp3)")
     out = subprocess.run(["soxi", "-D", str(path)], capture_output=True, text=True, check=True)
     return float(out.stdout.strip())
 

@@ -50,7 +50,7 @@ def speech(name: str) -> bytes:
     """A real recording as 16 kHz mono PCM16."""
     path = AUDIO_DIR / name
     if not path.is_file():
-        pytest.skip(f"{path} not found")
+        pytest.fail(f"{path} not found: tests need ../shared/audio beside the project")
     data, rate = sf.read(str(path), dtype="int16")
     assert rate == RATE and data.ndim == 1
     return bytes(data.astype("<i2").tobytes())
@@ -174,7 +174,7 @@ def test_empty_delta_is_not_sent() -> None:
 
 def test_espeak_speech_at_22050_hz(tmp_path: Path) -> None:
     if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng not installed")
+        pytest.fail("espeak-ng not installed (apt-get install espeak-ng)")
     wav = tmp_path / "kitchen.wav"
     subprocess.run(
         ["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(wav), "turn on the kitchen light"],

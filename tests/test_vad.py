@@ -35,7 +35,7 @@ PAD_MS = 1000
 def load_pcm(name: str, pad_s: float = 0.0) -> tuple[bytes, int, int]:
     path = AUDIO_DIR / name
     if not path.is_file():
-        pytest.skip(f"{path} not found")
+        pytest.fail(f"{path} not found: tests need ../shared/audio beside the project")
     data, rate = sf.read(str(path), dtype="int16", always_2d=True)
     pad = np.zeros((int(pad_s * rate), data.shape[1]), dtype=np.int16)
     return np.concatenate([pad, data, pad]).tobytes(), int(rate), int(data.shape[1])
