@@ -76,6 +76,20 @@ class Config:
         4, "utterances waiting behind a running reply; beyond it the oldest is dropped"
     )
     max_text_chars: int = _f(4000, "longest typed text turn")
+    # home automation (MQTT)
+    mqtt: str | None = _f(
+        None, "MQTT broker URL, mqtt://[user:pass@]host:port or mqtts://...; off when unset"
+    )
+    mqtt_prefix: str = _f("voice_agent", "MQTT topic prefix")
+    mqtt_ca: str | None = _f(None, "CA certificate file for mqtts://")
+    mqtt_cert: str | None = _f(None, "client certificate file for mqtts://")
+    mqtt_key: str | None = _f(None, "client key file for mqtts://")
+    mqtt_max_payload: int = _f(
+        10 * 1024 * 1024, "largest MQTT request payload in bytes; larger ones get an error"
+    )
+    devices: str | None = _f(
+        None, "TOML file listing the devices and the actions (and value ranges) allowed for each"
+    )
     # operations
     log_level: str = _f("info", "debug, info, warning or error")
     log_format: str = _f("text", "text or json (one JSON object per line)")
