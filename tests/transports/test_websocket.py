@@ -231,10 +231,9 @@ async def test_malformed_messages_while_another_client_is_served(
             await expect("bad_message")
             await client.send_raw(json.dumps({"type": "webrtc.offer", "sdp": "v=0"}))
             error = await client.wait_for(ErrorEvent, 10)
-            assert (error.code, error.message) == (
-                "bad_message",
-                "webrtc is not enabled on this server",
-            )
+            # aiortc is installed (the webrtc extra): a bad SDP is refused
+            assert error.code == "bad_message"
+            assert error.message.startswith("invalid webrtc offer")
             await client.send_raw(json.dumps({"type": "session.start"}))
             await expect("bad_message")
             await client.send_raw(

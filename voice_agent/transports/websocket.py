@@ -13,8 +13,15 @@ Limits and their behaviour:
   then stops reading the socket, so a fast sender is slowed by TCP;
 - a malformed message: an `error` event; the connection stays open.
 
-Shutdown (`shutdown`): stop accepting, cancel every reply in flight, close
-every connection with 1001, then close the engine (unless told not to).
+WebRTC (`webrtc.offer`, see transports/webrtc.py): when aiortc is installed,
+an offer on a started session gets a peer connection whose audio track feeds
+the session instead of binary frames (both keep working); a second offer
+replaces the first. The peer connection is closed when the WebSocket closes
+or the server shuts down. Without aiortc the offer is refused (bad_message).
+
+Shutdown (`shutdown`): stop accepting, close every WebRTC peer connection,
+cancel every reply in flight, close every connection with 1001, then close
+the engine (unless told not to).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection
@@ -58,11 +67,15 @@ from voice_agent.protocol import (
     SessionStart,
     SessionStarted,
     TextTurn,
+    WebRTCAnswer,
     WebRTCOffer,
     decode_client,
     encode,
     error_event,
 )
+
+if TYPE_CHECKING:
+    from voice_agent.transports.webrtc import WebRTCInput
 
 logger = logging.getLogger("voice_agent.transports.websocket")
 
@@ -153,11 +166,18 @@ class WebSocketServerApp:
         self._port: int | None = None
         self._shutting_down = False
         self._closed = asyncio.Event()
+        # WebRTC: the module (None when aiortc is missing) and the open peer
+        # connections by session id.
+        self.webrtc: ModuleType | None = None
+        self.peers: dict[str, WebRTCInput] = {}
 
     # -- lifecycle --------------------------------------------------------
 
     async def start(self) -> None:
         """Start the engine and listen; `port` is known afterwards."""
+        self.webrtc = _load_webrtc()
+        if self.webrtc is not None:
+            self.webrtc.parse_ice_servers(self.config.ice_servers)  # ConfigError early
         await self.engine.start()
         self._server = await ws_serve(
             self._handle,
@@ -218,6 +238,8 @@ class WebSocketServerApp:
         try:
             lives = list(self.sessions.values())
             logger.info("shutting down", extra={"sessions": len(lives)})
+            peers = list(self.peers.values())
+            await asyncio.gather(*(peer.close() for peer in peers), return_exceptions=True)
             await asyncio.gather(*(live.close() for live in lives), return_exceptions=True)
             if self._server is not None:
                 self._server.close(close_connections=True, code=CLOSE_GOING_AWAY)
@@ -309,6 +331,8 @@ class _Connection:
         self.ws = ws
         self.live: LiveSession | None = None
         self.session_id: str | None = None
+        self.audio_format = (16000, 1)  # (sample_rate, channels) from session.start
+        self.peer: WebRTCInput | None = None
 
     async def send(self, event: ServerEvent) -> None:
         """Send one event; a closed peer is not an error (run() sees it)."""
@@ -342,6 +366,7 @@ class _Connection:
             await self._end()
 
     async def _end(self) -> None:
+        await self._close_peer()
         live = self.live
         if live is None:
             return
@@ -377,11 +402,43 @@ class _Connection:
         elif isinstance(event, CancelReply):
             await live.cancel()
         elif isinstance(event, WebRTCOffer):
-            raise BadMessage("webrtc is not enabled on this server")
+            await self._offer(live, event)
         elif isinstance(event, Playback):
             pass  # accepted; nothing is spoken yet
         else:  # a second session.start
             raise BadMessage("the session has already started")
+
+    async def _offer(self, live: LiveSession, offer: WebRTCOffer) -> None:
+        """Answer a WebRTC offer; a previous peer connection is closed first."""
+        webrtc = self.app.webrtc
+        if webrtc is None:
+            raise BadMessage("webrtc is not enabled on this server")
+        await self._close_peer()
+        config = self.app.config
+        rate, channels = self.audio_format
+        peer: WebRTCInput = webrtc.WebRTCInput(
+            live,
+            sample_rate=rate,
+            channels=channels,
+            ice_servers=config.ice_servers,
+            host_addresses=webrtc.host_addresses_for_bind(config.host),
+        )
+        self.peer = peer
+        self.app.peers[live.session_id] = peer
+        try:
+            answer = await peer.accept(offer.sdp)
+        except BaseException:
+            await self._close_peer()
+            raise
+        await self.send(WebRTCAnswer(answer))
+
+    async def _close_peer(self) -> None:
+        peer, self.peer = self.peer, None
+        if peer is None:
+            return
+        if self.app.peers.get(peer.session_id) is peer:
+            del self.app.peers[peer.session_id]
+        await peer.close()
 
     async def _start(self, start: SessionStart) -> None:
         if self.live is not None:
@@ -403,6 +460,7 @@ class _Connection:
         )
         self.live = live
         self.session_id = session_id
+        self.audio_format = (start.sample_rate, start.channels)
         app.sessions[session_id] = live
         app.metrics.sessions_total += 1
         app.metrics.sessions_active = len(app.sessions)
@@ -422,6 +480,16 @@ class _Connection:
                 session_id, app.engine.model_name, app.engine.demo_model, start.sample_rate
             )
         )
+
+
+def _load_webrtc() -> ModuleType | None:
+    """transports.webrtc, or None when aiortc (the `webrtc` extra) is missing."""
+    try:
+        from voice_agent.transports import webrtc
+    except ImportError as exc:
+        logger.info("webrtc disabled: %s", exc.name or "aiortc", extra={})
+        return None
+    return webrtc
 
 
 def _guess(path: Path) -> str:

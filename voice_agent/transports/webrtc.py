@@ -1,0 +1,420 @@
+"""WebRTC audio input (aiortc), negotiated over the realtime WebSocket.
+
+A client that sends `webrtc.offer` on its WebSocket gets one `WebRTCInput`: an
+RTCPeerConnection that answers the offer (`webrtc.answer`), receives the
+client's audio track (Opus, decoded by aiortc to 48 kHz stereo s16 frames),
+converts it with av's resampler to PCM16 at the rate and channel count the
+session declared in `session.start`, and feeds it to the LiveSession exactly
+as binary WebSocket frames would be fed. Events stay on the WebSocket.
+
+No trickle ICE: the protocol has no message for candidates, so the offer must
+carry its candidates (the client waits for ICE gathering to complete before
+sending it) and the answer is sent once the server's own gathering completed.
+
+Flow and bounds: a reader task pulls frames off the track as they arrive (so
+aiortc's own unbounded frame queue stays empty) and puts the converted PCM in
+a bounded queue (`MAX_QUEUED_FRAMES`, about 2 s of 20 ms frames); a feeder task
+awaits `live.feed_audio` for each. When the feeder falls behind, the oldest
+chunk is dropped and counted (`dropped_frames`, logged).
+
+No outgoing track yet: aiortc answers the client's audio m-line with a
+recvonly transceiver, which a later change can turn into sendrecv to speak the
+replies. Other m-lines (video, extra audio) are answered inactive.
+
+ICE host candidates follow the server's bind address. aioice, under aiortc,
+gathers host candidates from `aioice.ice.get_host_addresses`, which lists every
+interface address except loopback. When the server listens on a loopback
+address (the default 127.0.0.1), it is reachable only from this machine, so
+its WebRTC media uses loopback candidates only, and only the offer's loopback
+candidates are kept (a socket bound to loopback cannot reach anything else,
+and no mDNS lookups are made for `.local` candidates). For that this module
+wraps `aioice.ice.get_host_addresses` once (idempotently): the wrapper returns
+the addresses set in a context variable (`host_candidates(...)`) and the
+normal list when none is set, so other aiortc users in the process are not
+affected. A browser on the same machine must then offer loopback candidates:
+Chromium does with `--allow-loopback-in-peer-connection` (and real addresses
+rather than mDNS names with `--disable-features=WebRtcHideLocalIpsWithMdns`).
+
+STUN/TURN servers come from `--ice-server` (none by default, so nothing
+outside the LAN is contacted; aiortc's default Google STUN server is never
+used).
+
+Teardown (`close`): cancel and await the reader and feeder, remove the event
+handlers, stop the track, await `pc.close()` (which stops the transceivers and
+the ICE/DTLS transports), and drop every reference: aiortc is known to keep
+memory alive after disconnects otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import ipaddress
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+import aioice.ice
+import av
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from aiortc.sdp import SessionDescription
+
+from voice_agent.errors import BadMessage, ConfigError
+from voice_agent.live import LiveSession
+
+logger = logging.getLogger("voice_agent.transports.webrtc")
+
+MAX_QUEUED_FRAMES = 100  # about 2 s of 20 ms frames between the track and the session
+ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
+INVALID_OFFER = "invalid webrtc offer"
+
+# -- ICE host candidates -------------------------------------------------------
+
+_HOST_ADDRESSES: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "voice_agent_ice_host_addresses", default=None
+)
+_HOOK_MARK = "_voice_agent_host_addresses_hook"
+
+
+def install_host_address_hook() -> None:
+    """Wrap `aioice.ice.get_host_addresses` (once) so that `host_candidates`
+    can choose the host candidates.
+
+    `Connection.gather_candidates` looks the function up in its module's
+    globals at call time, so replacing the module attribute takes effect.
+    aiortc gathers inside `setLocalDescription` (in tasks that copy the
+    current context), so a context variable set around that call reaches it.
+    """
+    current = aioice.ice.get_host_addresses
+    if getattr(current, _HOOK_MARK, False):
+        return
+    original = current
+
+    def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        forced = _HOST_ADDRESSES.get()
+        if forced is None:
+            return original(use_ipv4, use_ipv6)
+        return [a for a in forced if (use_ipv6 if ":" in a else use_ipv4)]
+
+    setattr(get_host_addresses, _HOOK_MARK, True)
+    aioice.ice.get_host_addresses = get_host_addresses
+
+
+@contextlib.contextmanager
+def host_candidates(addresses: Sequence[str] | None) -> Iterator[None]:
+    """Peer connections negotiated (setLocalDescription) inside this block
+    gather host candidates on `addresses` only (None: every interface but
+    loopback, aioice's default)."""
+    install_host_address_hook()
+    token = _HOST_ADDRESSES.set(None if addresses is None else tuple(addresses))
+    try:
+        yield
+    finally:
+        _HOST_ADDRESSES.reset(token)
+
+
+def loopback_candidates() -> contextlib.AbstractContextManager[None]:
+    """`host_candidates(["127.0.0.1"])`: for a client of a loopback-bound server."""
+    return host_candidates(["127.0.0.1"])
+
+
+def host_addresses_for_bind(host: str) -> tuple[str, ...] | None:
+    """The host candidates of a server listening on `host`: itself when it is a
+    loopback address, None (every interface) otherwise."""
+    if host == "localhost":
+        return ("127.0.0.1",)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return (str(address),) if address.is_loopback else None
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a name (mDNS .local) or garbage
+        return False
+
+
+def keep_candidates(sdp: str, allowed: tuple[str, ...] | None) -> str:
+    """The offer with only loopback `a=candidate` lines when `allowed` (the
+    server's loopback host addresses) is set; unchanged otherwise."""
+    if allowed is None:
+        return sdp
+    lines = sdp.splitlines()
+    kept = []
+    for line in lines:
+        if line.startswith("a=candidate:"):
+            fields = line.split()
+            if len(fields) < 6 or not _is_loopback(fields[4]):
+                continue
+        kept.append(line)
+    return "\r\n".join(kept) + "\r\n"
+
+
+# -- ICE servers ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IceServer:
+    """One `--ice-server` URL, split into what RTCIceServer takes."""
+
+    url: str  # scheme:host[:port][?transport=...], without credentials
+    username: str | None = None
+    credential: str | None = None
+
+
+def parse_ice_server(text: str) -> IceServer:
+    """`stun:host[:port]` or `turn[s]:[user:pass@]host[:port][?transport=udp|tcp]`.
+
+    User and password may be percent-encoded. ConfigError when malformed.
+    """
+    scheme, sep, rest = text.strip().partition(":")
+    if not sep or scheme.lower() not in ICE_SCHEMES or not rest:
+        raise ConfigError(
+            f"--ice-server must be stun:host:port or turn:user:pass@host:port, not {scheme!r}..."
+        )
+    scheme = scheme.lower()
+    username = credential = None
+    if "@" in rest:
+        if not scheme.startswith("turn"):
+            raise ConfigError("--ice-server: only turn: URLs take user:pass@")
+        creds, _, rest = rest.rpartition("@")
+        user, has_pass, password = creds.partition(":")
+        if not user or not has_pass:
+            raise ConfigError("--ice-server: credentials must be user:pass@")
+        username, credential = unquote(user), unquote(password)
+    elif scheme.startswith("turn"):
+        raise ConfigError("--ice-server: a turn: URL needs user:pass@")
+    hostport = rest.partition("?")[0]
+    host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+    if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise ConfigError("--ice-server: expected host[:port] after the scheme")
+    return IceServer(f"{scheme}:{rest}", username, credential)
+
+
+def parse_ice_servers(urls: Sequence[str]) -> tuple[IceServer, ...]:
+    """Every `--ice-server`; aioice takes at most one STUN and one TURN server."""
+    servers = tuple(parse_ice_server(u) for u in urls)
+    stun = [s for s in servers if s.url.startswith("stun")]
+    turn = [s for s in servers if s.url.startswith("turn")]
+    if len(stun) > 1 or len(turn) > 1:
+        raise ConfigError("--ice-server: at most one STUN and one TURN server")
+    return servers
+
+
+def rtc_configuration(urls: Sequence[str]) -> RTCConfiguration:
+    """The peer connection configuration; an explicit empty list when no ICE
+    servers are configured (aiortc would use a public STUN server otherwise)."""
+    servers = [
+        RTCIceServer(urls=s.url, username=s.username, credential=s.credential)
+        for s in parse_ice_servers(urls)
+    ]
+    return RTCConfiguration(iceServers=servers)
+
+
+# -- the peer connection ----------------------------------------------------------
+
+
+class WebRTCInput:
+    """The WebRTC audio input of one session; see the module doc.
+
+    `accept(offer_sdp)` returns the answer SDP; `close()` releases everything
+    (idempotent).
+    """
+
+    def __init__(
+        self,
+        live: LiveSession,
+        *,
+        sample_rate: int = 16000,
+        channels: int = 1,
+        ice_servers: Sequence[str] = (),
+        host_addresses: tuple[str, ...] | None = None,
+        max_queued_frames: int = MAX_QUEUED_FRAMES,
+    ) -> None:
+        self.live = live
+        self.session_id = live.session_id
+        self.sample_rate = sample_rate  # what the session declared in session.start
+        self.channels = channels
+        self.host_addresses = host_addresses
+        self.pc: RTCPeerConnection | None = RTCPeerConnection(rtc_configuration(ice_servers))
+        self.dropped_frames = 0
+        self.frames_received = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(max_queued_frames)
+        self._track: Any = None
+        self._closed = False
+        self._closer: asyncio.Future[None] | None = None
+        self.pc.on("track", self._on_track)
+        self.pc.on("connectionstatechange", self._on_connection_state)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def connection_state(self) -> str:
+        return "closed" if self.pc is None else str(self.pc.connectionState)
+
+    async def accept(self, offer_sdp: str) -> str:
+        """Apply the client's offer; the answer SDP once ICE gathering completed.
+
+        BadMessage ("invalid webrtc offer: ...") when the offer cannot be used.
+        """
+        pc = self.pc
+        if pc is None:
+            raise BadMessage("the webrtc connection is closed")
+        sdp = keep_candidates(offer_sdp, self.host_addresses)
+        try:
+            parsed = SessionDescription.parse(sdp)
+        except Exception:
+            raise BadMessage(INVALID_OFFER) from None
+        if not any(m.kind == "audio" for m in parsed.media):
+            raise BadMessage(f"{INVALID_OFFER}: no audio")
+        if not any(m.ice_candidates for m in parsed.media):
+            raise BadMessage(
+                f"{INVALID_OFFER}: no usable ICE candidates (trickle ICE is not supported: "
+                "send the offer once ICE gathering is complete"
+                + ("; this server only reaches loopback addresses" if self.host_addresses else "")
+                + ")"
+            )
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        except Exception as exc:
+            logger.info(
+                "webrtc offer refused: %s",
+                type(exc).__name__,
+                extra={"session_id": self.session_id},
+            )
+            raise BadMessage(INVALID_OFFER) from None
+        audio_seen = False
+        for transceiver in pc.getTransceivers():
+            if transceiver.kind == "audio" and not audio_seen:
+                audio_seen = True  # recvonly now; room for the spoken replies later
+            else:
+                transceiver.direction = "inactive"
+        with host_candidates(self.host_addresses):
+            answer = await pc.createAnswer()
+            await pc.setLocalDescription(answer)  # gathers: no trickle ICE
+        local = pc.localDescription
+        if self._closed or local is None:
+            raise BadMessage("the webrtc connection is closed")
+        logger.info("webrtc answered", extra={"session_id": self.session_id})
+        return str(local.sdp)
+
+    # -- events -------------------------------------------------------------
+
+    def _on_track(self, track: Any) -> None:
+        if self._closed or track.kind != "audio" or self._track is not None:
+            return
+        self._track = track
+        self._spawn(self._read(track), "webrtc-read")
+        self._spawn(self._feed(), "webrtc-feed")
+        logger.info("webrtc audio track", extra={"session_id": self.session_id})
+
+    async def _on_connection_state(self) -> None:
+        state = self.connection_state
+        logger.info(
+            "webrtc connection %s", state, extra={"session_id": self.session_id, "state": state}
+        )
+        if state == "failed" and not self._closed:
+            # ICE or DTLS failed: release the transports; the WebSocket stays open.
+            self._start_closing()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=f"{name}-{self.session_id}")
+        self.tasks.add(task)
+
+    # -- audio ----------------------------------------------------------------
+
+    async def _read(self, track: Any) -> None:
+        """Frames off the track, converted, into the bounded queue."""
+        layout = "mono" if self.channels == 1 else "stereo"
+        resampler = av.AudioResampler(format="s16", layout=layout, rate=self.sample_rate)
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                break  # the track ended
+            self.frames_received += 1
+            frame.pts = None  # aiortc's pts may jump on loss; the resampler need not care
+            pcm = b"".join(f.to_ndarray().tobytes() for f in resampler.resample(frame))
+            if pcm:
+                self._put(pcm)
+        for f in resampler.resample(None):  # flush
+            self._put(f.to_ndarray().tobytes())
+        self._put(None)  # end of stream
+
+    def _put(self, item: bytes | None) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()  # drop the oldest
+            self.dropped_frames += 1
+            if self.dropped_frames == 1 or self.dropped_frames % 100 == 0:
+                logger.warning(
+                    "webrtc audio dropped: the session is behind",
+                    extra={"session_id": self.session_id, "dropped_frames": self.dropped_frames},
+                )
+        self._queue.put_nowait(item)
+
+    async def _feed(self) -> None:
+        live = self.live
+        while True:
+            pcm = await self._queue.get()
+            if pcm is None:
+                # the client ended its track: close any open utterance
+                await live.end_of_stream()
+                return
+            try:
+                await live.feed_audio(pcm)
+            except Exception:
+                logger.exception(
+                    "feeding webrtc audio failed", extra={"session_id": self.session_id}
+                )
+
+    # -- teardown -------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop the audio, close the peer connection, drop every reference.
+
+        Idempotent; every caller returns once the teardown is complete (it runs
+        to the end even if a caller is cancelled)."""
+        await asyncio.shield(self._start_closing())
+
+    def _start_closing(self) -> asyncio.Future[None]:
+        if self._closer is None:
+            self._closed = True
+            self._closer = asyncio.ensure_future(self._close())
+        return self._closer
+
+    async def _close(self) -> None:
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        pc, self.pc = self.pc, None
+        track, self._track = self._track, None
+        if track is not None:
+            track.remove_all_listeners()
+            track.stop()
+        if pc is not None:
+            pc.remove_all_listeners()
+            try:
+                await pc.close()
+            except Exception:
+                logger.exception("closing the peer connection failed")
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        logger.info(
+            "webrtc closed",
+            extra={
+                "session_id": self.session_id,
+                "frames_received": self.frames_received,
+                "dropped_frames": self.dropped_frames,
+            },
+        )
