@@ -37,12 +37,24 @@ rather than mDNS names with `--disable-features=WebRtcHideLocalIpsWithMdns`).
 
 STUN/TURN servers come from `--ice-server` (none by default, so nothing
 outside the LAN is contacted; aiortc's default Google STUN server is never
-used).
+used). Each URL is checked at startup with aiortc's own parser, so a URL that
+aiortc would silently skip (`stuns:`, an IPv6 literal, an unknown transport)
+is a ConfigError instead; aioice uses at most one STUN and one TURN server.
+
+Errors: an offer that cannot be used (not SDP, no audio m-line, no usable
+candidate, no DTLS fingerprint, or refused by aiortc) is a BadMessage
+"invalid webrtc offer: REASON"; the peer connection is then closed and the
+WebSocket stays open. When the client closes its side, or ICE/DTLS fails, the
+peer connection is released at once (the WebSocket stays open and may offer
+again).
 
 Teardown (`close`): cancel and await the reader and feeder, remove the event
 handlers, stop the track, await `pc.close()` (which stops the transceivers and
 the ICE/DTLS transports), and drop every reference: aiortc is known to keep
-memory alive after disconnects otherwise.
+memory alive after disconnects otherwise. When the client closes its side
+(or ICE/DTLS fails) the peer connection is closed first and the audio already
+received still reaches the session, then the open utterance is closed as by
+`audio.commit` (see `_close`); the session itself goes on.
 """
 
 from __future__ import annotations
@@ -60,7 +72,9 @@ from urllib.parse import unquote
 import aioice.ice
 import av
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.exceptions import InvalidAccessError, InvalidStateError, OperationError
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcicetransport import parse_stun_turn_uri
 from aiortc.sdp import SessionDescription
 
 from voice_agent.errors import BadMessage, ConfigError
@@ -69,8 +83,9 @@ from voice_agent.live import LiveSession
 logger = logging.getLogger("voice_agent.transports.webrtc")
 
 MAX_QUEUED_FRAMES = 100  # about 2 s of 20 ms frames between the track and the session
-ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
+ICE_SCHEMES = ("stun", "turn", "turns")  # aiortc ignores stuns:
 INVALID_OFFER = "invalid webrtc offer"
+DRAIN_SECONDS = 2.0  # what a closing client's last audio may take to reach the session
 
 # -- ICE host candidates -------------------------------------------------------
 
@@ -170,16 +185,19 @@ class IceServer:
 
 
 def parse_ice_server(text: str) -> IceServer:
-    """`stun:host[:port]` or `turn[s]:[user:pass@]host[:port][?transport=udp|tcp]`.
+    """`stun:host[:port]` or `turn[s]:user:pass@host[:port][?transport=udp|tcp]`.
 
-    User and password may be percent-encoded. ConfigError when malformed.
+    User and password may be percent-encoded. ConfigError when malformed or
+    when aiortc would silently ignore the server (`stuns:`, an IPv6 literal, a
+    transport it does not support); the message never repeats the credentials.
     """
     scheme, sep, rest = text.strip().partition(":")
-    if not sep or scheme.lower() not in ICE_SCHEMES or not rest:
-        raise ConfigError(
-            f"--ice-server must be stun:host:port or turn:user:pass@host:port, not {scheme!r}..."
-        )
     scheme = scheme.lower()
+    if not sep or scheme not in ICE_SCHEMES or not rest:
+        raise ConfigError(
+            "--ice-server must be stun:host[:port] or turn:user:pass@host[:port], "
+            f"not {scheme!r}..."
+        )
     username = credential = None
     if "@" in rest:
         if not scheme.startswith("turn"):
@@ -191,11 +209,25 @@ def parse_ice_server(text: str) -> IceServer:
         username, credential = unquote(user), unquote(password)
     elif scheme.startswith("turn"):
         raise ConfigError("--ice-server: a turn: URL needs user:pass@")
-    hostport = rest.partition("?")[0]
-    host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
-    if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
-        raise ConfigError("--ice-server: expected host[:port] after the scheme")
-    return IceServer(f"{scheme}:{rest}", username, credential)
+    url = f"{scheme}:{rest}"
+    try:
+        parsed = parse_stun_turn_uri(url)  # what aiortc itself will parse
+    except ValueError:
+        raise ConfigError(
+            f"--ice-server {url!r}: expected {scheme}:host[:port]"
+            + ("[?transport=udp|tcp]" if scheme.startswith("turn") else "")
+            + " (an IPv4 address or a name)"
+        ) from None
+    if not 0 < parsed["port"] < 65536:
+        raise ConfigError(f"--ice-server {url!r}: the port must be 1 to 65535")
+    transport = parsed.get("transport")
+    if (scheme == "turn" and transport not in ("udp", "tcp")) or (
+        scheme == "turns" and transport != "tcp"
+    ):
+        raise ConfigError(
+            f"--ice-server {url!r}: turn: takes transport=udp or tcp, turns: only tcp"
+        )
+    return IceServer(url, username, credential)
 
 
 def parse_ice_servers(urls: Sequence[str]) -> tuple[IceServer, ...]:
@@ -270,12 +302,15 @@ class WebRTCInput:
         pc = self.pc
         if pc is None:
             raise BadMessage("the webrtc connection is closed")
+        if not offer_sdp.lstrip().startswith("v=0"):
+            raise BadMessage(f"{INVALID_OFFER}: not an SDP offer")
         sdp = keep_candidates(offer_sdp, self.host_addresses)
         try:
             parsed = SessionDescription.parse(sdp)
         except Exception:
             raise BadMessage(INVALID_OFFER) from None
-        if not any(m.kind == "audio" for m in parsed.media):
+        audio = [m for m in parsed.media if m.kind == "audio"]
+        if not audio:
             raise BadMessage(f"{INVALID_OFFER}: no audio")
         if not any(m.ice_candidates for m in parsed.media):
             raise BadMessage(
@@ -284,29 +319,47 @@ class WebRTCInput:
                 + ("; this server only reaches loopback addresses" if self.host_addresses else "")
                 + ")"
             )
+        if not all(m.dtls is not None and m.dtls.fingerprints for m in audio):
+            raise BadMessage(f"{INVALID_OFFER}: no DTLS fingerprint or setup")
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         except Exception as exc:
-            logger.info(
-                "webrtc offer refused: %s",
-                type(exc).__name__,
-                extra={"session_id": self.session_id},
-            )
-            raise BadMessage(INVALID_OFFER) from None
+            raise self._refused(exc) from None
         audio_seen = False
         for transceiver in pc.getTransceivers():
             if transceiver.kind == "audio" and not audio_seen:
                 audio_seen = True  # recvonly now; room for the spoken replies later
             else:
                 transceiver.direction = "inactive"
-        with host_candidates(self.host_addresses):
-            answer = await pc.createAnswer()
-            await pc.setLocalDescription(answer)  # gathers: no trickle ICE
+        try:
+            with host_candidates(self.host_addresses):
+                answer = await pc.createAnswer()
+                await pc.setLocalDescription(answer)  # gathers: no trickle ICE
+        except Exception as exc:
+            raise self._refused(exc) from None
         local = pc.localDescription
         if self._closed or local is None:
             raise BadMessage("the webrtc connection is closed")
         logger.info("webrtc answered", extra={"session_id": self.session_id})
         return str(local.sdp)
+
+    def _refused(self, exc: Exception) -> BadMessage:
+        """The BadMessage for an offer aiortc refused: its reason when it gives
+        one (aiortc's ValueError and InvalidAccess/InvalidState/OperationError
+        messages are short sentences about the SDP), else just "invalid"."""
+        if self._closed:
+            return BadMessage("the webrtc connection is closed")
+        logger.info(
+            "webrtc offer refused: %s",
+            type(exc).__name__,
+            extra={"session_id": self.session_id},
+        )
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        if reason and isinstance(
+            exc, ValueError | InvalidAccessError | InvalidStateError | OperationError
+        ):
+            return BadMessage(f"{INVALID_OFFER}: {reason}")
+        return BadMessage(INVALID_OFFER)
 
     # -- events -------------------------------------------------------------
 
@@ -323,9 +376,11 @@ class WebRTCInput:
         logger.info(
             "webrtc connection %s", state, extra={"session_id": self.session_id, "state": state}
         )
-        if state == "failed" and not self._closed:
-            # ICE or DTLS failed: release the transports; the WebSocket stays open.
-            self._start_closing()
+        if state in ("failed", "closed") and not self._closed:
+            # ICE or DTLS failed, or the client closed its side (aiortc then
+            # closes the peer connection itself): release everything now; the
+            # WebSocket stays open and may send a new offer.
+            self._start_closing(drain=True)
 
     def _spawn(self, coro: Any, name: str) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=f"{name}-{self.session_id}")
@@ -364,18 +419,24 @@ class WebRTCInput:
 
     async def _feed(self) -> None:
         live = self.live
+        failures = 0
         while True:
             pcm = await self._queue.get()
             if pcm is None:
-                # the client ended its track: close any open utterance
-                await live.end_of_stream()
+                # The client ended its track: close the open utterance now, as
+                # audio.commit does. Not end_of_stream: the session goes on (a
+                # new offer, binary frames or text turns may follow).
+                with contextlib.suppress(Exception):
+                    await live.commit()
                 return
             try:
                 await live.feed_audio(pcm)
             except Exception:
-                logger.exception(
-                    "feeding webrtc audio failed", extra={"session_id": self.session_id}
-                )
+                failures += 1
+                if failures == 1:  # once per peer connection, not once per frame
+                    logger.exception(
+                        "feeding webrtc audio failed", extra={"session_id": self.session_id}
+                    )
 
     # -- teardown -------------------------------------------------------------
 
@@ -386,28 +447,37 @@ class WebRTCInput:
         to the end even if a caller is cancelled)."""
         await asyncio.shield(self._start_closing())
 
-    def _start_closing(self) -> asyncio.Future[None]:
+    def _start_closing(self, *, drain: bool = False) -> asyncio.Future[None]:
         if self._closer is None:
             self._closed = True
-            self._closer = asyncio.ensure_future(self._close())
+            self._closer = asyncio.ensure_future(self._close(drain))
         return self._closer
 
-    async def _close(self) -> None:
+    async def _close(self, drain: bool) -> None:
+        """`drain` (the client closed its side, or ICE/DTLS failed): close the
+        peer connection first, which ends the track, and give the reader and
+        feeder up to `DRAIN_SECONDS` to pass on the audio already received and
+        the end of stream (closing the open utterance). Otherwise (the
+        WebSocket ended, shutdown, a new offer) the tasks are cancelled first."""
+        pc, self.pc = self.pc, None
+        if pc is not None:
+            pc.remove_all_listeners()
+        if drain and pc is not None:
+            await self._close_pc(pc)
+            pc = None
+            pending = [t for t in self.tasks if not t.done()]
+            if pending:
+                await asyncio.wait(pending, timeout=DRAIN_SECONDS)
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        pc, self.pc = self.pc, None
         track, self._track = self._track, None
         if track is not None:
             track.remove_all_listeners()
             track.stop()
         if pc is not None:
-            pc.remove_all_listeners()
-            try:
-                await pc.close()
-            except Exception:
-                logger.exception("closing the peer connection failed")
+            await self._close_pc(pc)
         while not self._queue.empty():
             self._queue.get_nowait()
         logger.info(
@@ -418,3 +488,10 @@ class WebRTCInput:
                 "dropped_frames": self.dropped_frames,
             },
         )
+
+    @staticmethod
+    async def _close_pc(pc: RTCPeerConnection) -> None:
+        try:
+            await pc.close()
+        except Exception:
+            logger.exception("closing the peer connection failed")
