@@ -1,5 +1,14 @@
-"""Engine benchmark: TTFT and decode speed, and TTFT over a 10-turn conversation
-with and without KV reuse. Progress on stderr, one JSON object on stdout.
+"""Engine benchmark. Progress on stderr, one JSON object on stdout:
+
+- TTFT by turn of one 10-turn conversation of 5 s utterances, with and
+  without KV reuse (turns 1, 5 and 10 picked out, and every turn for plots);
+- aggregate decode tokens/s with 1, 4 and 16 concurrent conversations
+  (continuous batching: one batched model step for all decoding turns);
+- KV cache memory per cached conversation;
+- end-of-speech to first token with and without speculative prefill (the
+  utterance prefilled during the VAD hangover).
+
+`python benchmarks/plot.py RESULT.json` draws the charts.
 
     python benchmarks/engine.py                 # tiny random model, CPU (seconds)
     python benchmarks/engine.py --model DIR     # real weights
@@ -27,7 +36,8 @@ import torch
 
 from voice_agent.audio import decode
 from voice_agent.engine.base import AudioArray, TurnInput
-from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
+from voice_agent.engine.kv import cache_bytes
+from voice_agent.engine.qwen2_audio import Qwen2AudioEngine, _ConvState
 from voice_agent.engine.tiny import make_tiny_model
 
 AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
@@ -87,12 +97,15 @@ def build_7b(tiny_dir: Path) -> tuple[Any, Any]:
     return model, processor
 
 
-async def one_turn(engine: Qwen2AudioEngine, audio: AudioArray) -> dict[str, float]:
-    conv = engine.new_conversation()
-    handle = engine.submit(conv, TurnInput(audio=audio))
+async def run_turn(engine: Qwen2AudioEngine, conv: Any, turn: TurnInput, **kw: Any) -> Any:
+    handle = engine.submit(conv, turn, **kw)
     async for _ in handle:
         pass
-    r = handle.result
+    return handle.result
+
+
+async def one_turn(engine: Qwen2AudioEngine, audio: AudioArray) -> dict[str, float]:
+    r = await run_turn(engine, engine.new_conversation(), TurnInput(audio=audio))
     decode_s = (r.timing.total_ms - r.timing.ttft_ms) / 1000.0
     n = r.usage.completion_tokens
     return {
@@ -104,16 +117,76 @@ async def one_turn(engine: Qwen2AudioEngine, audio: AudioArray) -> dict[str, flo
     }
 
 
-async def conversation(engine: Qwen2AudioEngine, audio: AudioArray, turns: int) -> list[float]:
+async def conversation(
+    engine: Qwen2AudioEngine, audio: AudioArray, turns: int
+) -> tuple[list[float], dict[str, int]]:
     conv = engine.new_conversation()
     ttfts = []
+    memory: dict[str, int] = {}
     for i in range(turns):
-        handle = engine.submit(conv, TurnInput(audio=audio))
-        async for _ in handle:
-            pass
-        ttfts.append(handle.result.timing.ttft_ms)
-        log(f"  turn {i + 1}: ttft {ttfts[-1]:.1f} ms, prompt {handle.result.usage.prompt_tokens}")
-    return ttfts
+        r = await run_turn(engine, conv, TurnInput(audio=audio))
+        ttfts.append(r.timing.ttft_ms)
+        log(f"  turn {i + 1}: ttft {ttfts[-1]:.1f} ms, prompt {r.usage.prompt_tokens}")
+        st = conv.state
+        assert isinstance(st, _ConvState)
+        if i in (0, turns - 1):
+            memory[f"after_turn_{i + 1}_bytes"] = cache_bytes(st.cache)
+            memory[f"after_turn_{i + 1}_tokens"] = int(st.cache.get_seq_length()) if st.cache else 0
+    return ttfts, memory
+
+
+async def throughput(
+    engine: Qwen2AudioEngine, audio: AudioArray, n: int, tokens: int
+) -> dict[str, float]:
+    """n conversations (each with one 5 s turn of history) decode a reply of up
+    to `tokens` tokens at once; aggregate reply tokens per second."""
+    convs = [engine.new_conversation() for _ in range(n)]
+    for c in convs:
+        await run_turn(engine, c, TurnInput(audio=audio), max_new_tokens=4)
+    steps0 = engine.stats["batched_steps"]
+    t0 = time.perf_counter()
+    results = await asyncio.gather(
+        *(
+            run_turn(engine, c, TurnInput(text="Tell me more."), max_new_tokens=tokens)
+            for c in convs
+        )
+    )
+    seconds = time.perf_counter() - t0
+    done = sum(r.usage.completion_tokens for r in results)
+    return {
+        "conversations": n,
+        "tokens": done,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(done / seconds, 1),
+        "decode_steps": engine.stats["batched_steps"] - steps0,
+    }
+
+
+async def speculative(
+    engine: Qwen2AudioEngine, audio: AudioArray, hangover_s: float, reps: int
+) -> dict[str, float]:
+    """End of speech (the VAD closes the utterance) to the first reply token,
+    in a conversation with one turn of history, with and without a
+    speculative prefill started `hangover_s` earlier (at the silence onset)."""
+    out: dict[str, list[float]] = {"without": [], "with": []}
+    for _ in range(reps):
+        for mode in ("without", "with"):
+            conv = engine.new_conversation()
+            await run_turn(engine, conv, TurnInput(audio=audio), max_new_tokens=4)
+            if mode == "with":
+                engine.prefill_speculative(conv, audio)
+            await asyncio.sleep(hangover_s)  # the hangover runs out
+            r = await run_turn(engine, conv, TurnInput(audio=audio), max_new_tokens=4)
+            out[mode].append(r.timing.ttft_ms)
+    without, with_ = float(np.median(out["without"])), float(np.median(out["with"]))
+    return {
+        "hangover_ms": round(hangover_s * 1000),
+        "repeats": reps,
+        "without_ms": round(without, 2),
+        "with_ms": round(with_, 2),
+        "saved_ms": round(without - with_, 2),
+        "speculative_hits": engine.stats["speculative_hits"],
+    }
 
 
 async def main() -> int:
@@ -124,7 +197,14 @@ async def main() -> int:
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--conversation-tokens", type=int, default=8)
+    ap.add_argument("--throughput-tokens", type=int, default=128)
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--hangover-ms", type=int, default=500)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     full = decode(AUDIO / "librispeech-1272-128104-0000.flac")
     audio = np.ascontiguousarray(full[: 5 * 16000])
@@ -132,8 +212,9 @@ async def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tiny_dir = Path(tmp) / "tiny"
 
-        def engine(kv_reuse: bool, max_new_tokens: int) -> Qwen2AudioEngine:
+        def engine(kv_reuse: bool, max_new_tokens: int, **extra: Any) -> Qwen2AudioEngine:
             common: dict[str, Any] = {"kv_reuse": kv_reuse, "max_new_tokens": max_new_tokens}
+            common.update(extra)
             if args.config == "7b":
                 return Qwen2AudioEngine.from_loaded(model, processor, **common)
             e = Qwen2AudioEngine(args.model or str(tiny_dir), device=args.device, **common)
@@ -160,14 +241,35 @@ async def main() -> int:
         await e.close()
 
         curves: dict[str, list[float]] = {}
+        memory: dict[str, int] = {}
         for reuse in (True, False):
             name = "kv_reuse" if reuse else "no_reuse"
             log(f"{args.turns}-turn conversation, {name}")
             e = engine(reuse, args.conversation_tokens)
             await e.start()
             await one_turn(e, audio)  # warm-up, in its own conversation
-            curves[name] = await conversation(e, audio, args.turns)
+            curves[name], mem = await conversation(e, audio, args.turns)
+            if reuse:
+                memory = mem
             await e.close()
+
+        by_n: dict[str, dict[str, float]] = {}
+        levels = [int(x) for x in args.concurrency.split(",")]
+        e = engine(True, args.throughput_tokens, max_batch=max(levels))
+        await e.start()
+        await throughput(e, audio, 2, 8)  # warm-up
+        for n in levels:
+            log(f"decode throughput, {n} concurrent conversation(s)")
+            by_n[str(n)] = await throughput(e, audio, n, args.throughput_tokens)
+            log(f"  {by_n[str(n)]['tokens_per_s']} tokens/s")
+        await e.close()
+
+        log("end of speech to first token, with and without speculative prefill")
+        e = engine(True, 4)
+        await e.start()
+        await one_turn(e, audio)  # warm-up
+        spec = await speculative(e, audio, args.hangover_ms / 1000, args.repeats)
+        await e.close()
 
         def summary(ttfts: list[float]) -> dict[str, float]:
             picks = {
@@ -177,11 +279,13 @@ async def main() -> int:
             return picks
 
         device = e.device
+        one = by_n.get("1", {}).get("tokens_per_s", 0.0)
         result = {
             "benchmark": "engine",
             "model": "random-7b-shape" if args.config == "7b" else (args.model or "tiny"),
             "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "cpu": platform.processor() or platform.machine(),
             "dtype": str(e.dtype).removeprefix("torch."),
             "cpu_threads": torch.get_num_threads(),
             "machine": platform.machine(),
@@ -192,7 +296,20 @@ async def main() -> int:
                 "turns": args.turns,
                 "kv_reuse": summary(curves["kv_reuse"]),
                 "no_reuse": summary(curves["no_reuse"]),
+                "ttft_ms_by_turn": {k: [round(x, 2) for x in v] for k, v in curves.items()},
             },
+            "decode_throughput": {
+                "max_new_tokens": args.throughput_tokens,
+                "by_concurrency": by_n,
+                "speedup_over_one": {
+                    k: round(v["tokens_per_s"] / one, 2) if one else None for k, v in by_n.items()
+                },
+            },
+            "memory": {
+                "kv_bytes_per_token": e._bytes_per_token,
+                "cached_conversation": memory,
+            },
+            "speculative_prefill": spec,
         }
     print(json.dumps(result, indent=2))
     return 0

@@ -110,3 +110,15 @@ def test_serve_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> N
 def test_client_without_file_or_mic_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["client"]) == 2
     assert "give an audio FILE or --mic" in capsys.readouterr().err
+
+
+def test_engine_flags_reach_the_engine_loader() -> None:
+    from voice_agent.cli import _engine_kwargs
+    from voice_agent.config import Config
+
+    kwargs = _engine_kwargs(Config(max_batch=3, kv_cache_budget=1 << 20, engine_process=True))
+    assert (kwargs["max_batch"], kwargs["kv_cache_budget"], kwargs["engine_process"]) == (
+        3,
+        1 << 20,
+        True,
+    )

@@ -22,12 +22,15 @@ EXIT_USAGE = 2
 
 
 def _engine_kwargs(config: Config) -> dict[str, object]:
+    from voice_agent.engine.loader import engine_options
+
     return {
         "device": config.device,
         "max_new_tokens": config.max_new_tokens,
         "temperature": config.temperature,
         "top_p": config.top_p,
         "max_queue": config.max_queue,
+        **engine_options(config),
     }
 
 

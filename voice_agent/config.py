@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,19 @@ class Config:
     temperature: float = _f(0.0, "sampling temperature; 0 decodes greedily")
     top_p: float = _f(1.0, "nucleus sampling threshold when temperature > 0")
     max_queue: int = _f(64, "turns waiting for the engine; beyond it a turn is refused with busy")
+    max_batch: int = _f(
+        16, "turns decoded together, one batched model step for all; more turns wait their turn"
+    )
+    kv_cache_budget: int = _f(
+        0,
+        "bytes of KV cache kept for all conversations (0: no limit); over it the least recently "
+        "used idle conversation's cache is dropped and rebuilt from its history at its next turn",
+    )
+    engine_process: bool = _f(
+        False,
+        "run the model in a separate worker process; if model code crashes, the worker is "
+        "restarted and only the turns in flight fail (error internal)",
+    )
     # conversation
     system_prompt: str | None = _f(
         None, "system prompt of every conversation (default: the model's own)"
@@ -84,6 +98,11 @@ class Config:
     mqtt_ca: str | None = _f(None, "CA certificate file for mqtts://")
     mqtt_cert: str | None = _f(None, "client certificate file for mqtts://")
     mqtt_key: str | None = _f(None, "client key file for mqtts://")
+    mqtt_client_id: str | None = _f(
+        None,
+        "MQTT client id of the agent's persistent session (default: voice-agent-PREFIX); "
+        "requests sent with QoS 1 while the agent is away are kept for this id",
+    )
     mqtt_max_payload: int = _f(
         10 * 1024 * 1024, "largest MQTT request payload in bytes; larger ones get an error"
     )
@@ -102,11 +121,17 @@ class Config:
             problems.append("vad_aggressiveness must be 0..3")
         if self.max_message_bytes < 1024:
             problems.append("max_message_bytes must be at least 1024")
-        for name in ("max_sessions", "max_queue", "max_new_tokens", "max_text_chars"):
+        for name in ("max_sessions", "max_queue", "max_new_tokens", "max_text_chars", "max_batch"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        if self.kv_cache_budget < 0:
+            problems.append("kv_cache_budget must be 0 (no limit) or more")
         if self.log_format not in ("text", "json"):
             problems.append("log_format must be text or json")
+        if not _valid_prefix(self.mqtt_prefix):
+            problems.append("mqtt_prefix must be topic levels of [A-Za-z0-9_-] joined by '/'")
+        if self.mqtt_max_payload < 1024:
+            problems.append("mqtt_max_payload must be at least 1024")
         if self.max_utterance_ms > 30000 or self.max_utterance_ms < 1000:
             problems.append("max_utterance_ms must be 1000..30000 (the encoder sees 30 s)")
         if problems:
@@ -130,6 +155,15 @@ class Config:
             if raw is not None:
                 values[f.name] = _parse(f, raw)
         return cls(**values)
+
+
+_PREFIX_LEVEL = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _valid_prefix(prefix: str) -> bool:
+    """A topic prefix: 1 to 8 levels of [A-Za-z0-9_-], no wildcards, no empty level."""
+    levels = prefix.split("/")
+    return 1 <= len(levels) <= 8 and all(_PREFIX_LEVEL.fullmatch(x) for x in levels)
 
 
 def _base_type(f: dataclasses.Field[Any]) -> type:
@@ -173,7 +207,8 @@ def add_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = 
                 flag, dest=f.name, action="append", default=None, metavar="URL", help=help_text
             )
         elif typ is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+            # One flag that turns it on; unset falls through to the env var.
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
             parser.add_argument(
                 flag, type=typ, default=None, metavar=f.name.upper(), help=help_text

@@ -17,23 +17,23 @@ async def collect(handle: TurnHandle) -> list[Delta]:
 
 
 class DecodeGate:
-    """Blocks the worker inside decode step number `at` until `release()`."""
+    """Blocks the worker inside (batched) decode step number `at` until `release()`."""
 
     def __init__(self, engine: Qwen2AudioEngine, at: int) -> None:
         self.at = at
         self.steps = 0
         self.reached = threading.Event()
         self.go = threading.Event()
-        original = engine._decode
+        original = engine._decode_batch
 
-        def gated(turn: Any) -> None:
+        def gated(batch: Any, turns: Any) -> Any:
             self.steps += 1
             if self.steps == self.at:
                 self.reached.set()
                 self.go.wait(timeout=60)
-            original(turn)
+            return original(batch, turns)
 
-        setattr(engine, "_decode", gated)  # noqa: B010 - patch the instance
+        setattr(engine, "_decode_batch", gated)  # noqa: B010 - patch the instance
 
     def release(self) -> None:
         self.go.set()

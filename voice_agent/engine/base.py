@@ -136,8 +136,22 @@ class Engine(abc.ABC):
         """The conversation's ChatML history as text, for inspection and tests."""
         raise NotImplementedError
 
+    def prefill_speculative(self, conversation: Conversation, audio: AudioArray) -> bool:
+        """Optional: prefill `audio` as the next user turn ahead of time (during
+        the VAD hangover). A later `submit` with exactly these samples and no
+        text starts decoding at once. False: not supported or not queued."""
+        return False
+
+    def discard_speculative(self, conversation: Conversation) -> None:  # noqa: B027 (optional hook)
+        """Optional: drop a speculative prefill (speech resumed)."""
+
 
 _Item = Delta | TurnResult | BaseException
+
+
+def _deliver(pairs: list[tuple[QueueTurnHandle, _Item]]) -> None:
+    for handle, item in pairs:
+        handle._queue.put_nowait(item)
 
 
 class QueueTurnHandle(TurnHandle):
@@ -166,6 +180,20 @@ class QueueTurnHandle(TurnHandle):
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the loop closed meanwhile: nobody is listening
             pass
+
+    @staticmethod
+    def push_all(items: list[tuple[QueueTurnHandle, _Item]]) -> None:
+        """Deliver pieces to several handles with one wake-up per event loop
+        (a batched decode step yields one piece per turn)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[QueueTurnHandle, _Item]]] = {}
+        for handle, item in items:
+            by_loop.setdefault(handle._loop, []).append((handle, item))
+        for loop, pairs in by_loop.items():
+            try:
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(_deliver, pairs)
+            except RuntimeError:  # the loop closed meanwhile: nobody is listening
+                pass
 
     async def _iterate(self) -> AsyncIterator[Delta]:
         if self._iterated:

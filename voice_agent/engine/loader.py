@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from voice_agent.engine.process import ProcessEngine
 from voice_agent.engine.qwen2_audio import DEFAULT_MODEL, Qwen2AudioEngine
 from voice_agent.engine.tiny import is_tiny_model, make_tiny_model
 from voice_agent.errors import ModelLoadError
 
+if TYPE_CHECKING:
+    from voice_agent.config import Config
+
 logger = logging.getLogger("voice_agent.engine")
+
+
+def engine_options(config: Config) -> dict[str, Any]:
+    """The load_engine keywords that the engine's config fields map onto."""
+    return {
+        "max_batch": config.max_batch,
+        "kv_cache_budget": config.kv_cache_budget,
+        "engine_process": config.engine_process,
+    }
+
 
 _DEMO_BANNER = (
     "=" * 72,
@@ -22,24 +36,31 @@ _DEMO_BANNER = (
 )
 
 
-def load_engine(model: str | None, *, demo_dir: Path, **engine_kwargs: Any) -> Qwen2AudioEngine:
-    """Build and load a Qwen2AudioEngine (blocking: call it off the event loop).
+def _build(name: str, engine_process: bool, **kwargs: Any) -> Qwen2AudioEngine | ProcessEngine:
+    engine = ProcessEngine(name, **kwargs) if engine_process else Qwen2AudioEngine(name, **kwargs)
+    engine.load()
+    return engine
+
+
+def load_engine(
+    model: str | None, *, demo_dir: Path, **engine_kwargs: Any
+) -> Qwen2AudioEngine | ProcessEngine:
+    """Build and load a Qwen2AudioEngine (blocking: call it off the event loop);
+    with `engine_process=True` among the keywords, the same engine in a worker
+    process (ProcessEngine). `engine_options(config)` gives the config's keywords.
 
     `model` given: load it or raise ModelLoadError (one line, says how to fix).
     `model` None: the default hub id from the local cache only; if absent, log a
     loud warning and load (making it first if needed) the tiny demo model in
     `demo_dir`, with `demo_model=True`.
     """
+    engine_process = bool(engine_kwargs.pop("engine_process", False))
     if model is not None:
-        engine = Qwen2AudioEngine(model, **engine_kwargs)
-        engine.load()
-        return engine
+        return _build(model, engine_process, **engine_kwargs)
 
     kwargs = {k: v for k, v in engine_kwargs.items() if k not in ("local_files_only", "demo_model")}
     try:
-        engine = Qwen2AudioEngine(DEFAULT_MODEL, local_files_only=True, **kwargs)
-        engine.load()
-        return engine
+        return _build(DEFAULT_MODEL, engine_process, local_files_only=True, **kwargs)
     except ModelLoadError as exc:
         logger.debug("default model unavailable: %s", exc)
 
@@ -56,6 +77,4 @@ def load_engine(model: str | None, *, demo_dir: Path, **engine_kwargs: Any) -> Q
                 f"cannot write the demo model to {str(demo_dir)!r}: {exc.strerror or exc}; "
                 "pass --demo-model-dir DIR that is writable, or --model DIR with real weights"
             ) from exc
-    engine = Qwen2AudioEngine(str(demo_dir), demo_model=True, local_files_only=True, **kwargs)
-    engine.load()
-    return engine
+    return _build(str(demo_dir), engine_process, demo_model=True, local_files_only=True, **kwargs)

@@ -1,15 +1,23 @@
 """Qwen2-Audio engine: one worker thread owns the model and serves every session.
 
-`submit` (on the event loop) queues a turn and returns a handle at once. The
-worker keeps a set of active turns and advances them round-robin, one model
-step each (the prefill of a new turn is one step, then one decode step per
-token), so every session progresses; turns of one conversation run strictly in
-order. Deltas reach the caller's loop through `loop.call_soon_threadsafe`.
+`submit` (on the event loop) queues a turn and returns a handle at once. Each
+worker loop iteration runs at most one prefill (a new turn's audio and text;
+else a speculative prefill) and then ONE batched decode step for every turn
+that is decoding (continuous batching, up to `max_batch` turns: turns join
+after their prefill and leave when they end, see kv.DecodeBatch), so a new
+turn holds the others up for about one step. Turns of one conversation run
+strictly in order. Deltas reach the caller's loop through
+`loop.call_soon_threadsafe`, one wake-up per loop per step.
 
 Each conversation keeps its history as token ids, the ChatML messages it was
 rendered from, its audio clips and its DynamicCache. With `kv_reuse` a turn
 prefills only the ids the cache has not seen, with only the new clips'
 features; without it, every turn re-runs the whole history (the baseline).
+`kv_cache_budget` bounds the bytes of cache kept: over it, the least recently
+used idle conversation's cache is dropped (rebuilt from its ids at its next
+turn) and new turns wait while the running ones would not fit.
+`prefill_speculative` prefills the utterance so far during the VAD hangover;
+the real turn takes it over when its audio is the same samples.
 """
 
 from __future__ import annotations
@@ -22,9 +30,11 @@ import os
 import queue
 import threading
 import time
-from collections import deque
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -44,6 +54,7 @@ from voice_agent.engine.base import (
     TurnResult,
     Usage,
 )
+from voice_agent.engine.kv import DecodeBatch, bytes_per_token, new_cache
 from voice_agent.errors import Busy, EngineError, ModelLoadError
 
 logger = logging.getLogger("voice_agent.engine")
@@ -77,10 +88,38 @@ class _ConvState:
     clip_starts: list[int] = field(default_factory=list)  # index of each clip's first <|AUDIO|>
     cache: Any = None  # DynamicCache | None
     running: bool = False  # a turn of this conversation is active
+    queued: int = 0  # turns submitted and not started yet
+    spec: _Spec | None = None  # a speculative prefill of the next turn
 
 
-@dataclass
-class _Turn:
+@dataclass(kw_only=True)
+class _Prefill:
+    """What a prefill leaves: the turn's prompt in the cache and its first token."""
+
+    new_message: Message | None = None
+    new_clips: list[AudioArray] = field(default_factory=list)
+    new_starts: list[int] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    cache: Any = None
+    next_token: int = -1
+
+
+@dataclass(kw_only=True)
+class _Spec(_Prefill):
+    """A speculative prefill: the next turn as if it were `turn`."""
+
+    turn: TurnInput
+
+
+@dataclass(frozen=True)
+class _SpecRequest:
+    state: _ConvState
+    turn: TurnInput | None  # None: discard
+
+
+@dataclass(kw_only=True)
+class _Turn(_Prefill):
     conversation: Conversation
     state: _ConvState
     turn: TurnInput
@@ -90,17 +129,12 @@ class _Turn:
     started: float = 0.0
     first_delta: float = 0.0
     prefilled: bool = False
-    # Filled by prefill:
-    new_message: Message | None = None
-    new_clips: list[AudioArray] = field(default_factory=list)
-    new_starts: list[int] = field(default_factory=list)
-    prompt_ids: list[int] = field(default_factory=list)
-    cached_tokens: int = 0
-    cache: Any = None
-    next_token: int = -1
+    speculated: bool = False  # the prefill came from a speculative one
+    in_batch: bool = False  # its cache is a row of the decode batch
     reply: list[int] = field(default_factory=list)
     fed: int = 0  # reply tokens fed to the model (in the cache)
-    emitted: str = ""
+    emitted: str = ""  # reply text sent so far
+    emit_from: int = 0  # reply tokens before this index are in `emitted`
 
 
 class Qwen2AudioEngine(Engine):
@@ -120,9 +154,16 @@ class Qwen2AudioEngine(Engine):
         demo_model: bool = False,
         local_files_only: bool = False,
         *,
-        max_active: int = 16,
+        max_batch: int = 16,
+        kv_cache_budget: int = 0,
+        max_active: int | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        """`max_batch`: turns decoding at once (one batched forward per step);
+        more wait. `kv_cache_budget`: bytes of KV cache kept (0: unlimited);
+        over it the least recently used idle conversation's cache is dropped
+        and rebuilt from its token ids at its next turn. `max_active` is the
+        old name of `max_batch`."""
         self.model_name = model
         self.device_name = device
         self.dtype_name = dtype
@@ -134,7 +175,15 @@ class Qwen2AudioEngine(Engine):
         self.seed = seed
         self.demo_model = demo_model
         self.local_files_only = local_files_only
-        self.max_active = max(1, max_active)
+        self.max_batch = max(1, max_batch if max_active is None else max_active)
+        self.kv_cache_budget = max(0, kv_cache_budget)
+        self.stats: dict[str, int] = {
+            "evictions": 0,
+            "speculative_hits": 0,
+            "speculative_misses": 0,
+            "batched_steps": 0,
+            "max_batch_seen": 0,
+        }
         self._clock = clock
 
         self.model: Any = None
@@ -148,7 +197,12 @@ class Qwen2AudioEngine(Engine):
         self._generator: torch.Generator | None = None
         self._banned_ids = torch.zeros(0, dtype=torch.long)
 
-        self._inbox: queue.SimpleQueue[_Turn | None] = queue.SimpleQueue()
+        self._bytes_per_token = 0
+        self._batch: DecodeBatch | None = None
+        self._deferred: list[tuple[QueueTurnHandle, Delta]] | None = None
+        # Conversations holding an idle cache, least recently used first.
+        self._lru: OrderedDict[int, weakref.ref[_ConvState]] = OrderedDict()
+        self._inbox: queue.SimpleQueue[_Turn | _SpecRequest | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._pending = 0  # submitted turns not yet active (the bounded queue)
         self._thread: threading.Thread | None = None
@@ -287,6 +341,7 @@ class Qwen2AudioEngine(Engine):
             if isinstance(i, int) and i >= 0 and i != unk:
                 banned.add(i)
         self._banned_ids = torch.tensor(sorted(banned), dtype=torch.long)
+        self._bytes_per_token = bytes_per_token(self.model.config, self.dtype)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -356,6 +411,7 @@ class Qwen2AudioEngine(Engine):
             if self._pending >= self.max_queue:
                 raise Busy("the engine is busy, try again")
             self._pending += 1
+            item.state.queued += 1
             self._inbox.put(item)
         return handle
 
@@ -363,6 +419,31 @@ class Qwen2AudioEngine(Engine):
         st = conversation.state
         if isinstance(st, _ConvState) and not st.running:
             st.cache = None  # rebuilt from the history (ids + clips) at the next turn
+            st.spec = None
+
+    def prefill_speculative(self, conversation: Conversation, audio: AudioArray) -> bool:
+        """Encode and prefill `audio` as the conversation's next user turn, ahead
+        of time (while the VAD's hangover runs). A later `submit` of a turn with
+        exactly these samples (and no text) starts decoding at once; any other
+        turn, or `discard_speculative`, drops it. Returns False when it was not
+        queued (engine busy, closed, or the conversation has a turn queued)."""
+        st = conversation.state
+        if not isinstance(st, _ConvState):
+            raise ValueError("conversation was not created by this engine")
+        if not self.loaded or self._closed or self._stopping:
+            return False
+        with self._lock:
+            if self._pending >= self.max_queue or st.running or st.queued:
+                return False
+        self._start_thread()
+        self._inbox.put(_SpecRequest(st, TurnInput(audio=np.asarray(audio, dtype=np.float32))))
+        return True
+
+    def discard_speculative(self, conversation: Conversation) -> None:
+        """Drop a speculative prefill (speech resumed)."""
+        st = conversation.state
+        if isinstance(st, _ConvState) and self._thread is not None and not self._closed:
+            self._inbox.put(_SpecRequest(st, None))
 
     def history_text(self, conversation: Conversation) -> str:
         state = conversation.state
@@ -373,38 +454,70 @@ class Qwen2AudioEngine(Engine):
     # --------------------------------------------------------------- worker
 
     def _worker(self) -> None:
+        """One loop iteration: take new turns, settle cancellations, run at most
+        one prefill (a real turn's, else a speculative one), then one batched
+        decode step for every decoding turn. A new turn's prefill therefore
+        delays the others by about one step."""
         waiting: deque[_Turn] = deque()
-        active: list[_Turn] = []
+        specs: deque[_SpecRequest] = deque()
+        active: list[_Turn] = []  # started: prefilling or decoding
+        batch = DecodeBatch(self.model.config)
+        self._batch = batch
         with torch.inference_mode():
             while True:
-                block = not active and not waiting
+                block = not active and not waiting and not specs
                 try:
                     item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
                     while True:
-                        if item is not None:
+                        if isinstance(item, _Turn):
                             waiting.append(item)
+                        elif isinstance(item, _SpecRequest):
+                            specs.append(item)
                         item = self._inbox.get_nowait()
                 except queue.Empty:
                     pass
                 if self._stopping:
-                    for t in itertools.chain(active, waiting):
-                        t.handle.cancel()
-                        try:
-                            self._finish_cancel(t)
-                        except Exception:
-                            logger.exception("could not settle a cancelled turn")
-                            t.handle.push(EngineError("the model failed on this turn"))
-                    with self._lock:
-                        self._pending -= len(waiting)
+                    self._shutdown(batch, active, waiting)
                     return
-                self._promote(waiting, active)
-                # Round robin: one step per active turn. A batched decode step
-                # over all active turns would replace this loop.
-                for t in list(active):
-                    if self._step(t):
+                self._promote(waiting, active, batch)
+                for t in [t for t in active if t.handle.cancel_requested]:
+                    active.remove(t)
+                    self._leave(batch, [t])
+                    self._guard(t, partial(self._finish_cancel, t))
+                if not self._prefill_one(active, batch):
+                    self._speculate_one(specs, waiting, active)
+                if len(batch):
+                    for t in self._decode_step(batch):
                         active.remove(t)
 
-    def _promote(self, waiting: deque[_Turn], active: list[_Turn]) -> None:
+    def _shutdown(self, batch: DecodeBatch, active: list[_Turn], waiting: deque[_Turn]) -> None:
+        for t in itertools.chain(active, waiting):
+            t.handle.cancel()
+            self._leave(batch, [t])
+            self._guard(t, partial(self._finish_cancel, t))
+        with self._lock:
+            self._pending -= len(waiting)
+            for t in waiting:
+                t.state.queued -= 1
+
+    def _guard(self, t: _Turn, fn: Callable[[], None]) -> None:
+        """Run fn for turn t; on an exception fail only that turn."""
+        try:
+            fn()
+        except Exception:
+            self._fail(t)
+
+    def _fail(self, t: _Turn) -> None:
+        logger.exception(
+            "the model failed on a turn of conversation %s", t.conversation.conversation_id
+        )
+        t.state.cache = None  # rebuilt from the history next turn
+        t.state.spec = None
+        t.state.running = False
+        t.cache = None
+        t.handle.push(EngineError("the model failed on this turn"))
+
+    def _promote(self, waiting: deque[_Turn], active: list[_Turn], batch: DecodeBatch) -> None:
         blocked: set[int] = set()
         keep: deque[_Turn] = deque()
         while waiting:
@@ -413,48 +526,232 @@ class Qwen2AudioEngine(Engine):
             if t.handle.cancel_requested and key not in blocked:
                 with self._lock:
                     self._pending -= 1
+                    t.state.queued -= 1
                 self._drop_unstarted(t)
                 continue
-            if key in blocked or t.state.running or len(active) >= self.max_active:
+            full = len(active) >= self.max_batch or (
+                bool(active)
+                and self._over_budget(sum(self._reserve(a) for a in active) + self._reserve(t))
+            )
+            if key in blocked or t.state.running or full:
                 blocked.add(key)
                 keep.append(t)
                 continue
             with self._lock:
                 self._pending -= 1
+                t.state.queued -= 1
             t.state.running = True
             t.started = self._clock()
             active.append(t)
             blocked.add(key)
         waiting.extend(keep)
 
-    def _step(self, t: _Turn) -> bool:
-        """Advance one turn by one model step; True when it has finished."""
-        try:
-            if t.handle.cancel_requested:
-                self._finish_cancel(t)
+    def _prefill_one(self, active: list[_Turn], batch: DecodeBatch) -> bool:
+        """Prefill the first started turn that needs it (turns whose speculative
+        prefill matches take it over for free). True when a prefill ran."""
+        for t in list(active):
+            if t.prefilled:
+                continue
+            ran = False
+            try:
+                if not self._adopt_spec(t):
+                    self._prefill(t, t.state, t.turn)
+                    ran = True
+                t.prefilled = True
+                self._enforce_budget(batch, active)
+                if self._take_token(t):
+                    active.remove(t)
+                    self._finish(t, cancelled=False)
+                else:
+                    batch.add(t, t.cache, len(t.prompt_ids))
+                    t.cache, t.in_batch = None, True
+                    t.state.cache = None  # the batch owns it while the turn decodes
+                    self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
+            except Exception:
+                if t in active:
+                    active.remove(t)
+                self._leave(batch, [t])
+                self._fail(t)
+            if ran:
                 return True
-            if not t.prefilled:
-                self._prefill(t)
-            else:
-                self._decode(t)
-            tok = t.next_token
-            if tok in self._stop_ids:
-                self._finish(t, cancelled=False)
-                return True
-            t.reply.append(tok)
-            self._emit(t)
-            if len(t.reply) >= t.max_new_tokens:
-                self._finish(t, cancelled=False)
-                return True
-            return False
-        except Exception:
-            logger.exception(
-                "the model failed on a turn of conversation %s", t.conversation.conversation_id
-            )
-            t.state.cache = None  # rebuilt from the history next turn
-            t.state.running = False
-            t.handle.push(EngineError("the model failed on this turn"))
+        return False
+
+    def _take_token(self, t: _Turn) -> bool:
+        """Take t.next_token as the next reply token; True when the turn ends."""
+        tok = t.next_token
+        if tok in self._stop_ids:
             return True
+        t.reply.append(tok)
+        self._emit(t)
+        return len(t.reply) >= t.max_new_tokens
+
+    def _decode_step(self, batch: DecodeBatch) -> list[_Turn]:
+        """One batched decode step; returns the turns that have finished."""
+        turns = [t for t in batch.owners if isinstance(t, _Turn)]
+        try:
+            logits = self._decode_batch(batch, turns)
+            self.stats["batched_steps"] += 1
+            for t in turns:
+                t.fed += 1
+            tokens = self._sample_rows(logits)
+        except Exception:
+            batch.clear()
+            for t in turns:
+                t.in_batch = False
+                self._fail(t)
+            return turns
+        done, failed = [], []
+        self._deferred = []
+        try:
+            for t, tok in zip(turns, tokens, strict=True):
+                t.next_token = tok
+                try:
+                    if self._take_token(t):
+                        done.append(t)
+                except Exception:
+                    failed.append(t)
+        finally:
+            deferred, self._deferred = self._deferred, None
+            QueueTurnHandle.push_all(list(deferred))
+        self._leave(batch, done + failed)
+        for t in failed:
+            self._fail(t)
+        for t in done:
+            self._guard(t, partial(self._finish, t, False))
+        return done + failed
+
+    def _decode_batch(self, batch: DecodeBatch, turns: list[_Turn]) -> torch.Tensor:
+        """The model step of all decoding turns (tests hook this)."""
+        return batch.step(self.model, [t.reply[-1] for t in turns])
+
+    def _leave(self, batch: DecodeBatch, turns: list[_Turn]) -> None:
+        """Take these turns' rows out of the batch, back into their own caches."""
+        rows = [t for t in turns if t.in_batch]
+        for t, cache in zip(rows, batch.remove(list(rows)), strict=True):
+            t.cache, t.in_batch = cache, False
+
+    # ---------------------------------------------------------- KV budget
+
+    def _touch(self, st: _ConvState) -> None:
+        key = id(st)
+        self._lru.pop(key, None)
+        if st.cache is not None:
+            self._lru[key] = weakref.ref(st)
+
+    def _idle_states(self) -> list[_ConvState]:
+        out = []
+        for key, ref in list(self._lru.items()):
+            st = ref()
+            if st is None or st.cache is None:
+                del self._lru[key]
+            elif not st.running:
+                out.append(st)
+        return out
+
+    def _active_bytes(self, batch: DecodeBatch, active: list[_Turn]) -> int:
+        tokens = batch.allocated_tokens
+        tokens += sum(len(t.prompt_ids) + t.fed for t in active if t.prefilled and not t.in_batch)
+        return tokens * self._bytes_per_token
+
+    def _reserve(self, t: _Turn) -> int:
+        """Cache bytes turn t may need by its end (an estimate before its prefill:
+        history, 25 audio tokens a second, the text, the template, the reply)."""
+        if t.prefilled:
+            prompt = len(t.prompt_ids)
+        else:
+            audio = 0 if t.turn.audio is None else len(t.turn.audio) // (SAMPLE_RATE // 25) + 8
+            prompt = len(t.state.ids) + audio + len(t.turn.text or "") // 2 + 32
+        return (prompt + t.max_new_tokens) * self._bytes_per_token
+
+    def _over_budget(self, used: int) -> bool:
+        return self.kv_cache_budget > 0 and used > self.kv_cache_budget
+
+    def _enforce_budget(self, batch: DecodeBatch, active: list[_Turn]) -> None:
+        """Drop least recently used idle caches while over the budget."""
+        if self.kv_cache_budget <= 0:
+            return
+        idle = self._idle_states()
+        used = self._active_bytes(batch, active) + sum(
+            int(st.cache.get_seq_length()) * self._bytes_per_token for st in idle
+        )
+        for st in idle:
+            if not self._over_budget(used):
+                break
+            used -= int(st.cache.get_seq_length()) * self._bytes_per_token
+            st.cache, st.spec = None, None
+            self._lru.pop(id(st), None)
+            self.stats["evictions"] += 1
+
+    # ---------------------------------------------------- speculative prefill
+
+    def _speculate_one(
+        self, specs: deque[_SpecRequest], waiting: deque[_Turn], active: list[_Turn]
+    ) -> None:
+        """Serve the oldest speculative request whose conversation is idle."""
+        while specs:
+            req = specs.popleft()
+            st = req.state
+            if st.running or st.queued:
+                continue  # the real turn is here already: nothing to gain
+            self._discard_spec(st)
+            if req.turn is None:
+                continue
+            spec = _Spec(turn=req.turn)
+            try:
+                self._prefill(spec, st, req.turn)
+            except Exception:
+                logger.exception("speculative prefill failed")
+                st.cache, st.spec = None, None
+                return
+            st.spec = spec
+            self._touch(st)
+            if self._batch is not None:
+                self._enforce_budget(self._batch, active)
+            return
+
+    def _discard_spec(self, st: _ConvState) -> None:
+        """Drop a speculative prefill: crop the cache back to the history."""
+        spec, st.spec = st.spec, None
+        if spec is None:
+            return
+        cache = st.cache
+        if cache is not None and cache is spec.cache:
+            extra = int(cache.get_seq_length()) - len(st.ids)
+            if extra > 0:
+                cache.crop(-extra)
+
+    def _adopt_spec(self, t: _Turn) -> bool:
+        """Take over the conversation's speculative prefill if it is this turn."""
+        st = t.state
+        spec = st.spec
+        if spec is None:
+            return False
+        a, b = spec.turn.audio, t.turn.audio
+        same = (
+            a is not None
+            and b is not None
+            and spec.turn.text == t.turn.text
+            and a.shape == b.shape
+            and bool(np.array_equal(a, b))
+        )
+        if not same:
+            self.stats["speculative_misses"] += 1
+            self._discard_spec(st)
+            return False
+        st.spec = None
+        for name in (
+            "new_message",
+            "new_clips",
+            "new_starts",
+            "prompt_ids",
+            "cached_tokens",
+            "cache",
+            "next_token",
+        ):
+            setattr(t, name, getattr(spec, name))
+        t.speculated = True
+        self.stats["speculative_hits"] += 1
+        return True
 
     # --------------------------------------------------------- model steps
 
@@ -478,17 +775,17 @@ class Qwen2AudioEngine(Engine):
         )
         return out["input_features"], out["attention_mask"]
 
-    def _prefill(self, t: _Turn) -> None:
-        st = t.state
+    def _prefill(self, t: _Prefill, st: _ConvState, turn: TurnInput) -> None:
+        """Encode the new clips and prefill the new ids; sets t's prefill fields."""
         content: list[dict[str, Any]] = []
-        if t.turn.audio is not None:
-            t.new_clips = split_clips(t.turn.audio)
+        if turn.audio is not None:
+            t.new_clips = split_clips(turn.audio)
             n0 = len(st.clips)
             content.extend(
                 {"type": "audio", "audio": f"clip-{n0 + i + 1}"} for i in range(len(t.new_clips))
             )
-        if t.turn.text:
-            content.append({"type": "text", "text": t.turn.text})
+        if turn.text:
+            content.append({"type": "text", "text": turn.text})
         t.new_message = {"role": "user", "content": content}
         # The text the history ids already cover (nothing before the first turn,
         # not even the system message).
@@ -511,7 +808,7 @@ class Qwen2AudioEngine(Engine):
         if cached > len(st.ids):
             cache, cached = None, 0
         if cache is None:
-            cache = importlib.import_module("transformers").DynamicCache(config=self.model.config)
+            cache = new_cache(self.model.config)
             cached = 0
         # The clips whose audio tokens the cache has not seen.
         new_starts = self._audio_starts(new_ids, len(st.ids))
@@ -526,17 +823,10 @@ class Qwen2AudioEngine(Engine):
         t.new_starts = new_starts
         logits = self._forward(t.prompt_ids[cached:], cached, cache, clips)
         t.next_token = self._sample(logits)
-        t.prefilled = True
 
     def _audio_starts(self, ids: list[int], offset: int) -> list[int]:
         a = self._audio_token_id
         return [offset + i for i, x in enumerate(ids) if x == a and (i == 0 or ids[i - 1] != a)]
-
-    def _decode(self, t: _Turn) -> None:
-        pos = len(t.prompt_ids) + t.fed
-        logits = self._forward([t.reply[-1]], pos, t.cache, [])
-        t.fed += 1
-        t.next_token = self._sample(logits)
 
     def _forward(
         self, ids: list[int], start: int, cache: Any, clips: list[AudioArray]
@@ -563,7 +853,7 @@ class Qwen2AudioEngine(Engine):
 
     def _sample(self, logits: torch.Tensor) -> int:
         if len(self._banned_ids):
-            logits[self._banned_ids.to(logits.device)] = float("-inf")
+            logits[..., self._banned_ids.to(logits.device)] = float("-inf")
         if self.temperature <= 0.0:
             return int(torch.argmax(logits).item())
         probs = torch.softmax(logits / self.temperature, dim=-1)
@@ -576,19 +866,31 @@ class Qwen2AudioEngine(Engine):
             return int(order[choice].item())
         return int(torch.multinomial(probs, 1, generator=self._generator).item())
 
+    def _sample_rows(self, logits: torch.Tensor) -> list[int]:
+        """One token per row of [rows, vocab] logits."""
+        if self.temperature <= 0.0:
+            if len(self._banned_ids):
+                logits[:, self._banned_ids.to(logits.device)] = float("-inf")
+            return [int(x) for x in torch.argmax(logits, dim=-1).tolist()]
+        return [self._sample(row) for row in logits]
+
     # ------------------------------------------------------------- results
 
     def _emit(self, t: _Turn) -> None:
-        text = self._decode_text(t.reply)
-        if text.endswith("\ufffd") or not text.startswith(t.emitted):
+        """Send the reply text decoded since the last piece (incrementally: a
+        byte-level BPE decodes piecewise once a piece ends on a whole character)."""
+        text = self._decode_text(t.reply[t.emit_from :])
+        if not text or text.endswith("\ufffd"):
             return
-        piece = text[len(t.emitted) :]
-        if not piece:
-            return
-        t.emitted = text
+        t.emitted += text
+        t.emit_from = len(t.reply)
         if not t.first_delta:
             t.first_delta = self._clock()
-        t.handle.push(Delta(piece, len(t.reply)))
+        delta = Delta(text, len(t.reply))
+        if self._deferred is not None:
+            self._deferred.append((t.handle, delta))
+        else:
+            t.handle.push(delta)
 
     def _decode_text(self, ids: list[int]) -> str:
         return str(
@@ -615,9 +917,13 @@ class Qwen2AudioEngine(Engine):
             st.cache = t.cache
         else:
             st.cache = None
+        t.cache = None
         t.conversation.turns += 1
         t.conversation.audio_clips = len(st.clips)
         st.running = False
+        self._touch(st)
+        if self._batch is not None:
+            self._enforce_budget(self._batch, [])
         return text
 
     def _usage_timing(self, t: _Turn) -> tuple[Usage, Timing]:

@@ -1,0 +1,103 @@
+"""--engine-process: the model in a worker process that is restarted when it dies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+from voice_agent.engine.base import AudioArray, TurnInput
+from voice_agent.engine.process import ProcessEngine
+from voice_agent.engine.qwen2_audio import _ConvState
+from voice_agent.errors import EngineError, to_wire
+
+from .helpers import EngineFactory, collect
+
+
+async def test_a_killed_worker_is_restarted_and_the_next_turn_succeeds(
+    tiny_model_dir: Path,
+    make_engine: EngineFactory,
+    speech: AudioArray,
+    short_speech: AudioArray,
+) -> None:
+    first, last = TurnInput(audio=short_speech), TurnInput(text="Are you there?")
+    reference = await make_engine(max_new_tokens=8)
+    ref_conv = reference.new_conversation()
+    for t in (first, last):
+        await collect(reference.submit(ref_conv, t))
+    assert isinstance(ref_conv.state, _ConvState)
+
+    engine = ProcessEngine(str(tiny_model_dir), max_new_tokens=8)
+    await engine.start()
+    try:
+        conv = engine.new_conversation()
+        h1 = engine.submit(conv, first)
+        await collect(h1)
+        assert conv.turns == 1 and conv.audio_clips == 1
+        old_pid = engine.pid
+        assert old_pid is not None and old_pid != os.getpid()
+
+        # A long turn; kill the worker once it is decoding.
+        doomed = engine.submit(conv, TurnInput(audio=speech), max_new_tokens=3000)
+        iterator = aiter(doomed)
+        await asyncio.wait_for(anext(iterator), timeout=60)
+        os.kill(old_pid, signal.SIGKILL)
+        try:
+            async for _ in iterator:
+                pass
+            raise AssertionError("the turn in flight should have failed")
+        except EngineError as exc:
+            assert to_wire(exc).code == "internal"
+            assert to_wire(exc).message == "the model failed on this turn"
+
+        async def restarted() -> None:
+            while engine.restarts < 1 or engine.pid == old_pid:
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(restarted(), timeout=120)
+        h3 = engine.submit(conv, last)
+        await asyncio.wait_for(collect(h3), timeout=120)
+        assert not h3.result.cancelled
+        assert h3.result.usage.cached_tokens == 0  # the cache was rebuilt from the history
+        # The failed turn left no trace; the history is the reference's.
+        assert engine.history_ids(conv) == ref_conv.state.ids
+        assert conv.turns == 2 and conv.audio_clips == 1
+        assert (
+            h1.result.text
+            == reference.history_text(ref_conv).split("assistant\n")[1].split("<|im_end|>")[0]
+        )
+    finally:
+        await engine.close()
+    assert engine.pid is None
+
+
+async def test_config_flags_reach_the_engine(
+    tiny_model_dir: Path, short_speech: AudioArray
+) -> None:
+    from voice_agent.config import Config
+    from voice_agent.engine.loader import engine_options, load_engine
+
+    config = Config.from_sources(
+        None,
+        {
+            "VOICE_AGENT_ENGINE_PROCESS": "1",
+            "VOICE_AGENT_MAX_BATCH": "3",
+            "VOICE_AGENT_KV_CACHE_BUDGET": "1000000",
+        },
+    )
+    options = engine_options(config)
+    assert options == {"max_batch": 3, "kv_cache_budget": 1000000, "engine_process": True}
+    engine = await asyncio.to_thread(
+        load_engine, str(tiny_model_dir), demo_dir=tiny_model_dir, max_new_tokens=3, **options
+    )
+    assert isinstance(engine, ProcessEngine)
+    await engine.start()
+    try:
+        conv = engine.new_conversation()
+        handle = engine.submit(conv, TurnInput(audio=short_speech))
+        await collect(handle)
+        assert 1 <= handle.result.usage.completion_tokens <= 3
+        assert "<|audio_bos|>" in engine.history_text(conv)
+    finally:
+        await engine.close()

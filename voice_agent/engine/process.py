@@ -1,0 +1,447 @@
+"""The model in a separate worker process (`--engine-process`).
+
+A crash in model code (a segfault, an abort, the OOM killer) then takes down
+only the worker: the turns in flight fail with EngineError (error `internal`),
+a fresh worker is spawned, and every conversation goes on. The parent keeps
+each conversation's settled history (token ids, messages, clips) and hands it
+to the new worker with the conversation's next turn; the worker rebuilds the
+KV cache from it.
+
+Parent and worker talk over one multiprocessing Pipe (spawn context): the
+worker runs a Qwen2AudioEngine on its own event loop and streams Delta pieces
+and results back; a reader thread in the parent feeds them to the handles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing as mp
+import threading
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from voice_agent.engine.base import (
+    AudioArray,
+    Conversation,
+    Delta,
+    Engine,
+    QueueTurnHandle,
+    Timing,
+    TurnHandle,
+    TurnInput,
+    TurnResult,
+    Usage,
+)
+from voice_agent.errors import Busy, EngineError, ModelLoadError
+
+logger = logging.getLogger("voice_agent.engine")
+
+_FAILED = "the model failed on this turn"
+
+
+@dataclass
+class _Mirror:
+    """The parent's copy of a conversation's settled history."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    clips: list[AudioArray] = field(default_factory=list)
+    clip_starts: list[int] = field(default_factory=list)
+    generation: int = -1  # the worker generation that knows this conversation
+
+
+@dataclass
+class _InFlight:
+    conversation: Conversation
+    handle: QueueTurnHandle
+    turn: TurnInput
+
+
+class ProcessEngine(Engine):
+    """A Qwen2AudioEngine in a child process, restarted when it dies."""
+
+    def __init__(self, model: str, **engine_kwargs: Any) -> None:
+        self.model_name = model
+        self.demo_model = bool(engine_kwargs.get("demo_model", False))
+        self.max_queue = int(engine_kwargs.get("max_queue", 64))
+        self._kwargs = engine_kwargs
+        self._ctx = mp.get_context("spawn")
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        self._lock = threading.RLock()
+        self._send_lock = threading.Lock()
+        self._generation = 0
+        self._turns: dict[int, _InFlight] = {}
+        self._tids = itertools.count(1)
+        self._cids = itertools.count(1)
+        self._reader: threading.Thread | None = None
+        self._closed = False
+        self._tokenizer: Any = None
+        self.restarts = 0
+        self.info: dict[str, Any] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else int(self._proc.pid)
+
+    def load(self) -> None:
+        """Spawn the worker and wait until its model is loaded (blocking)."""
+        with self._lock:
+            if self._proc is not None and self._proc.is_alive():
+                return
+            self._spawn()
+
+    def _spawn(self) -> None:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(
+            target=_child_main,
+            args=(child, self.model_name, self._kwargs),
+            name="voice-agent-engine",
+            daemon=True,
+        )
+        proc.start()
+        child.close()
+        try:
+            kind, payload = parent.recv()
+        except (EOFError, OSError):
+            proc.join(5)
+            raise ModelLoadError(
+                f"the engine process for {self.model_name!r} exited while loading"
+            ) from None
+        if kind != "ready":
+            proc.join(5)
+            raise ModelLoadError(str(payload))
+        self.info = dict(payload)
+        self.demo_model = bool(payload.get("demo_model", self.demo_model))
+        self._proc, self._conn = proc, parent
+        self._generation += 1
+
+    async def start(self) -> None:
+        self._closed = False
+        await asyncio.to_thread(self.load)
+        with self._lock:
+            if self._reader is None or not self._reader.is_alive():
+                self._reader = threading.Thread(
+                    target=self._read_loop, name="voice-agent-engine-reader", daemon=True
+                )
+                self._reader.start()
+
+    async def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            proc, conn = self._proc, self._conn
+        if proc is None or conn is None:
+            return
+        self._send_quiet(("stop",))
+        await asyncio.to_thread(proc.join, 30)
+        if proc.is_alive():
+            proc.kill()
+            await asyncio.to_thread(proc.join, 5)
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.join, 5)
+        self._fail_in_flight("the engine is closed")
+        with self._lock:
+            self._proc, self._conn = None, None
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        conn = self._conn
+        if conn is None:
+            raise EngineError("the engine is not started")
+        try:
+            with self._send_lock:
+                conn.send(msg)
+        except (OSError, ValueError):  # the worker died: the reader restarts it
+            raise EngineError(_FAILED) from None
+
+    def _send_quiet(self, msg: tuple[Any, ...]) -> None:
+        """Send if the worker is there (best effort: cancel, release, discard)."""
+        with contextlib.suppress(EngineError):
+            self._send(msg)
+
+    def _read_loop(self) -> None:
+        while not self._closed:
+            conn, proc = self._conn, self._proc
+            if conn is None or proc is None:
+                return
+            try:
+                if not conn.poll(0.2):
+                    if proc.is_alive():
+                        continue
+                    raise EOFError
+                msg = conn.recv()
+            except (EOFError, OSError):
+                if self._closed:
+                    return
+                self._restart()
+                continue
+            self._dispatch(msg)
+
+    def _restart(self) -> None:
+        logger.error("the engine process died; failing the turns in flight and restarting it")
+        with self._lock:
+            self._conn = None  # submit() answers busy until the new worker is ready
+            self._fail_in_flight(_FAILED)
+            if self._proc is not None:
+                self._proc.join(1)
+            while not self._closed:
+                try:
+                    self._spawn()
+                    break
+                except ModelLoadError:
+                    logger.exception("could not restart the engine process; trying again")
+            self.restarts += 1
+
+    def _fail_in_flight(self, message: str) -> None:
+        with self._lock:
+            turns, self._turns = list(self._turns.values()), {}
+        for f in turns:
+            f.handle.push(EngineError(message))
+
+    def _dispatch(self, msg: tuple[Any, ...]) -> None:
+        kind, tid = msg[0], msg[1]
+        f = self._turns.get(tid)
+        if f is None:
+            return
+        if kind == "delta":
+            f.handle.push(Delta(msg[2], msg[3]))
+            return
+        with self._lock:
+            self._turns.pop(tid, None)
+        if kind == "error":
+            f.handle.push(EngineError(msg[2]))
+            return
+        text, usage, timing, cancelled, snapshot = msg[2:]
+        if snapshot is not None:
+            self._settle(f, snapshot)
+        f.handle.push(TurnResult(text, Usage(**usage), Timing(**timing), cancelled=cancelled))
+
+    def _settle(self, f: _InFlight, snapshot: dict[str, Any]) -> None:
+        from voice_agent.engine.qwen2_audio import split_clips
+
+        m = f.conversation.state
+        assert isinstance(m, _Mirror)
+        new_clips = snapshot["clips"] - len(m.clips)
+        if new_clips > 0 and f.turn.audio is not None:
+            m.clips.extend(split_clips(f.turn.audio)[:new_clips])
+        m.messages = snapshot["messages"]
+        m.ids = snapshot["ids"]
+        m.clip_starts = snapshot["clip_starts"]
+        f.conversation.turns = snapshot["turns"]
+        f.conversation.audio_clips = len(m.clips)
+
+    # ------------------------------------------------------------- sessions
+
+    def new_conversation(
+        self, system_prompt: str | None = None, conversation_id: str | None = None
+    ) -> Conversation:
+        cid = conversation_id or f"conv-{next(self._cids)}"
+        m = _Mirror()
+        if system_prompt is not None:
+            m.messages.append({"role": "system", "content": system_prompt})
+        return Conversation(cid, system_prompt, state=m)
+
+    def _sync(self, conversation: Conversation) -> None:
+        """Make sure the current worker knows the conversation (with its history)."""
+        m = conversation.state
+        if not isinstance(m, _Mirror):
+            raise ValueError("conversation was not created by this engine")
+        if m.generation != self._generation:
+            snapshot = {
+                "messages": m.messages,
+                "ids": m.ids,
+                "clips": m.clips,
+                "clip_starts": m.clip_starts,
+                "turns": conversation.turns,
+            }
+            self._send(("open", conversation.conversation_id, conversation.system_prompt, snapshot))
+            m.generation = self._generation
+
+    def submit(
+        self, conversation: Conversation, turn: TurnInput, max_new_tokens: int | None = None
+    ) -> TurnHandle:
+        if self._closed or self._proc is None:
+            raise EngineError("the engine is not started")
+        handle = QueueTurnHandle(asyncio.get_running_loop())
+        if self._conn is None:
+            raise Busy("the engine is restarting, try again")
+        with self._lock:
+            if len(self._turns) >= self.max_queue:
+                raise Busy("the engine is busy, try again")
+            self._sync(conversation)
+            tid = next(self._tids)
+            self._turns[tid] = _InFlight(conversation, handle, turn)
+            audio = None if turn.audio is None else np.asarray(turn.audio, dtype=np.float32)
+            try:
+                self._send(
+                    ("turn", tid, conversation.conversation_id, audio, turn.text, max_new_tokens)
+                )
+            except EngineError:
+                self._turns.pop(tid, None)
+                raise
+
+        def on_cancel() -> None:
+            self._send_quiet(("cancel", tid, handle.keep_tokens))
+
+        handle.on_cancel = on_cancel
+        return handle
+
+    def release(self, conversation: Conversation) -> None:
+        m = conversation.state
+        if isinstance(m, _Mirror) and m.generation == self._generation:
+            self._send_quiet(("release", conversation.conversation_id))
+
+    def prefill_speculative(self, conversation: Conversation, audio: AudioArray) -> bool:
+        try:
+            with self._lock:
+                self._sync(conversation)
+                self._send(("spec", conversation.conversation_id, np.asarray(audio, np.float32)))
+        except EngineError:
+            return False
+        return True
+
+    def discard_speculative(self, conversation: Conversation) -> None:
+        m = conversation.state
+        if isinstance(m, _Mirror) and m.generation == self._generation:
+            self._send_quiet(("discard", conversation.conversation_id))
+
+    def history_ids(self, conversation: Conversation) -> list[int]:
+        m = conversation.state
+        if not isinstance(m, _Mirror):
+            raise ValueError("conversation was not created by this engine")
+        return list(m.ids)
+
+    def history_text(self, conversation: Conversation) -> str:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                self.model_name, local_files_only=self._kwargs.get("local_files_only", False)
+            )
+        return str(self._tokenizer.decode(self.history_ids(conversation)))
+
+
+# ------------------------------------------------------------------- worker
+
+
+def _child_main(conn: Connection, model: str, kwargs: dict[str, Any]) -> None:
+    """Entry point of the worker process."""
+    from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
+
+    try:
+        engine = Qwen2AudioEngine(model, **kwargs)
+        engine.load()
+    except Exception as exc:
+        conn.send(("error", str(exc) if isinstance(exc, ModelLoadError) else repr(exc)))
+        return
+    conn.send(("ready", {"demo_model": engine.demo_model, "device": str(engine.device)}))
+    asyncio.run(_serve(conn, engine))
+
+
+async def _serve(conn: Connection, engine: Any) -> None:
+    from voice_agent.engine.qwen2_audio import _ConvState
+
+    loop = asyncio.get_running_loop()
+    await engine.start()
+    convs: dict[str, Conversation] = {}
+    handles: dict[int, TurnHandle] = {}
+    tasks: set[asyncio.Task[None]] = set()
+    stop = asyncio.Event()
+    send_lock = threading.Lock()
+
+    def send(msg: tuple[Any, ...]) -> None:
+        with send_lock:
+            conn.send(msg)
+
+    async def run_turn(tid: int, conv: Conversation, handle: TurnHandle) -> None:
+        try:
+            async for d in handle:
+                send(("delta", tid, d.text, d.tokens))
+            r = handle.result
+            st = conv.state
+            assert isinstance(st, _ConvState)
+            snapshot = {
+                "messages": list(st.messages),
+                "ids": list(st.ids),
+                "clips": len(st.clips),
+                "clip_starts": list(st.clip_starts),
+                "turns": conv.turns,
+            }
+            usage = {
+                "prompt_tokens": r.usage.prompt_tokens,
+                "cached_tokens": r.usage.cached_tokens,
+                "completion_tokens": r.usage.completion_tokens,
+            }
+            timing = {
+                "queue_ms": r.timing.queue_ms,
+                "ttft_ms": r.timing.ttft_ms,
+                "total_ms": r.timing.total_ms,
+            }
+            send(("done", tid, r.text, usage, timing, r.cancelled, snapshot))
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, EngineError) else _FAILED
+            send(("error", tid, message))
+        finally:
+            handles.pop(tid, None)
+
+    def handle_msg(msg: tuple[Any, ...]) -> None:
+        kind = msg[0]
+        if kind == "stop":
+            stop.set()
+        elif kind == "open":
+            _, cid, system_prompt, snap = msg
+            conv = engine.new_conversation(system_prompt, cid)
+            st = conv.state
+            st.messages = list(snap["messages"]) or st.messages
+            st.ids = list(snap["ids"])
+            st.clips = list(snap["clips"])
+            st.clip_starts = list(snap["clip_starts"])
+            conv.turns = snap["turns"]
+            conv.audio_clips = len(st.clips)
+            convs[cid] = conv
+        elif kind == "turn":
+            _, tid, cid, audio, text, max_new = msg
+            conv = convs[cid]
+            try:
+                handle = engine.submit(conv, TurnInput(audio=audio, text=text), max_new)
+            except Exception as exc:
+                send(("error", tid, str(exc) if isinstance(exc, EngineError) else _FAILED))
+                return
+            handles[tid] = handle
+            task = loop.create_task(run_turn(tid, conv, handle))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        elif kind == "cancel":
+            h = handles.get(msg[1])
+            if h is not None:
+                h.cancel(msg[2])
+        elif kind == "release" and msg[1] in convs:
+            engine.release(convs[msg[1]])
+        elif kind == "spec" and msg[1] in convs:
+            engine.prefill_speculative(convs[msg[1]], msg[2])
+        elif kind == "discard" and msg[1] in convs:
+            engine.discard_speculative(convs[msg[1]])
+
+    def read() -> None:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):  # the parent is gone
+                loop.call_soon_threadsafe(stop.set)
+                return
+            loop.call_soon_threadsafe(handle_msg, msg)
+            if msg[0] == "stop":
+                return
+
+    threading.Thread(target=read, name="engine-pipe", daemon=True).start()
+    await stop.wait()
+    await engine.close()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
