@@ -13,6 +13,7 @@ from voice_agent.errors import BadAudio
 from voice_agent.vad import (
     Segmenter,
     SegmenterEvent,
+    SpeechPaused,
     SpeechStarted,
     SpeechStopped,
     VadConfig,
@@ -317,3 +318,32 @@ def test_times_come_from_sample_counts() -> None:
     assert seg.position_ms == 3000
     seg.feed(bytes(2 * 8))
     assert seg.position_ms == 3001
+
+
+def test_pause_events_carry_the_audio_the_utterance_closes_with() -> None:
+    pcm, rate, ch = load_pcm("ldc93s1-16k-mono.wav", pad_s=1.0)
+    seg = Segmenter(VadConfig(), rate, ch, pause_events=True)
+    events = seg.feed(pcm) + seg.flush()
+    [stop] = stops(events)
+    paused = [e for e in events if isinstance(e, SpeechPaused)]
+    assert paused and all(p.utterance_id == stop.utterance_id for p in paused)
+    assert events.index(paused[-1]) < events.index(stop)
+    assert np.array_equal(paused[-1].audio, stop.audio)
+    # without pause_events: the same utterance, and no SpeechPaused
+    plain, _ = run(pcm, rate, ch)
+    assert edges(plain) == [(stop.start_ms, stop.end_ms)]
+    assert not [e for e in plain if isinstance(e, SpeechPaused)]
+
+
+def test_speech_resuming_after_a_pause_makes_the_pause_audio_stale() -> None:
+    clip, rate, _ = load_pcm("ldc93s1-16k-mono.wav")
+    word = clip[2 * rate * 200 // 1000 : 2 * rate * 2780 // 1000]  # the speech only
+    gap = bytes(2 * rate * 300 // 1000)  # 300 ms: shorter than the 600 ms hangover
+    pad = bytes(2 * rate)
+    seg = Segmenter(VadConfig(), rate, 1, pause_events=True)
+    events = seg.feed(pad + word + gap + word + pad) + seg.flush()
+    [stop] = stops(events)
+    paused = [e for e in events if isinstance(e, SpeechPaused)]
+    assert len(paused) >= 2  # one in the 300 ms gap, one at the end
+    assert len(paused[0].audio) < len(stop.audio)
+    assert np.array_equal(paused[-1].audio, stop.audio)

@@ -57,6 +57,17 @@ class SpeechStarted:
 
 
 @dataclass(frozen=True)
+class SpeechPaused:
+    """Speech paused long enough that the hangover is running (emitted only
+    with `pause_events`): `audio` is exactly what SpeechStopped("silence") will
+    carry if no more speech comes, so a speculative prefill of it can be used
+    as is when the utterance closes."""
+
+    utterance_id: int
+    audio: AudioArray
+
+
+@dataclass(frozen=True)
 class SpeechStopped:
     utterance_id: int
     start_ms: int
@@ -65,7 +76,7 @@ class SpeechStopped:
     audio: AudioArray  # 16 kHz mono float32: pre-roll + speech (+ up to 100 ms tail)
 
 
-SegmenterEvent = SpeechStarted | SpeechStopped
+SegmenterEvent = SpeechStarted | SpeechPaused | SpeechStopped
 
 
 class _Utterance:
@@ -86,7 +97,12 @@ class Segmenter:
     """Feed PCM16 chunks of any size; get SpeechStarted/SpeechStopped events."""
 
     def __init__(
-        self, config: VadConfig = VadConfig(), sample_rate: int = 16000, channels: int = 1
+        self,
+        config: VadConfig = VadConfig(),
+        sample_rate: int = 16000,
+        channels: int = 1,
+        *,
+        pause_events: bool = False,
     ) -> None:
         validate_format(sample_rate, channels)
         if not 0 <= config.aggressiveness <= 3:
@@ -109,6 +125,8 @@ class Segmenter:
         self._next_id = 1
         self._dropped = 0
         self._flushed = False
+        # SpeechPaused after _TAIL_FRAMES of silence, while the hangover still runs
+        self._pause_events = pause_events and self._hangover > _TAIL_FRAMES
 
     # -- public -----------------------------------------------------------
 
@@ -217,7 +235,11 @@ class Segmenter:
             u.peak_db = max(u.peak_db, db)
         if not u.started and u.last_speech + 1 - u.start >= self._min_speech:
             self._start(u, events)
-        if index - u.last_speech >= self._hangover:
+        silent = index - u.last_speech
+        if silent == _TAIL_FRAMES and u.started and self._pause_events:
+            keep = u.last_speech + 1 + _TAIL_FRAMES - u.audio_start  # as _close("silence")
+            events.append(SpeechPaused(u.utterance_id, _to_float(b"".join(u.frames[:keep]))))
+        if silent >= self._hangover:
             if u.started:
                 events += self._close("silence", u.last_speech + 1)
             else:
@@ -269,12 +291,15 @@ class Segmenter:
         self._utt = None
         self._recent.clear()
         keep = end - u.audio_start + (_TAIL_FRAMES if reason != "max_length" else 0)
-        pcm = b"".join(u.frames[: max(0, keep)])
-        audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / np.float32(32768.0)
+        audio = _to_float(b"".join(u.frames[: max(0, keep)]))
         events.append(
             SpeechStopped(u.utterance_id, u.start * FRAME_MS, end * FRAME_MS, reason, audio)
         )
         return events
+
+
+def _to_float(pcm: bytes) -> AudioArray:
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / np.float32(32768.0)
 
 
 def _to_pcm16(a: AudioArray) -> bytes:
