@@ -198,3 +198,23 @@ def test_batched_step_logits_equal_solo_logits(tiny_model_dir: Any) -> None:
     assert batch.lengths == [n + 1 for n in lengths]
     for row, ref in zip(logits, solo, strict=True):
         torch.testing.assert_close(row, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_batch_finds_rows_by_identity() -> None:
+    # Turns are dataclasses holding audio arrays: `==` between them raises
+    # (arrays of different shapes), so rows must be found by identity.
+    import dataclasses
+
+    import numpy as np
+
+    @dataclasses.dataclass
+    class Owner:
+        audio: Any
+
+    config = _config(layers=1)
+    first, second = Owner(np.zeros(3)), Owner(np.zeros(5))
+    batch = DecodeBatch(config)
+    batch.add(first, _random_cache(config, 2, seed=1), 2)
+    batch.add(second, _random_cache(config, 4, seed=2), 4)
+    (cache,) = batch.remove([second])
+    assert cache.get_seq_length() == 4 and batch.owners == [first]

@@ -182,7 +182,9 @@ class DecodeBatch:
         """Cut these rows out; returns their caches (pads removed), in order."""
         if not owners:
             return []
-        index = [self.owners.index(o) for o in owners]
+        # by identity: owners may be dataclasses holding arrays (no usable ==)
+        where = {id(o): i for i, o in enumerate(self.owners)}
+        index = [where[id(o)] for o in owners]
         assert self.cache is not None and self.mask is not None
         layers = layer_tensors(self.cache)
         width = self.width

@@ -78,7 +78,7 @@ def split_clips(a: AudioArray, max_seconds: float = MAX_CLIP_SECONDS) -> list[Au
     return out
 
 
-@dataclass
+@dataclass(eq=False)
 class _ConvState:
     """What the engine keeps per conversation (in Conversation.state)."""
 
@@ -92,7 +92,7 @@ class _ConvState:
     spec: _Spec | None = None  # a speculative prefill of the next turn
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class _Prefill:
     """What a prefill leaves: the turn's prompt in the cache and its first token."""
 
@@ -105,7 +105,7 @@ class _Prefill:
     next_token: int = -1
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class _Spec(_Prefill):
     """A speculative prefill: the next turn as if it were `turn`."""
 
@@ -118,7 +118,7 @@ class _SpecRequest:
     turn: TurnInput | None  # None: discard
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class _Turn(_Prefill):
     conversation: Conversation
     state: _ConvState
@@ -479,16 +479,33 @@ class Qwen2AudioEngine(Engine):
                 if self._stopping:
                     self._shutdown(batch, active, waiting)
                     return
-                self._promote(waiting, active, batch)
-                for t in [t for t in active if t.handle.cancel_requested]:
-                    active.remove(t)
-                    self._leave(batch, [t])
-                    self._guard(t, partial(self._finish_cancel, t))
-                if not self._prefill_one(active, batch):
-                    self._speculate_one(specs, waiting, active)
-                if len(batch):
-                    for t in self._decode_step(batch):
-                        active.remove(t)
+                try:
+                    self._iterate(waiting, specs, active, batch)
+                except Exception:  # a bug outside model calls: fail what runs, go on
+                    logger.exception("engine step failed; failing the turns in flight")
+                    batch.clear()
+                    for t in active:
+                        t.in_batch = False
+                        self._fail(t)
+                    active.clear()
+
+    def _iterate(
+        self,
+        waiting: deque[_Turn],
+        specs: deque[_SpecRequest],
+        active: list[_Turn],
+        batch: DecodeBatch,
+    ) -> None:
+        self._promote(waiting, active, batch)
+        for t in [t for t in active if t.handle.cancel_requested]:
+            active.remove(t)
+            self._leave(batch, [t])
+            self._guard(t, partial(self._finish_cancel, t))
+        if not self._prefill_one(active, batch):
+            self._speculate_one(specs, waiting, active)
+        if len(batch):
+            for t in self._decode_step(batch):
+                active.remove(t)
 
     def _shutdown(self, batch: DecodeBatch, active: list[_Turn], waiting: deque[_Turn]) -> None:
         for t in itertools.chain(active, waiting):
