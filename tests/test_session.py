@@ -31,6 +31,7 @@ from voice_agent.session import (
     Send,
     Session,
     SessionConfig,
+    Speculate,
     SubmitTurn,
 )
 from voice_agent.vad import VadConfig
@@ -76,8 +77,13 @@ def events(actions: list[Action]) -> list[ServerEvent]:
     return [a.event for a in actions if isinstance(a, Send)]
 
 
-def kinds(actions: list[Action]) -> list[str]:
-    return [a.event.type if isinstance(a, Send) else type(a).__name__ for a in actions]
+def kinds(actions: list[Action], speculate: bool = True) -> list[str]:
+    """Event types and action names; `speculate=False` leaves Speculate out."""
+    return [
+        a.event.type if isinstance(a, Send) else type(a).__name__
+        for a in actions
+        if speculate or not isinstance(a, Speculate)
+    ]
 
 
 def submits(actions: list[Action]) -> list[SubmitTurn]:
@@ -112,7 +118,12 @@ def test_utterance_becomes_a_turn() -> None:
     for i in range(0, len(pcm), CHUNK):
         actions += s.feed_audio(pcm[i : i + CHUNK])
         states.append(state(s))
-    assert kinds(actions) == ["speech.started", "speech.stopped", "reply.started", "SubmitTurn"]
+    assert kinds(actions, speculate=False) == [
+        "speech.started",
+        "speech.stopped",
+        "reply.started",
+        "SubmitTurn",
+    ]
     started, stopped, reply = events(actions)
     assert isinstance(started, SpeechStartedEvent) and isinstance(stopped, SpeechStoppedEvent)
     assert started.utterance_id == stopped.utterance_id == "u1"
@@ -187,7 +198,12 @@ def test_espeak_speech_at_22050_hz(tmp_path: Path) -> None:
     pcm = np.concatenate([pad, data, pad]).astype("<i2").tobytes()
     s = Session("s1", sample_rate=rate)
     actions = feed(s, pcm, chunk=rate * 2 // 50)
-    assert kinds(actions) == ["speech.started", "speech.stopped", "reply.started", "SubmitTurn"]
+    assert kinds(actions, speculate=False) == [
+        "speech.started",
+        "speech.stopped",
+        "reply.started",
+        "SubmitTurn",
+    ]
     stopped = events(actions)[1]
     assert isinstance(stopped, SpeechStoppedEvent)
     assert 900 <= stopped.start_ms <= 1100  # the speech starts after 1 s of silence
@@ -506,7 +522,12 @@ def test_bad_audio_leaves_the_session_usable() -> None:
         s.feed_audio(b"\x00\x01\x02")
     assert (state(s), s.position_ms) == before
     actions += feed(s, pcm[len(pcm) // 2 // CHUNK * CHUNK :])
-    assert kinds(actions) == ["speech.started", "speech.stopped", "reply.started", "SubmitTurn"]
+    assert kinds(actions, speculate=False) == [
+        "speech.started",
+        "speech.stopped",
+        "reply.started",
+        "SubmitTurn",
+    ]
 
 
 def test_unsupported_format_is_bad_audio() -> None:
@@ -521,7 +542,12 @@ def test_stereo_input() -> None:
     stereo = np.stack([mono, mono], axis=1).astype("<i2").tobytes()
     s = Session("s1", channels=2)
     actions = feed(s, stereo, chunk=2 * CHUNK)
-    assert kinds(actions) == ["speech.started", "speech.stopped", "reply.started", "SubmitTurn"]
+    assert kinds(actions, speculate=False) == [
+        "speech.started",
+        "speech.stopped",
+        "reply.started",
+        "SubmitTurn",
+    ]
 
 
 def test_short_noise_is_counted_not_answered() -> None:
@@ -541,3 +567,27 @@ def test_two_utterances_in_one_stream() -> None:
     assert [e.utterance_id for e in started] == ["u1", "u2"]
     assert [a.utterance_id for a in submits(actions)] == ["u1"]
     assert s.queued == 1
+
+
+# ------------------------------------------------------- speculative prefill
+
+
+def test_speculate_carries_exactly_the_audio_of_the_turn() -> None:
+    s = Session("s1")
+    actions = feed(s, utterance())
+    names = kinds(actions)
+    assert names.index("Speculate") < names.index("speech.stopped")
+    specs = [a for a in actions if isinstance(a, Speculate)]
+    [turn] = submits(actions)
+    assert turn.turn.audio is not None
+    # the last pause before the close is the one the turn ends with
+    assert np.array_equal(specs[-1].audio, turn.turn.audio)
+
+
+def test_no_speculate_while_a_reply_is_in_flight_or_when_disabled() -> None:
+    s = Session("s1")
+    start_reply(s)
+    assert not [a for a in feed(s, utterance()) if isinstance(a, Speculate)]
+    off = Session("s2", SessionConfig(speculative_prefill=False))
+    actions = feed(off, utterance())
+    assert "Speculate" not in kinds(actions) and len(submits(actions)) == 1

@@ -92,6 +92,10 @@ class ConfigError(VoiceAgentError):
     code = "internal"
 
 
+class BrokerAuthError(ConfigError):
+    """The MQTT broker refused the agent's credentials: the server cannot start."""
+
+
 @dataclass(frozen=True)
 class WireError:
     code: str

@@ -22,6 +22,15 @@ The turn queue is bounded by the Session itself (at most one running reply plus
 
 `send` must not raise when the peer has gone away (the transport notices the
 closed connection itself and calls `close`).
+
+Home automation: `session_config` adds the `--devices` allowlist (and its
+prompt text) to every session, so the Session follows a reply.done with
+`command` events. When the session belongs to a named `device` and an
+`on_command(device, command)` hook is given (hub.CommandBus.publish), each of
+those commands also goes to the hook, after the client got its event.
+`push_command` sends a command that came from elsewhere (MQTT) to the client,
+in order with the session's other events. `add_close_callback` registers what
+to undo when the session closes (the transport's hub.CommandBus subscription).
 """
 
 from __future__ import annotations
@@ -33,26 +42,47 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from voice_agent.commands import Command, DeviceList, prompt_text
 from voice_agent.config import Config
 from voice_agent.engine.base import Conversation, Engine, TurnHandle
+from voice_agent.hub import load_devices
 from voice_agent.protocol import (
+    CommandEvent,
     ErrorEvent,
     ReplyCancelled,
     ReplyDone,
     ServerEvent,
     SpeechStoppedEvent,
 )
-from voice_agent.session import Action, CancelTurn, Send, Session, SessionConfig, SubmitTurn
+from voice_agent.session import (
+    Action,
+    CancelTurn,
+    Send,
+    Session,
+    SessionConfig,
+    Speculate,
+    SubmitTurn,
+)
 from voice_agent.vad import VadConfig
 
 logger = logging.getLogger("voice_agent.live")
 
 SendFn = Callable[[ServerEvent], Awaitable[None]]
+CommandHook = Callable[[str, Command], Awaitable[None]]
 
 
-def session_config(config: Config, system_prompt: str | None = None) -> SessionConfig:
+def session_config(
+    config: Config, system_prompt: str | None = None, devices: DeviceList | None = None
+) -> SessionConfig:
     """The Session settings of the server config; `system_prompt` (from
-    session.start) overrides the server's default."""
+    session.start) overrides the server's default. `devices` defaults to the
+    `--devices` file (read once); with an allowlist the system prompt also
+    lists the devices and the command format."""
+    if devices is None:
+        devices = load_devices(config.devices)
+    prompt = system_prompt if system_prompt is not None else config.system_prompt
+    if devices is not None:
+        prompt = prompt_text(devices, prompt)
     return SessionConfig(
         vad=VadConfig(
             aggressiveness=config.vad_aggressiveness,
@@ -64,7 +94,8 @@ def session_config(config: Config, system_prompt: str | None = None) -> SessionC
         barge_in_ms=config.barge_in_ms,
         max_queued_utterances=config.max_queued_utterances,
         max_text_chars=config.max_text_chars,
-        system_prompt=system_prompt if system_prompt is not None else config.system_prompt,
+        system_prompt=prompt,
+        devices=devices,
     )
 
 
@@ -81,9 +112,13 @@ class Metrics:
     turns_total: int = 0
     barge_ins_total: int = 0
     errors_total: int = 0
+    commands_total: int = 0
+    commands_rejected_total: int = 0
 
     def observe(self, event: ServerEvent) -> None:
-        if isinstance(event, SpeechStoppedEvent):
+        if isinstance(event, CommandEvent):
+            self.commands_total += 1
+        elif isinstance(event, SpeechStoppedEvent):
             self.utterances_total += 1
         elif isinstance(event, ReplyDone):
             self.turns_total += 1
@@ -102,6 +137,13 @@ class Metrics:
             ("turns_total", "counter", "replies finished or cancelled", self.turns_total),
             ("barge_ins_total", "counter", "replies cancelled by barge-in", self.barge_ins_total),
             ("errors_total", "counter", "error events sent to clients", self.errors_total),
+            ("commands_total", "counter", "validated commands sent", self.commands_total),
+            (
+                "commands_rejected_total",
+                "counter",
+                "invalid commands dropped",
+                self.commands_rejected_total,
+            ),
         )
         lines: list[str] = []
         for name, kind, help_text, value in rows:
@@ -136,8 +178,13 @@ class LiveSession:
         metrics: Metrics | None = None,
         conversation: Conversation | None = None,
         ids_from: tuple[int, int] = (0, 0),
+        device: str | None = None,
+        on_command: CommandHook | None = None,
     ) -> None:
         self.session_id = session_id
+        self.device = device
+        self._on_command = on_command
+        self._rejected_seen = 0
         self.engine = engine
         self.session = Session(
             session_id, config, sample_rate=sample_rate, channels=channels, ids_from=ids_from
@@ -154,6 +201,7 @@ class LiveSession:
         self._turns: asyncio.Queue[_Turn] = asyncio.Queue()
         self._worker = asyncio.create_task(self._run_turns(), name=f"turns-{session_id}")
         self._closed = False
+        self._on_close: list[Callable[[], None]] = []
 
     @property
     def closed(self) -> bool:
@@ -179,6 +227,24 @@ class LiveSession:
     async def cancel(self) -> None:
         await self._call(self.session.cancel)
 
+    async def push_command(self, command: Command) -> None:
+        """A command from elsewhere (MQTT, same device): send it to the client."""
+        if self._closed:
+            return
+        event = CommandEvent(command.action, command.target, command.value)
+        async with self._lock:  # in order with the session's events; never forwarded back
+            if not self._closed:
+                if self.metrics is not None:
+                    self.metrics.observe(event)
+                await self._send(event)
+
+    def add_close_callback(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once when the session closes (at once if it has)."""
+        if self._closed:
+            callback()
+        else:
+            self._on_close.append(callback)
+
     async def end_of_stream(self) -> None:
         """The input ended (not the connection): close any open utterance."""
         await self._call(self.session.end_of_stream)
@@ -189,6 +255,12 @@ class LiveSession:
         if self._closed:
             return
         self._closed = True
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                logger.exception("close callback failed", extra={"session_id": self.session_id})
         for handle in list(self._handles.values()):
             handle.cancel()
         while not self._turns.empty():
@@ -205,6 +277,25 @@ class LiveSession:
             return
         async with self._lock:
             await self._execute(method(*args))
+            self._note_rejected()
+
+    def _note_rejected(self) -> None:
+        rejected = self.session.rejected_commands
+        total = sum(rejected.values())
+        if total == self._rejected_seen:
+            return
+        new, self._rejected_seen = total - self._rejected_seen, total
+        if self.metrics is not None:
+            self.metrics.commands_rejected_total += new
+        logger.warning(
+            "invalid commands dropped",
+            extra={
+                "session_id": self.session_id,
+                "device": self.device or "",
+                "dropped": new,
+                "reasons": ",".join(sorted(rejected)),
+            },
+        )
 
     async def _execute(self, actions: list[Action]) -> None:
         """Run actions in order (the lock is held); follow-ups run in place."""
@@ -217,9 +308,14 @@ class LiveSession:
                 if self.metrics is not None:
                     self.metrics.observe(action.event)
                 await self._send(action.event)
+                if isinstance(action.event, CommandEvent):
+                    await self._forward(action.event)
             elif isinstance(action, SubmitTurn):
                 follow = self._submit(action)
                 pending.extendleft(reversed(follow))
+            elif isinstance(action, Speculate):
+                if not self._closed:
+                    self.engine.prefill_speculative(self.conversation, action.audio)
             elif isinstance(action, CancelTurn):
                 handle = self._handles.get(action.reply_id)
                 if handle is not None:
@@ -230,6 +326,18 @@ class LiveSession:
                     type(action).__name__,
                     extra={"session_id": self.session_id},
                 )
+
+    async def _forward(self, event: CommandEvent) -> None:
+        """A command the Session extracted: to the hook (MQTT), for a named device."""
+        hook, device = self._on_command, self.device
+        if hook is None or not device:
+            return
+        try:
+            await hook(device, Command(event.action, event.target, event.value))
+        except Exception:
+            logger.exception(
+                "command hook failed", extra={"session_id": self.session_id, "device": device}
+            )
 
     def _submit(self, action: SubmitTurn) -> list[Action]:
         if self._closed:

@@ -1,9 +1,17 @@
 """Wires config and engine to the transports; signals and graceful shutdown.
 
 `run(config, engine)` is the CLI's blocking entry point: it serves the page,
-/healthz, /metrics and /v1/realtime on one port until SIGINT or SIGTERM, then
-stops accepting, cancels replies in flight, closes every connection with 1001
-and closes the engine. A second signal during shutdown exits at once.
+/healthz, /metrics and /v1/realtime on one port (and, with `--mqtt`, the MQTT
+topics) until SIGINT or SIGTERM, then stops accepting, stops the MQTT side
+(which publishes `offline` on PREFIX/status), cancels replies in flight,
+closes every connection with 1001 and closes the engine. A second signal
+during shutdown exits at once.
+
+`running(config, engine)` is the same wiring as an async context manager (used
+by `run`, tests and benchmarks): one engine, one hub.CommandBus shared by the
+WebSocket sessions and the MQTT transport, the `--devices` allowlist read once
+(a bad file is a ConfigError before anything listens). A broker that refuses
+the credentials raises errors.BrokerAuthError (the CLI prints one line).
 """
 
 from __future__ import annotations
@@ -12,14 +20,56 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from voice_agent.config import Config
 from voice_agent.engine.base import Engine
+from voice_agent.hub import CommandBus, load_devices
 from voice_agent.transports.websocket import WebSocketServerApp
+
+if TYPE_CHECKING:
+    from voice_agent.transports.mqtt import MqttTransport
 
 logger = logging.getLogger("voice_agent.server")
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@dataclass
+class Services:
+    """What `running` started: the HTTP/WebSocket app, the MQTT transport (None
+    without --mqtt) and the command bus between them."""
+
+    app: WebSocketServerApp
+    mqtt: MqttTransport | None
+    bus: CommandBus
+
+
+@contextlib.asynccontextmanager
+async def running(
+    config: Config, engine: Engine, *, close_engine: bool = True, **mqtt_kwargs: float
+) -> AsyncIterator[Services]:
+    """Start every configured transport on the one engine; stop them on exit
+    (MQTT first, so `offline` goes out while the engine still runs).
+    `mqtt_kwargs` go to MqttTransport (reconnect_min, reconnect_max)."""
+    devices = load_devices(config.devices)  # a bad file fails before anything starts
+    bus = CommandBus()
+    app = WebSocketServerApp(config, engine, close_engine=close_engine, bus=bus)
+    mqtt: MqttTransport | None = None
+    try:
+        await app.start()
+        if config.mqtt:
+            from voice_agent.transports.mqtt import MqttTransport
+
+            mqtt = MqttTransport(config, engine, bus=bus, devices=devices, **mqtt_kwargs)
+            await mqtt.start()
+        yield Services(app, mqtt, bus)
+    finally:
+        if mqtt is not None:
+            await mqtt.close()
+        await app.shutdown()
 
 
 async def serve_until_signal(config: Config, engine: Engine) -> None:
@@ -38,20 +88,28 @@ async def serve_until_signal(config: Config, engine: Engine) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, on_signal, int(sig))
 
-    app = WebSocketServerApp(config, engine)
     try:
-        await app.start()
-        if engine.demo_model:
-            logger.warning("serving the DEMO model: replies are random noise")
-        logger.info(
-            "serving %s (page, /healthz, /metrics) and %s",
-            app.http_url,
-            app.url,
-            extra={"model": engine.model_name},
-        )
-        await app.serve_forever(stop)
+        async with running(config, engine) as services:
+            app = services.app
+            if engine.demo_model:
+                logger.warning("serving the DEMO model: replies are random noise")
+            logger.info(
+                "serving %s (page, /healthz, /metrics) and %s",
+                app.http_url,
+                app.url,
+                extra={"model": engine.model_name},
+            )
+            if services.mqtt is not None:
+                url = services.mqtt.url
+                logger.info(
+                    "MQTT on %s:%d, topics %s/DEVICE/ask",
+                    url.host,
+                    url.port,
+                    config.mqtt_prefix,
+                    extra={"devices_file": config.devices or ""},
+                )
+            await stop.wait()
     finally:
-        await app.shutdown()
         for sig in _SIGNALS:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)

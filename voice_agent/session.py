@@ -35,6 +35,11 @@ nothing new is submitted until the interrupting utterance has closed; it then
 joins the queue behind them. A client `cancel` works the same way (reason
 "client") but submits the next waiting turn at once.
 
+Commands: with a `devices` allowlist in the config, on_done follows the
+reply.done of a finished (not cancelled) reply with one `command` event per
+valid command in its text (commands.parse_commands); invalid ones are only
+counted in `rejected_commands`, by reason.
+
 History: a turn enters `history` when it ends (done or cancelled), as a user
 entry followed by an assistant entry; a cancelled reply keeps only the text
 that was sent. Failed and dropped turns never enter it (the engine drops a
@@ -48,9 +53,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from voice_agent.audio import duration_ms
-from voice_agent.engine.base import Delta, TurnInput, TurnResult
+from voice_agent.commands import DeviceList, parse_commands
+from voice_agent.engine.base import AudioArray, Delta, TurnInput, TurnResult
 from voice_agent.errors import BadAudio, BadMessage, Busy
 from voice_agent.protocol import (
+    CommandEvent,
     ReplyCancelled,
     ReplyDelta,
     ReplyDone,
@@ -62,7 +69,7 @@ from voice_agent.protocol import (
     reply_wire_id,
     utterance_wire_id,
 )
-from voice_agent.vad import Segmenter, SegmenterEvent, SpeechStarted, VadConfig
+from voice_agent.vad import Segmenter, SegmenterEvent, SpeechPaused, SpeechStarted, VadConfig
 
 State = Literal["idle", "listening", "thinking", "replying"]
 
@@ -77,6 +84,8 @@ class SessionConfig:
     max_queued_utterances: int = 4  # waiting turns; beyond it the oldest is dropped
     max_text_chars: int = 4000  # longer `text` -> BadMessage
     system_prompt: str | None = None  # for the driver, when it opens the engine Conversation
+    devices: DeviceList | None = None  # command allowlist; None: replies carry no commands
+    speculative_prefill: bool = True  # Speculate actions while the hangover runs
 
 
 @dataclass(frozen=True)
@@ -98,7 +107,16 @@ class CancelTurn:
     reason: str  # "barge_in" | "client"
 
 
-Action = Send | SubmitTurn | CancelTurn
+@dataclass(frozen=True)
+class Speculate:
+    """Prefill this audio as the next turn ahead of time (the VAD hangover is
+    running and the engine would start this turn at once). The engine uses it
+    only if the turn's audio turns out to be exactly these samples."""
+
+    audio: AudioArray
+
+
+Action = Send | SubmitTurn | CancelTurn | Speculate
 
 
 @dataclass(frozen=True)
@@ -144,7 +162,9 @@ class Session:
         conversation: a resumed session continues at u<n+1> and r<m+1>."""
         self.session_id = session_id
         self.config = config
-        self._seg = Segmenter(config.vad, sample_rate, channels)
+        self._seg = Segmenter(
+            config.vad, sample_rate, channels, pause_events=config.speculative_prefill
+        )
         self._reply: _Reply | None = None
         self._queue: deque[_Turn] = deque()
         self._utterance_base = ids_from[0]
@@ -158,6 +178,7 @@ class Session:
         self.history: list[HistoryEntry] = []
         self.dropped_utterances = 0
         self.barge_ins = 0
+        self.rejected_commands: dict[str, int] = {}  # reason -> count (never sent)
 
     # -- read-only views --------------------------------------------------
 
@@ -246,6 +267,13 @@ class Session:
         actions: list[Action] = [
             Send(ReplyDone(reply_id, result.text, asdict(result.usage), timing))
         ]
+        devices = self.config.devices
+        if devices is not None and not result.cancelled:
+            parsed = parse_commands(result.text, devices)
+            for c in parsed.commands:
+                actions.append(Send(CommandEvent(c.action, c.target, c.value)))
+            for rej in parsed.rejected:
+                self.rejected_commands[rej.reason] = self.rejected_commands.get(rej.reason, 0) + 1
         self._record(r, result.text, result.cancelled)
         return actions + self._pump()
 
@@ -266,6 +294,11 @@ class Session:
         actions: list[Action] = []
         for ev in events:
             uid = utterance_wire_id(self._utterance_base + ev.utterance_id)
+            if isinstance(ev, SpeechPaused):
+                idle = self._reply is None and self._hold is None and not self._queue
+                if idle and self.config.speculative_prefill:
+                    actions.append(Speculate(ev.audio))
+                continue
             if isinstance(ev, SpeechStarted):
                 self._open = self._last_started = ev.utterance_id
                 is_cont = self._split_at_ms is not None and ev.start_ms == self._split_at_ms

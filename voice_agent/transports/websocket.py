@@ -19,6 +19,11 @@ the session instead of binary frames (both keep working); a second offer
 replaces the first. The peer connection is closed when the WebSocket closes
 or the server shuts down. Without aiortc the offer is refused (bad_message).
 
+Home automation: with a `bus` (hub.CommandBus), a session whose session.start
+names a `device` ([A-Za-z0-9_-]{1,64}, else bad_message) hands the commands of
+its replies to the bus (MQTT publishes them on PREFIX/DEVICE/command) and gets
+a `command` event for each command MQTT extracted for the same device.
+
 Shutdown (`shutdown`): stop accepting, close every WebRTC peer connection,
 cancel every reply in flight, close every connection with 1001, then close
 the engine (unless told not to).
@@ -47,6 +52,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from voice_agent.commands import valid_device_name
 from voice_agent.config import Config
 from voice_agent.engine.base import Conversation, Engine
 from voice_agent.errors import (
@@ -57,6 +63,7 @@ from voice_agent.errors import (
     VoiceAgentError,
     to_wire,
 )
+from voice_agent.hub import CommandBus
 from voice_agent.live import LiveSession, Metrics, session_config
 from voice_agent.protocol import (
     AudioCommit,
@@ -151,10 +158,19 @@ def resolve_static(root: Path, url_path: str) -> Path | None:
 class WebSocketServerApp:
     """The HTTP + WebSocket server of one process; see the module doc."""
 
-    def __init__(self, config: Config, engine: Engine, *, close_engine: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        *,
+        close_engine: bool = True,
+        bus: CommandBus | None = None,
+    ) -> None:
         self.config = config
         self.engine = engine
         self.close_engine = close_engine
+        # Commands between the sessions of a named device and MQTT (hub.py).
+        self.bus = bus
         self.metrics = Metrics()
         self.sessions: dict[str, LiveSession] = {}
         # Conversations whose connection ended, kept for resuming by session_id
@@ -444,6 +460,10 @@ class _Connection:
         if self.live is not None:
             raise BadMessage("the session has already started")
         app = self.app
+        device = start.device
+        if device is not None and not valid_device_name(device):
+            raise BadMessage("session.start: 'device' must match [A-Za-z0-9_-]{1,64}")
+        bus = app.bus if device else None
         resumed = app.resume(start.session_id)
         session_id = start.session_id if start.session_id and resumed else uuid.uuid4().hex
         live = LiveSession(
@@ -457,7 +477,12 @@ class _Connection:
             metrics=app.metrics,
             conversation=resumed.conversation if resumed else None,
             ids_from=resumed.ids_used if resumed else (0, 0),
+            device=device,
+            on_command=bus.publish if bus is not None else None,
         )
+        if bus is not None and device:
+            # MQTT-originated commands for this device reach this client too.
+            live.add_close_callback(bus.subscribe(device, live.push_command))
         self.live = live
         self.session_id = session_id
         self.audio_format = (start.sample_rate, start.channels)
@@ -501,11 +526,11 @@ def _guess(path: Path) -> str:
 
 @contextlib.asynccontextmanager
 async def running_server(
-    config: Config, engine: Engine, *, close_engine: bool = True
+    config: Config, engine: Engine, *, close_engine: bool = True, bus: CommandBus | None = None
 ) -> AsyncIterator[WebSocketServerApp]:
     """A started server (port=0 picks a free port: read `server.port`/`server.url`),
     shut down gracefully on exit."""
-    app = WebSocketServerApp(config, engine, close_engine=close_engine)
+    app = WebSocketServerApp(config, engine, close_engine=close_engine, bus=bus)
     await app.start()
     try:
         yield app
