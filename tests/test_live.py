@@ -218,3 +218,31 @@ async def test_audio_utterance_reaches_the_engine(audio_dir: Path) -> None:
     assert len(engine.submitted) == 1
     conversation, turn = engine.submitted[0]
     assert conversation is live.conversation and turn.audio is not None
+
+
+async def test_speculative_prefill_is_used_by_the_real_engine(
+    tiny_model_dir: Path, audio_dir: Path
+) -> None:
+    # While the hangover runs the utterance is prefilled; the turn that the
+    # close submits has the same samples, so the engine adopts that prefill.
+    from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
+
+    engine = Qwen2AudioEngine(str(tiny_model_dir), max_new_tokens=4)
+    await engine.start()
+    rec = Recorder()
+    live = LiveSession(engine, rec, session_id="s1", config=SessionConfig(), max_new_tokens=4)
+    audio = decode(audio_dir / "ldc93s1-16k-mono.wav")
+    try:
+        for frame in frames(silence(0.5)):
+            await live.feed_audio(frame)
+        for frame in frames(audio):
+            await live.feed_audio(frame)
+        for frame in frames(silence(0.3)):  # the pause: Speculate, then time to prefill
+            await live.feed_audio(frame)
+        await asyncio.sleep(0.5)
+        await live.feed_audio(float_to_pcm16(silence(1.0)))
+        await rec.until(count_at_least(ReplyDone, 1), timeout=40)
+    finally:
+        await live.close()
+        await engine.close()
+    assert (engine.stats["speculative_hits"], engine.stats["speculative_misses"]) == (1, 0)
