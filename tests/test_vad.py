@@ -347,3 +347,39 @@ def test_speech_resuming_after_a_pause_makes_the_pause_audio_stale() -> None:
     assert len(paused) >= 2  # one in the 300 ms gap, one at the end
     assert len(paused[0].audio) < len(stop.audio)
     assert np.array_equal(paused[-1].audio, stop.audio)
+
+
+# ---------------------------------------------------------------- silero
+
+
+def float_pcm(name: str) -> bytes:
+    from voice_agent.audio import decode, float_to_pcm16
+
+    path = AUDIO_DIR / name
+    if not path.is_file():
+        pytest.fail(f"{path} not found: tests need ../shared/audio beside the project")
+    return float_to_pcm16(decode(str(path)))
+
+
+def test_silero_finds_the_same_speech_as_webrtcvad() -> None:
+    pcm, rate, ch = load_pcm("jfk.wav", PAD_MS / 1000)
+    events, _ = run(pcm, rate, ch, VadConfig(vad="silero", hangover_ms=1500))
+    (start, end), *rest = edges(events)
+    assert not rest
+    assert abs(start - (JFK_START_MS + PAD_MS)) <= 100
+    # silero hears the crowd after "country" (voices) until the recording ends at 11 s
+    assert JFK_END_MS + PAD_MS - 100 <= end <= 11000 + PAD_MS
+
+
+def test_silero_hears_no_speech_in_music_or_breaking_glass() -> None:
+    for name in ("music.wav", "glass-breaking.mp3"):
+        events, _ = run(float_pcm(name), config=VadConfig(vad="silero"))
+        assert events == [], name
+    # webrtcvad, by contrast, takes music for speech
+    events, _ = run(float_pcm("music.wav")[: 20 * 32000])
+    assert stops(events)
+
+
+def test_unknown_vad_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        Segmenter(VadConfig(vad="nope"))

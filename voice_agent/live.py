@@ -57,13 +57,15 @@ from voice_agent.protocol import (
 from voice_agent.session import (
     Action,
     CancelTurn,
+    DetectTurn,
     Send,
     Session,
     SessionConfig,
     Speculate,
     SubmitTurn,
 )
-from voice_agent.vad import VadConfig
+from voice_agent.turn import TurnBatcher, describe, load_detector
+from voice_agent.vad import VadConfig, silero_model
 
 logger = logging.getLogger("voice_agent.live")
 
@@ -83,6 +85,7 @@ def session_config(
     prompt = system_prompt if system_prompt is not None else config.system_prompt
     if devices is not None:
         prompt = prompt_text(devices, prompt)
+    detector = load_detector(config.turn_detection, config.turn_model)  # one per process
     return SessionConfig(
         vad=VadConfig(
             aggressiveness=config.vad_aggressiveness,
@@ -90,13 +93,33 @@ def session_config(
             hangover_ms=config.hangover_ms,
             min_speech_ms=config.min_speech_ms,
             max_utterance_ms=config.max_utterance_ms,
+            vad=config.vad,
+            turn_check=detector is not None,
+            min_silence_ms=config.min_silence_ms,
+            max_silence_ms=config.max_silence_ms,
         ),
         barge_in_ms=config.barge_in_ms,
         max_queued_utterances=config.max_queued_utterances,
         max_text_chars=config.max_text_chars,
         system_prompt=prompt,
         devices=devices,
+        turn_threshold=config.turn_threshold,
+        turn_detector=detector,
     )
+
+
+def prepare_turn_taking(config: Config) -> None:
+    """At server start: load the end-of-turn model and the Silero VAD (when
+    asked for) once, fail early on a bad --turn-model, and log which end of
+    turn detection runs (the silence fallback says so)."""
+    detector = load_detector(config.turn_detection, config.turn_model)
+    if config.vad == "silero":
+        silero_model()
+    line = describe(detector, config.hangover_ms)
+    if detector is None and config.turn_detection == "auto":
+        logger.warning(line)
+    else:
+        logger.info(line, extra={"vad": config.vad})
 
 
 @dataclass
@@ -202,6 +225,7 @@ class LiveSession:
         self._worker = asyncio.create_task(self._run_turns(), name=f"turns-{session_id}")
         self._closed = False
         self._on_close: list[Callable[[], None]] = []
+        self._detections: set[asyncio.Task[None]] = set()
 
     @property
     def closed(self) -> bool:
@@ -266,7 +290,9 @@ class LiveSession:
         while not self._turns.empty():
             self._turns.get_nowait().handle.cancel()
         self._worker.cancel()
-        await asyncio.gather(self._worker, return_exceptions=True)
+        for task in list(self._detections):
+            task.cancel()
+        await asyncio.gather(self._worker, *self._detections, return_exceptions=True)
         self._handles.clear()
         logger.debug("live session closed", extra={"session_id": self.session_id})
 
@@ -316,6 +342,11 @@ class LiveSession:
             elif isinstance(action, Speculate):
                 if not self._closed:
                     self.engine.prefill_speculative(self.conversation, action.audio)
+            elif isinstance(action, DetectTurn):
+                if not self._closed:  # runs beside the audio; the answer comes back in order
+                    task = asyncio.create_task(self._detect(action), name="turn-check")
+                    self._detections.add(task)
+                    task.add_done_callback(self._detections.discard)
             elif isinstance(action, CancelTurn):
                 handle = self._handles.get(action.reply_id)
                 if handle is not None:
@@ -326,6 +357,16 @@ class LiveSession:
                     type(action).__name__,
                     extra={"session_id": self.session_id},
                 )
+
+    async def _detect(self, action: DetectTurn) -> None:
+        """Ask the shared, batched detector; feed the answer back to the Session."""
+        detector = self.session.config.turn_detector
+        probability = None
+        if detector is not None:
+            probability = await TurnBatcher.shared(detector).probability(action.audio)
+        await self._call(
+            self.session.on_turn_decision, action.utterance_id, action.check, probability
+        )
 
     async def _forward(self, event: CommandEvent) -> None:
         """A command the Session extracted: to the hook (MQTT), for a named device."""

@@ -9,6 +9,16 @@ the engine reports for each reply; it returns the actions to execute, in order:
                                              on_delta / on_done / on_failed
     CancelTurn(reply_id, keep_tokens, reason) cancel that engine turn, keeping
                                              `keep_tokens` reply tokens
+    DetectTurn(utterance_id, check, audio)   ask the end-of-turn detector about
+                                             `audio` (off the event loop) and
+                                             report with on_turn_decision
+
+End of turn: with `vad.turn_check` (the driver has a detector, see turn.py)
+the segmenter asks after `vad.min_silence_ms` of silence; a probability at or
+above `turn_threshold` closes the utterance at once (speech.stopped reason
+"end_of_turn"), a lower one keeps it open until `vad.max_silence_ms` of
+silence (reason "silence") or more speech. speech.stopped carries the
+probability of the pause it closed on as `eot_probability`.
 
 A Send(ReplyStarted) always comes right before its SubmitTurn. If submitting
 fails at once (errors.Busy), the driver calls on_failed for that reply id.
@@ -25,8 +35,10 @@ State (`state`): "thinking" while a reply runs and no delta was sent yet,
 over speech: while the user talks over a reply the state stays the reply's.
 
 Barge-in: speech that started after the running reply was submitted and
-has lasted `barge_in_ms` (counted from its onset by the segmenter) cancels the
-reply: CancelTurn(keep_tokens = tokens of the last sent delta, "barge_in") and
+that the VAD scored as speech for `barge_in_ms` (voiced frames only, so the
+gaps of a door slam or a clatter do not add up; with vad="silero" music and
+noise score no speech at all) cancels the reply: CancelTurn(keep_tokens =
+tokens of the last sent delta, "barge_in") and
 reply.cancelled with the text sent so far. `barge_in_ms <= 0` turns barge-in
 off. Speech that was already going on when a reply was submitted never
 cancels it, nor does the continuation of an utterance split at max length.
@@ -50,7 +62,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from voice_agent.audio import duration_ms
 from voice_agent.commands import DeviceList, parse_commands
@@ -69,7 +81,14 @@ from voice_agent.protocol import (
     reply_wire_id,
     utterance_wire_id,
 )
-from voice_agent.vad import Segmenter, SegmenterEvent, SpeechPaused, SpeechStarted, VadConfig
+from voice_agent.vad import (
+    Segmenter,
+    SegmenterEvent,
+    SpeechPaused,
+    SpeechStarted,
+    TurnCheck,
+    VadConfig,
+)
 
 State = Literal["idle", "listening", "thinking", "replying"]
 
@@ -86,6 +105,10 @@ class SessionConfig:
     system_prompt: str | None = None  # for the driver, when it opens the engine Conversation
     devices: DeviceList | None = None  # command allowlist; None: replies carry no commands
     speculative_prefill: bool = True  # Speculate actions while the hangover runs
+    turn_threshold: float = 0.5  # end-of-turn probability that closes the utterance
+    # The end-of-turn detector (turn.TurnDetector) the driver runs for DetectTurn;
+    # the Session never calls it. vad.turn_check says whether checks are made.
+    turn_detector: Any = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +139,17 @@ class Speculate:
     audio: AudioArray
 
 
-Action = Send | SubmitTurn | CancelTurn | Speculate
+@dataclass(frozen=True)
+class DetectTurn:
+    """Run the end-of-turn detector on `audio` (the utterance so far, at most
+    8 s, silence included) and call on_turn_decision(utterance_id, check, p)."""
+
+    utterance_id: int
+    check: int
+    audio: AudioArray
+
+
+Action = Send | SubmitTurn | CancelTurn | Speculate | DetectTurn
 
 
 @dataclass(frozen=True)
@@ -164,7 +197,7 @@ class Session:
         self.config = config
         self._seg = Segmenter(
             config.vad, sample_rate, channels, pause_events=config.speculative_prefill
-        )
+        )  # vad="silero" loads the shared Silero model on first use
         self._reply: _Reply | None = None
         self._queue: deque[_Turn] = deque()
         self._utterance_base = ids_from[0]
@@ -238,6 +271,16 @@ class Session:
         """Client cancel of the running reply ([] when none)."""
         return [] if self._reply is None else self._cancel("client")
 
+    def on_turn_decision(
+        self, utterance_id: int, check: int, probability: float | None
+    ) -> list[Action]:
+        """The detector's answer to DetectTurn (None: no answer; the utterance
+        then ends on max_silence_ms). Stale answers are ignored."""
+        if self._ended or probability is None:
+            return []
+        complete = probability >= self.config.turn_threshold
+        return self._segments(self._seg.turn_decision(utterance_id, check, probability, complete))
+
     def end_of_stream(self) -> list[Action]:
         """No more audio: close any open utterance (it is still answered)."""
         if self._ended:
@@ -299,6 +342,9 @@ class Session:
                 if idle and self.config.speculative_prefill:
                     actions.append(Speculate(ev.audio))
                 continue
+            if isinstance(ev, TurnCheck):
+                actions.append(DetectTurn(ev.utterance_id, ev.check, ev.audio))
+                continue
             if isinstance(ev, SpeechStarted):
                 self._open = self._last_started = ev.utterance_id
                 is_cont = self._split_at_ms is not None and ev.start_ms == self._split_at_ms
@@ -309,26 +355,27 @@ class Session:
             self._open = None
             self._split_at_ms = ev.end_ms if ev.reason == "max_length" else None
             reason = _WIRE_REASON.get(ev.reason, ev.reason)
-            actions.append(Send(SpeechStoppedEvent(uid, ev.start_ms, ev.end_ms, reason)))
+            eot = None if ev.eot_probability is None else round(ev.eot_probability, 3)
+            actions.append(Send(SpeechStoppedEvent(uid, ev.start_ms, ev.end_ms, reason, eot)))
             # A whole utterance that went by within one chunk may still barge in.
-            if self._may_barge(ev.utterance_id, ev.end_ms - ev.start_ms):
+            if self._may_barge(ev.utterance_id, ev.voiced_ms):
                 actions += self._cancel("barge_in", hold=ev.utterance_id)
             self._continuation = None
             if self._hold == ev.utterance_id:
                 self._hold = None
             turn = _Turn(uid, TurnInput(audio=ev.audio), duration_ms(ev.audio))
             actions += self._enqueue(turn)
-        if self._open is not None and self._may_barge(self._open, self._seg.speech_ms):
+        if self._open is not None and self._may_barge(self._open, self._seg.voiced_ms):
             actions += self._cancel("barge_in", hold=self._open)
         return actions
 
-    def _may_barge(self, utterance: int, speech_ms: int) -> bool:
+    def _may_barge(self, utterance: int, voiced_ms: int) -> bool:
         r = self._reply
         limit = self.config.barge_in_ms
         return (
             r is not None
             and limit > 0
-            and speech_ms >= limit
+            and voiced_ms >= limit
             and utterance > r.last_started
             and utterance != self._continuation
         )
