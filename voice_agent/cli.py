@@ -1,4 +1,4 @@
-"""voice-agent serve | ask | client | bench | make-tiny-model.
+"""voice-agent serve | ask | client | sessions | bench | make-tiny-model.
 
 Errors the user can fix end the program with one line on stderr and a
 non-zero exit code, never a traceback.
@@ -91,8 +91,82 @@ def cmd_client(args: argparse.Namespace) -> int:
         raise VoiceAgentError("give an audio FILE or --mic")
     setup_logging("warning", "text")
     return asyncio.run(
-        run_client(args.url, file=args.file, mic=args.mic, speed=args.speed, device=args.device)
+        run_client(
+            args.url,
+            file=args.file,
+            mic=args.mic,
+            speed=args.speed,
+            device=args.device,
+            token=args.token or None,
+        )
     )
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    """List, show or delete stored conversations (store.py)."""
+    import datetime
+    import json
+
+    from voice_agent.store import Store, render_messages, resolve_db
+
+    config = Config.from_sources(args)
+    path = resolve_db(config.db)
+    if path is None:
+        raise VoiceAgentError("--db none: there is no conversation store")
+    if not path.exists():
+        raise VoiceAgentError(f"no conversation store at {path}")
+    store = Store(path)
+
+    def when(t: float) -> str:
+        return datetime.datetime.fromtimestamp(t).isoformat(timespec="seconds")
+
+    try:
+        if args.action == "list":
+            rows = store.list(args.limit)
+            if args.json:
+                print(json.dumps([row.__dict__ for row in rows]))
+            for row in [] if args.json else rows:
+                print(
+                    f"{row.session_id}  {when(row.updated)}  {row.turns:4d} turns  "
+                    f"{row.device or '-'}"
+                )
+            return 0
+        if not args.session_id:
+            raise VoiceAgentError(f"sessions {args.action} needs a SESSION_ID")
+        if args.action == "show":
+            record = store.load(args.session_id)
+            if record is None:
+                raise VoiceAgentError(f"no stored session {args.session_id}")
+            h = record.history
+            samples = [len(c) for c in h.clips]
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "session_id": record.session_id,
+                            "device": record.device,
+                            "created": record.created,
+                            "updated": record.updated,
+                            "turns": h.turns,
+                            "messages": h.messages,
+                            "ids": h.ids,
+                            "clip_samples": samples,
+                        }
+                    )
+                )
+                return 0
+            print(f"session {record.session_id}  device {record.device or '-'}")
+            print(f"created {when(record.created)}  updated {when(record.updated)}")
+            print(f"{h.turns} turns, {len(h.ids)} tokens, {len(samples)} audio clips")
+            for line in render_messages(h.messages, samples):
+                print(line)
+            return 0
+        if not store.delete(args.session_id):
+            raise VoiceAgentError(f"no stored session {args.session_id}")
+        print(f"deleted {args.session_id}")
+        return 0
+    finally:
+        store.close()
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -158,7 +232,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--speed", type=float, default=1.0, help="send N times faster than real time (0: at once)"
     )
     client.add_argument("--device", default=None, help="device name sent in session.start")
+    client.add_argument(
+        "--token",
+        default=os.environ.get("VOICE_AGENT_TOKEN"),
+        help="token sent in session.start when the server requires one (env VOICE_AGENT_TOKEN)",
+    )
     client.set_defaults(func=cmd_client)
+
+    sessions = sub.add_parser(
+        "sessions",
+        help="list, show or delete stored conversations",
+        description="Stored conversations in the --db SQLite file (read while the server runs "
+        "is fine; WAL mode).",
+    )
+    sessions.add_argument("action", choices=["list", "show", "delete"])
+    sessions.add_argument("session_id", nargs="?", help="for show and delete")
+    sessions.add_argument("--limit", type=int, default=100, help="list at most N (newest first)")
+    sessions.add_argument("--json", action="store_true", help="print JSON")
+    add_arguments(sessions, only=["db"])
+    sessions.set_defaults(func=cmd_sessions)
 
     tiny = sub.add_parser("make-tiny-model", help="write the tiny random test model to DIR")
     tiny.add_argument("dir")

@@ -516,6 +516,7 @@ async def run_client(
     silence_after: float = 1.5,
     system_prompt: str | None = None,
     out: TextIO | None = None,
+    token: str | None = None,
 ) -> int:
     """`voice-agent client`: stream FILE or the microphone, print the events.
 
@@ -526,7 +527,7 @@ async def run_client(
     audio = load_pcm(file) if file else None  # fail on a bad file before connecting
     try:
         async with RealtimeClient(url, on_event=printer) as client:
-            await client.start(16000, 1, device=device, system_prompt=system_prompt)
+            await client.start(16000, 1, device=device, system_prompt=system_prompt, token=token)
             if audio is not None:
                 await stream_pcm(client, audio, speed, 0.0, silence_after)
                 if not await client.wait_settled():

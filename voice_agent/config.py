@@ -43,6 +43,69 @@ class Config:
     ping_interval: float = _f(20.0, "seconds between keepalive pings (0 disables them)")
     ping_timeout: float = _f(20.0, "seconds to wait for a pong before closing the connection")
     max_sessions: int = _f(100, "concurrent sessions; beyond it new connections close with 1013")
+    # access (see docs/protocol.md, "Access")
+    token: str | None = _f(
+        None,
+        "shared secret every client must send in session.start; a missing or wrong one closes "
+        "the connection with 1008 (none by default: anyone who reaches the port may talk)",
+    )
+    tokens_file: str | None = _f(
+        None, "file of accepted tokens, one per line ('#' starts a comment); adds to --token"
+    )
+    allowed_origins: tuple[str, ...] = _f(
+        (),
+        "browser Origin allowed to open /v1/realtime, exact match (scheme://host[:port]), "
+        "repeatable; the server's own page and clients sending no Origin are always allowed, "
+        "any other Origin is closed with 1008",
+    )
+    tls_cert: str | None = _f(None, "PEM certificate chain: serve https:// and wss://")
+    tls_key: str | None = _f(None, "PEM private key of --tls-cert")
+    # limits (see docs/protocol.md, "Limits")
+    max_messages_per_second: float = _f(
+        200.0,
+        "messages read per connection per second (bursts of one second's worth); a faster "
+        "sender is read more slowly, so TCP pushes back on it",
+    )
+    max_connections_per_client: int = _f(
+        32,
+        "open realtime connections from one client address (behind a proxy or Docker's port "
+        "mapping every client has the proxy's address: raise it); beyond it close 1013",
+    )
+    idle_timeout: float = _f(
+        300.0,
+        "seconds without a client message while no reply runs before the session is "
+        "closed with 1000 (0: never)",
+    )
+    max_audio_speed: float = _f(
+        4.0,
+        "audio faster than this many times real time (after a 10 s allowance) is read "
+        "more slowly: the server stops reading the socket until real time catches up",
+    )
+    send_queue: int = _f(
+        512,
+        "events waiting to be sent to one client; a client that stops reading and falls "
+        "this far behind is closed with 1008",
+    )
+    drain_timeout: float = _f(
+        5.0, "on SIGTERM, seconds replies in flight may run on before they are cancelled"
+    )
+    # persistence (see voice_agent/store.py)
+    db: str = _f(
+        "auto",
+        "SQLite file of the conversations (WAL mode); auto: $XDG_DATA_HOME/voice_agent/"
+        "conversations.db (~/.local/share/...); none: keep conversations in memory only",
+    )
+    retention_days: float = _f(
+        30.0, "stored conversations untouched this long are deleted (0: kept for ever)"
+    )
+    max_stored_sessions: int = _f(
+        10000, "stored conversations at most; beyond it the least recently used are deleted"
+    )
+    store_audio: bool = _f(
+        False,
+        "also store each conversation's audio clips (without it, a conversation rebuilt "
+        "from the database hears silence of the same length in place of its old clips)",
+    )
     ice_servers: tuple[str, ...] = _f(
         (),
         "STUN/TURN server for WebRTC, repeatable (stun:host:port, "
@@ -80,9 +143,34 @@ class Config:
     system_prompt: str | None = _f(
         None, "system prompt of every conversation (default: the model's own)"
     )
+    vad: str = _f(
+        "webrtc",
+        "voice activity detector: webrtc (light) or silero (a small neural network that "
+        "ignores music, clatter and crowd noise; needs voice-agent[turn])",
+    )
     vad_aggressiveness: int = _f(2, "webrtcvad aggressiveness, 0 (least) to 3 (most)")
     preroll_ms: int = _f(300, "audio before the speech onset kept in the utterance")
-    hangover_ms: int = _f(600, "silence that ends an utterance")
+    hangover_ms: int = _f(
+        600, "silence that ends an utterance when no end-of-turn model runs (the fallback)"
+    )
+    turn_detection: str = _f(
+        "silence",
+        "how a turn ends: silence (hangover_ms of silence alone; the default until the model "
+        "beats it, see benchmarks/turns.py), auto (the end-of-turn model when installed, else "
+        "silence) or model (fail at start without one)",
+    )
+    turn_model: str | None = _f(
+        None,
+        "Smart Turn ONNX file for end-of-turn detection with --turn-detection auto or model "
+        "(default: smart-turn-v3.2 bundled in the pipecat-ai wheel of voice-agent[turn])",
+    )
+    turn_threshold: float = _f(
+        0.5, "end-of-turn probability at or above which the model closes the turn"
+    )
+    min_silence_ms: int = _f(200, "with the model: silence after which it judges the turn")
+    max_silence_ms: int = _f(
+        1500, "with the model: silence that ends a turn the model judged unfinished"
+    )
     min_speech_ms: int = _f(200, "shorter bursts of sound are dropped as noise")
     max_utterance_ms: int = _f(30000, "longer speech is closed and continues as the next utterance")
     barge_in_ms: int = _f(300, "speech this long during a reply cancels the reply")
@@ -119,11 +207,30 @@ class Config:
             problems.append("port must be 0..65535")
         if not 0 <= self.vad_aggressiveness <= 3:
             problems.append("vad_aggressiveness must be 0..3")
+        if self.vad not in ("webrtc", "silero"):
+            problems.append("vad must be webrtc or silero")
+        if self.turn_detection not in ("auto", "model", "silence"):
+            problems.append("turn_detection must be auto, model or silence")
+        if not 0.0 <= self.turn_threshold <= 1.0:
+            problems.append("turn_threshold must be 0..1")
+        if not 0 < self.min_silence_ms < self.max_silence_ms:
+            problems.append("need 0 < min_silence_ms < max_silence_ms")
         if self.max_message_bytes < 1024:
             problems.append("max_message_bytes must be at least 1024")
         for name in ("max_sessions", "max_queue", "max_new_tokens", "max_text_chars", "max_batch"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        for name in ("max_connections_per_client", "send_queue", "max_stored_sessions"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        for name in ("max_messages_per_second", "max_audio_speed"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be more than 0")
+        for name in ("idle_timeout", "drain_timeout", "retention_days"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be 0 or more")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("tls_cert and tls_key go together")
         if self.kv_cache_budget < 0:
             problems.append("kv_cache_budget must be 0 (no limit) or more")
         if self.log_format not in ("text", "json"):

@@ -7,6 +7,13 @@ topics) until SIGINT or SIGTERM, then stops accepting, stops the MQTT side
 closes every connection with 1001 and closes the engine. A second signal
 during shutdown exits at once.
 
+Conversations are kept in the SQLite store of `--db` (store.py; `none` turns
+it off): each finished turn is saved, SIGTERM lets replies in flight finish
+for up to `--drain-timeout` seconds and saves every conversation before the
+connections close, and a restarted server resumes a conversation by its
+session_id. The store is pruned (`--retention-days`, `--max-stored-sessions`)
+at start-up.
+
 `running(config, engine)` is the same wiring as an async context manager (used
 by `run`, tests and benchmarks): one engine, one hub.CommandBus shared by the
 WebSocket sessions and the MQTT transport, the `--devices` allowlist read once
@@ -27,6 +34,8 @@ from typing import TYPE_CHECKING
 from voice_agent.config import Config
 from voice_agent.engine.base import Engine
 from voice_agent.hub import CommandBus, load_devices
+from voice_agent.live import prepare_turn_taking
+from voice_agent.store import Store, resolve_db
 from voice_agent.transports.websocket import WebSocketServerApp
 
 if TYPE_CHECKING:
@@ -45,6 +54,7 @@ class Services:
     app: WebSocketServerApp
     mqtt: MqttTransport | None
     bus: CommandBus
+    store: Store | None = None
 
 
 @contextlib.asynccontextmanager
@@ -55,8 +65,10 @@ async def running(
     (MQTT first, so `offline` goes out while the engine still runs).
     `mqtt_kwargs` go to MqttTransport (reconnect_min, reconnect_max)."""
     devices = load_devices(config.devices)  # a bad file fails before anything starts
+    prepare_turn_taking(config)  # loads the end-of-turn model once; logs the fallback
     bus = CommandBus()
-    app = WebSocketServerApp(config, engine, close_engine=close_engine, bus=bus)
+    store = open_store(config)
+    app = WebSocketServerApp(config, engine, close_engine=close_engine, bus=bus, store=store)
     mqtt: MqttTransport | None = None
     try:
         await app.start()
@@ -65,11 +77,31 @@ async def running(
 
             mqtt = MqttTransport(config, engine, bus=bus, devices=devices, **mqtt_kwargs)
             await mqtt.start()
-        yield Services(app, mqtt, bus)
+        yield Services(app, mqtt, bus, store)
     finally:
-        if mqtt is not None:
-            await mqtt.close()
-        await app.shutdown()
+        try:
+            if mqtt is not None:
+                await mqtt.close()
+            await app.shutdown()
+        finally:
+            if store is not None:
+                store.close()
+
+
+def open_store(config: Config) -> Store | None:
+    """The conversation store of `--db` (pruned once), or None for `none`."""
+    path = resolve_db(config.db)
+    if path is None:
+        return None
+    store = Store(
+        path,
+        store_audio=config.store_audio,
+        retention_days=config.retention_days,
+        max_sessions=config.max_stored_sessions,
+    )
+    pruned = store.prune()
+    logger.info("conversation store %s", path, extra={"pruned": pruned})
+    return store
 
 
 async def serve_until_signal(config: Config, engine: Engine) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from voice_agent.client import RealtimeClient
 from voice_agent.config import Config
@@ -24,6 +25,7 @@ from voice_agent.engine.base import TurnInput
 from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.protocol import (
     ErrorEvent,
+    ReplyCancelled,
     ReplyDelta,
     ReplyDone,
     ReplyStarted,
@@ -305,7 +307,7 @@ async def test_graceful_shutdown_closes_clients_with_1001(config: Config) -> Non
     engine = ScriptedEngine([" ".join(["long"] * 2000)], token_delay=0.01)
     stop = asyncio.Event()
     ready = asyncio.Event()
-    app = WebSocketServerApp(config, engine)
+    app = WebSocketServerApp(replace(config, drain_timeout=0), engine)
     await app.start()
     task = asyncio.create_task(app.serve_forever(stop))
     ready.set()
@@ -323,6 +325,8 @@ async def test_graceful_shutdown_closes_clients_with_1001(config: Config) -> Non
         for c in clients:
             assert await c.wait_closed(20) == 1001
             assert not c.of_type(ReplyDone)
+            # no time to drain: the reply was cancelled, and the client was told
+            assert [e.reason for e in c.of_type(ReplyCancelled)] == ["client"]
         assert not engine.started  # the engine was closed
         assert not engine._tasks  # no turn is left running
         assert not app.sessions
@@ -414,3 +418,417 @@ async def test_run_shuts_down_on_signal(sig: signal.Signals) -> None:
     started = [rec for rec in logs if rec["msg"] == "session started"]
     assert started and started[0]["session_id"] == sid
     assert all("w w w" not in line for line in messages)  # no reply text in logs
+
+
+# -- access: tokens, origins, TLS ---------------------------------------------
+
+
+async def _closed_with(url: str, first: dict[str, object] | bytes, **connect: object) -> int | None:
+    """Open a connection, send one message, return the close code the server chose."""
+    async with ws_connect(url, **connect) as ws:  # type: ignore[arg-type]
+        with contextlib.suppress(ConnectionClosed):  # it may be closed already
+            await ws.send(first if isinstance(first, bytes) else json.dumps(first))
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(20):
+                while True:
+                    await ws.recv()
+        return ws.close_code
+
+
+async def test_token_is_required_in_session_start(config: Config, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# speakers\nkitchen-secret\n\nliving-room-secret  # second one\n")
+    cfg = replace(config, token="main-secret", tokens_file=str(tokens))
+    async with running_server(cfg, ScriptedEngine(echo, token_delay=0.001)) as app:
+        start = {"type": "session.start"}
+        assert await _closed_with(app.url, start) == 1008  # no token
+        assert await _closed_with(app.url, {**start, "token": "wrong"}) == 1008
+        assert await _closed_with(app.url, {**start, "token": "main-secre"}) == 1008  # a prefix
+        assert await _closed_with(app.url, {**start, "token": ""}) == 1008
+        # nothing is accepted before an authenticated session.start
+        assert await _closed_with(app.url, bytes(640)) == 1008
+        assert await _closed_with(app.url, {"type": "text", "text": "hi"}) == 1008
+        # a token in the URL is not a token
+        assert await _closed_with(app.url + "?token=main-secret", start) == 1008
+        sids = {}
+        for token in ("main-secret", "kitchen-secret", "living-room-secret"):
+            async with RealtimeClient(app.url) as client:
+                sids[token] = (await client.start(token=token)).session_id
+                await client.send_text("hello")
+                assert (await client.wait_for(ReplyDone, 20)).text == "echo hello"
+                assert client.close_code is None
+        async with asyncio.timeout(10):
+            while len(app.detached) < 3:
+                await asyncio.sleep(0.01)
+        # a conversation resumes only with the token that opened it
+        async with RealtimeClient(app.url) as thief:
+            started = await thief.start(token="kitchen-secret", session_id=sids["main-secret"])
+            assert started.session_id != sids["main-secret"]
+        async with RealtimeClient(app.url) as owner:
+            started = await owner.start(token="main-secret", session_id=sids["main-secret"])
+            assert started.session_id == sids["main-secret"]
+        _status, _, body = await http_get(app.port, "/metrics")
+        assert b"voice_agent_auth_failures_total 7" in body
+        assert b"main-secret" not in body
+
+
+def test_check_token_compares_every_token_in_constant_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import hmac
+
+    from voice_agent.errors import PolicyViolation
+    from voice_agent.transports import websocket
+
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(websocket.hmac, "compare_digest", counting)
+    tokens = ("first", "second", "third")
+    owner = websocket.check_token("first", tokens)
+    assert len(calls) == 3  # no early exit on the first match
+    assert owner and owner == websocket.check_token("first", tokens)
+    assert owner != websocket.check_token("third", tokens)
+    assert "first" not in owner
+    for bad in (None, "", "firs", "first ", "FIRST"):
+        with pytest.raises(PolicyViolation):
+            websocket.check_token(bad, tokens)
+    assert websocket.check_token(None, ()) == ""  # no tokens configured: open
+
+
+def test_load_tokens(tmp_path: Path) -> None:
+    from voice_agent.errors import ConfigError
+    from voice_agent.transports.websocket import load_tokens
+
+    path = tmp_path / "tokens"
+    path.write_text("a # comment\n\n# only a comment\nb\n")
+    assert load_tokens(Config(token="x", tokens_file=str(path))) == ("x", "a", "b")
+    path.write_text("# nothing\n")
+    with pytest.raises(ConfigError):
+        load_tokens(Config(tokens_file=str(path)))
+    with pytest.raises(ConfigError):
+        load_tokens(Config(tokens_file=str(tmp_path / "missing")))
+
+
+def test_origin_rules() -> None:
+    from voice_agent.transports.websocket import origin_allowed
+
+    def ok(origin: str | None, host: str | None, allowed: tuple[str, ...] = ()) -> bool:
+        return origin_allowed(origin, host, scheme="http", allowed=allowed, server_host="0.0.0.0")
+
+    assert ok(None, "127.0.0.1:8765")  # not a browser
+    assert ok("http://127.0.0.1:8765", "127.0.0.1:8765")  # the server's own page
+    assert ok("http://localhost:8765", "localhost:8765")
+    assert ok("http://[::1]:8765", "[::1]:8765")
+    assert ok("http://192.168.1.5:8765", "192.168.1.5:8765")
+    assert not ok("http://evil.example", "127.0.0.1:8765")
+    assert not ok("https://127.0.0.1:8765", "127.0.0.1:8765")  # another scheme
+    assert not ok("http://127.0.0.1:9999", "127.0.0.1:8765")  # another port
+    assert not ok("null", "127.0.0.1:8765")
+    # DNS rebinding: a page of evil.example resolved to this server; Host matches Origin
+    assert not ok("http://evil.example:8765", "evil.example:8765")
+    # ... unless the operator named that host
+    assert ok("http://voice.lan:8765", "voice.lan:8765", ("http://voice.lan:8765",))
+    assert ok("https://app.example", "127.0.0.1:8765", ("https://app.example",))
+    assert not ok("https://app.example.evil", "127.0.0.1:8765", ("https://app.example",))
+
+
+async def test_origin_allowlist_at_the_handshake(config: Config) -> None:
+    cfg = replace(config, allowed_origins=("https://home.example",))
+    async with running_server(cfg, ScriptedEngine(echo, token_delay=0.001)) as app:
+        start = {"type": "session.start"}
+        assert await _closed_with(app.url, start, origin="http://evil.example") == 1008
+        assert await _closed_with(app.url, start, origin="https://home.example.evil") == 1008
+        for origin in (None, "https://home.example", f"http://127.0.0.1:{app.port}"):
+            async with ws_connect(app.url, origin=origin) as ws:  # type: ignore[arg-type]
+                await ws.send(json.dumps(start))
+                event = json.loads(await asyncio.wait_for(ws.recv(), 20))
+                assert event["type"] == "session.started"
+        _, _, body = await http_get(app.port, "/metrics")
+        assert b"voice_agent_origin_refused_total 2" in body
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    import ipaddress
+
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_tls_serves_https_and_wss(config: Config, tmp_path: Path) -> None:
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    cfg = replace(config, tls_cert=str(cert), tls_key=str(key), token="t0k")
+    async with running_server(cfg, ScriptedEngine(echo, token_delay=0.001)) as app:
+        assert app.url.startswith("wss://127.0.0.1:") and app.http_url.startswith("https://")
+        context = ssl.create_default_context(cafile=str(cert))
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.port, ssl=context)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(), 20)
+        writer.close()
+        assert response.startswith(b"HTTP/1.1 200") and b'"status": "ok"' in response
+        async with ws_connect(app.url, ssl=context, origin=f"https://127.0.0.1:{app.port}") as ws:
+            await ws.send(json.dumps({"type": "session.start", "token": "t0k"}))
+            assert json.loads(await ws.recv())["type"] == "session.started"
+            await ws.send(json.dumps({"type": "text", "text": "over tls"}))
+            async with asyncio.timeout(20):
+                while (event := json.loads(await ws.recv()))["type"] != "reply.done":
+                    pass
+            assert event["text"] == "echo over tls"
+        # plain text on the TLS port gets nowhere
+        with pytest.raises((OSError, InvalidHandshake, TimeoutError)):
+            async with ws_connect(app.url.replace("wss://", "ws://"), open_timeout=5):
+                pass
+
+
+async def test_bad_tls_files_fail_before_listening(config: Config, tmp_path: Path) -> None:
+    from voice_agent.errors import ConfigError
+
+    (tmp_path / "c.pem").write_text("not a certificate")
+    cfg = replace(config, tls_cert=str(tmp_path / "c.pem"), tls_key=str(tmp_path / "c.pem"))
+    with pytest.raises(ConfigError):
+        async with running_server(cfg, ScriptedEngine(echo)):
+            pass
+
+
+async def test_non_loopback_without_token_warns(
+    config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="voice_agent.transports.websocket")
+    async with running_server(replace(config, host="0.0.0.0"), ScriptedEngine(echo)):
+        pass
+    assert any("without a token" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    async with running_server(replace(config, host="0.0.0.0", token="x"), ScriptedEngine(echo)):
+        pass
+    async with running_server(config, ScriptedEngine(echo)):  # loopback: no warning
+        pass
+    assert not any("without a token" in r.getMessage() for r in caplog.records)
+
+
+# -- limits ---------------------------------------------------------------------
+
+
+async def test_connections_per_client_address(config: Config) -> None:
+    cfg = replace(config, max_connections_per_client=2)
+    async with running_server(cfg, ScriptedEngine(echo, token_delay=0.001)) as app:
+        async with RealtimeClient(app.url) as a, RealtimeClient(app.url) as b:
+            await a.start()
+            await b.start()
+            async with RealtimeClient(app.url) as c:
+                assert await c.wait_closed(20) == 1013
+            await a.send_text("still served")
+            assert (await a.wait_for(ReplyDone, 20)).text == "echo still served"
+        async with asyncio.timeout(10):
+            while app._per_client:
+                await asyncio.sleep(0.01)
+        async with RealtimeClient(app.url) as d:
+            assert (await d.start()).model == "scripted"
+
+
+async def test_idle_session_is_closed_but_not_while_a_reply_runs(config: Config) -> None:
+    cfg = replace(config, idle_timeout=0.3)
+    engine = ScriptedEngine([" ".join(["w"] * 100)], token_delay=0.01)  # about 1 s
+    async with running_server(cfg, engine) as app:
+        async with RealtimeClient(app.url) as client:
+            await client.start()
+            await client.send_text("a long answer please")
+            done = await client.wait_for(ReplyDone, 20)  # not closed while it ran
+            assert done.text.count("w") == 100
+            assert await client.wait_closed(20) == 1000
+        _, _, body = await http_get(app.port, "/metrics")
+        assert b"voice_agent_idle_closes_total 1" in body
+
+
+def test_token_bucket_limits_with_a_fake_clock() -> None:
+    from voice_agent.limits import AudioPacer, MessageLimiter
+
+    now = [0.0]
+    limiter = MessageLimiter(10.0, lambda: now[0])
+    waits = [limiter.message() for _ in range(15)]
+    assert waits[:10] == [0.0] * 10  # a burst of one second's worth
+    assert waits[10:] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    now[0] += 0.5  # the reader waited as told
+    assert limiter.message() == pytest.approx(0.1)
+    now[0] += 10.0
+    assert limiter.message() == 0.0  # refilled, but not beyond the burst
+    assert limiter.level == pytest.approx(9.0)
+
+    pacer = AudioPacer(2.0, lambda: now[0], burst_s=4.0)
+    assert pacer.audio(4.0) == 0.0  # the allowance
+    assert pacer.audio(2.0) == pytest.approx(1.0)  # 2 s of audio at 2x: 1 s
+    now[0] += 1.0
+    assert pacer.audio(0.02) == pytest.approx(0.01)
+    # real time (1x) never waits once the allowance is spent
+    steady = AudioPacer(1.5, lambda: now[0], burst_s=1.0)
+    for _ in range(500):
+        assert steady.audio(0.02) == 0.0
+        now[0] += 0.02
+    assert pacer.throttled_s == pytest.approx(1.01)
+
+
+async def test_audio_faster_than_real_time_is_throttled(config: Config) -> None:
+    cfg = replace(config, max_audio_speed=8.0)
+    async with running_server(cfg, ScriptedEngine(echo, token_delay=0.001)) as app:
+        async with RealtimeClient(app.url) as client:
+            await client.start()
+            frame = bytes(16000)  # 0.5 s of silence
+            for _ in range(30):  # 15 s sent as fast as the socket takes it
+                await client.send_audio(frame)
+            await client.send_text("after the flood")
+            assert (await client.wait_for(ReplyDone, 30)).text == "echo after the flood"
+            assert client.close_code is None
+        _, _, body = await http_get(app.port, "/metrics")
+        line = next(x for x in body.decode().splitlines() if x.startswith("voice_agent_throttled"))
+        assert float(line.split()[1]) > 0.0  # 15 s at 8x after a 10 s allowance
+
+
+async def test_client_that_never_reads_is_closed_and_others_are_unaffected(
+    config: Config,
+) -> None:
+    import secrets
+    import socket
+
+    # random text: permessage-deflate cannot shrink it
+    flood = "".join(" " + secrets.token_urlsafe(3000) for _ in range(4000))
+    engine = ScriptedEngine(
+        lambda turn: flood if turn.text == "flood" else f"echo {turn.text}",
+        token_delay=0.0,
+    )
+    cfg = replace(config, send_queue=32, max_new_tokens=4000)
+    async with running_server(cfg, engine) as app:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", app.port))
+        sock.setblocking(False)
+        # max_queue=1: the client library stops reading after one message
+        async with ws_connect(app.url, sock=sock, max_queue=1) as lazy:
+            await lazy.send(json.dumps({"type": "session.start"}))
+            await lazy.send(json.dumps({"type": "text", "text": "flood"}))
+            async with RealtimeClient(app.url) as good:
+                await good.start()
+                async with asyncio.timeout(60):
+                    while app.limit_counters["slow_consumer_closes_total"] < 1:
+                        await good.send_text("ping")
+                        assert (await good.wait_for(ReplyDone, 20)).text == "echo ping"
+                        # the server never holds more than the queue for it
+                        for conn in app._live_connections:
+                            assert conn._out.qsize() <= 32
+                async with asyncio.timeout(30):  # the slow one is gone
+                    while len(app.sessions) > 1:
+                        await asyncio.sleep(0.05)
+                await good.send_text("after")
+                assert (await good.wait_for(ReplyDone, 20)).text == "echo after"
+                assert not good.of_type(ErrorEvent) and good.close_code is None
+            lazy.transport.abort()  # its close handshake would wait on its own full buffer
+        async with asyncio.timeout(10):  # its generation was cancelled, not run to the end
+            while engine._tasks:
+                await asyncio.sleep(0.01)
+        flood_conversation = next(c for c, t in engine.submitted if t.text == "flood")
+        history = engine.history_text(flood_conversation)
+        assert 0 < len(history) < len(flood) // 2
+
+
+# -- faults ---------------------------------------------------------------------
+
+
+async def test_a_failing_turn_fails_only_its_session(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def reply(turn: TurnInput) -> str:
+        if turn.text == "boom":
+            raise RuntimeError("secret model detail")
+        return f"echo {turn.text}"
+
+    async with running_server(config, ScriptedEngine(reply, token_delay=0.002)) as app:
+        stop = asyncio.Event()
+        replies: list[str] = []
+        other = asyncio.create_task(_keep_talking(app.url, stop, replies))
+        try:
+            async with RealtimeClient(app.url) as client:
+                await client.start()
+                await client.send_text("boom")
+                error = await client.wait_for(ErrorEvent, 20)
+                assert error.code == "internal" and "secret" not in error.message
+                await client.send_text("fine")
+                assert (await client.wait_for(ReplyDone, 20)).text == "echo fine"
+                # a bug while handling a message: `internal`, no exception text
+                live = next(
+                    iter(
+                        s
+                        for s in app.sessions.values()
+                        if s.session_id == client.session.session_id
+                    )
+                )  # type: ignore[union-attr]
+
+                async def broken(text: str) -> None:
+                    raise RuntimeError("secret handler detail")
+
+                monkeypatch.setattr(live, "text", broken)
+                await client.send_text("again")
+                error = await client.wait_for(ErrorEvent, 20)
+                assert (error.code, error.message) == ("internal", "internal server error")
+                await client.send_audio(bytes(640))  # the connection goes on
+                assert client.close_code is None
+        finally:
+            stop.set()
+            assert await asyncio.wait_for(other, 30) in (None, 1000)
+        assert replies == [f"echo turn {i + 1}" for i in range(len(replies))]
+
+
+async def test_client_leaving_mid_reply_cancels_its_generation(config: Config) -> None:
+    engine = ScriptedEngine([" ".join(["w"] * 5000)], token_delay=0.01)  # 50 s if not stopped
+    cfg = replace(config, max_new_tokens=5000)
+    async with running_server(cfg, engine) as app:
+        client = RealtimeClient(app.url)
+        await client.connect()
+        await client.start()
+        await client.send_text("talk")
+        await client.wait_for(ReplyDelta, 20)
+        client.ws.transport.abort()  # gone without a close handshake
+        async with asyncio.timeout(10):
+            while engine._tasks or app.sessions:
+                await asyncio.sleep(0.01)
+        conversation = engine.submitted[0][0]
+        assert 0 < engine.history_text(conversation).count("w") < 1000  # not all 5000
+        await client.close()

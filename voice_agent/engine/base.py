@@ -15,6 +15,7 @@ import abc
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -83,6 +84,20 @@ class Conversation:
     state: object = field(default=None, repr=False)
 
 
+@dataclass
+class History:
+    """A conversation's settled history, for storing it and rebuilding it later
+    (store.py): ChatML messages (text, with audio items naming their clip),
+    the token ids they render to, the audio clips (16 kHz mono float32) and the
+    index in `ids` of each clip's first audio token."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    clips: list[AudioArray] = field(default_factory=list)
+    clip_starts: list[int] = field(default_factory=list)
+    turns: int = 0
+
+
 class TurnHandle(abc.ABC):
     """A submitted turn. Async-iterate it for Delta pieces."""
 
@@ -135,6 +150,19 @@ class Engine(abc.ABC):
     def history_text(self, conversation: Conversation) -> str:
         """The conversation's ChatML history as text, for inspection and tests."""
         raise NotImplementedError
+
+    def snapshot(self, conversation: Conversation) -> History | None:
+        """Optional: a copy of the settled history, for storage; None when this
+        engine cannot rebuild conversations, or not now (a turn of it is being
+        settled: the next finished turn saves it)."""
+        return None
+
+    def restore(
+        self, conversation_id: str, system_prompt: str | None, history: History
+    ) -> Conversation:
+        """Optional: a conversation rebuilt from a `snapshot` (its KV cache is
+        rebuilt from the ids at its next turn)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot restore conversations")
 
     def prefill_speculative(self, conversation: Conversation, audio: AudioArray) -> bool:
         """Optional: prefill `audio` as the next user turn ahead of time (during

@@ -31,6 +31,7 @@ from voice_agent.engine.base import (
     Conversation,
     Delta,
     Engine,
+    History,
     QueueTurnHandle,
     Timing,
     TurnHandle,
@@ -311,6 +312,33 @@ class ProcessEngine(Engine):
         m = conversation.state
         if isinstance(m, _Mirror) and m.generation == self._generation:
             self._send_quiet(("discard", conversation.conversation_id))
+
+    def snapshot(self, conversation: Conversation) -> History | None:
+        m = conversation.state
+        if not isinstance(m, _Mirror):
+            raise ValueError("conversation was not created by this engine")
+        return History(
+            messages=[dict(x) for x in m.messages],
+            ids=list(m.ids),
+            clips=list(m.clips),
+            clip_starts=list(m.clip_starts),
+            turns=conversation.turns,
+        )
+
+    def restore(
+        self, conversation_id: str, system_prompt: str | None, history: History
+    ) -> Conversation:
+        conversation = self.new_conversation(system_prompt, conversation_id)
+        m = conversation.state
+        assert isinstance(m, _Mirror)
+        if history.messages:
+            m.messages = [dict(x) for x in history.messages]
+        m.ids = list(history.ids)
+        m.clips = [np.asarray(c, dtype=np.float32) for c in history.clips]
+        m.clip_starts = list(history.clip_starts)
+        conversation.turns = history.turns
+        conversation.audio_clips = len(m.clips)
+        return conversation  # sent to the worker by _sync at its next turn
 
     def history_ids(self, conversation: Conversation) -> list[int]:
         m = conversation.state

@@ -47,6 +47,7 @@ from voice_agent.engine.base import (
     Conversation,
     Delta,
     Engine,
+    History,
     QueueTurnHandle,
     Timing,
     TurnHandle,
@@ -444,6 +445,37 @@ class Qwen2AudioEngine(Engine):
         st = conversation.state
         if isinstance(st, _ConvState) and self._thread is not None and not self._closed:
             self._inbox.put(_SpecRequest(st, None))
+
+    def snapshot(self, conversation: Conversation) -> History | None:
+        st = conversation.state
+        if not isinstance(st, _ConvState):
+            raise ValueError("conversation was not created by this engine")
+        if st.running:  # the worker may be writing the history right now: not now
+            return None
+        return History(
+            messages=[dict(m) for m in st.messages],
+            ids=list(st.ids),
+            clips=list(st.clips),
+            clip_starts=list(st.clip_starts),
+            turns=conversation.turns,
+        )
+
+    def restore(
+        self, conversation_id: str, system_prompt: str | None, history: History
+    ) -> Conversation:
+        conversation = self.new_conversation(system_prompt, conversation_id)
+        st = conversation.state
+        assert isinstance(st, _ConvState)
+        if history.messages:
+            st.messages = [dict(m) for m in history.messages]
+        st.ids = list(history.ids)
+        st.clips = [np.asarray(c, dtype=np.float32) for c in history.clips]
+        st.clip_starts = list(history.clip_starts)
+        if len(st.clips) != len(st.clip_starts):
+            raise ValueError("history: clips and clip_starts do not match")
+        conversation.turns = history.turns
+        conversation.audio_clips = len(st.clips)
+        return conversation
 
     def history_text(self, conversation: Conversation) -> str:
         state = conversation.state

@@ -15,11 +15,13 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from voice_agent.engine.base import (
     Conversation,
     Delta,
     Engine,
+    History,
     QueueTurnHandle,
     Timing,
     TurnHandle,
@@ -41,6 +43,7 @@ def words(text: str) -> list[str]:
 @dataclass
 class _ScriptState:
     history: list[str] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
     last: asyncio.Task[None] | None = None
 
 
@@ -163,6 +166,15 @@ class ScriptedEngine(Engine):
             state.history.append(
                 f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{text}<|im_end|>\n"
             )
+            content: list[dict[str, Any]] = []
+            if turn.audio is not None:
+                content.append({"type": "audio", "audio": f"clip-{conversation.audio_clips + 1}"})
+            if turn.text:
+                content.append({"type": "text", "text": turn.text})
+            state.messages += [
+                {"role": "user", "content": content},
+                {"role": "assistant", "content": text},
+            ]
             conversation.turns += 1
             if turn.audio is not None:
                 conversation.audio_clips += 1
@@ -184,6 +196,34 @@ class ScriptedEngine(Engine):
             raise
         finally:
             self._unfinished -= 1
+
+    def snapshot(self, conversation: Conversation) -> History | None:
+        state = conversation.state
+        if not isinstance(state, _ScriptState):
+            raise ValueError("conversation was not created by this engine")
+        return History(messages=[dict(m) for m in state.messages], turns=conversation.turns)
+
+    def restore(
+        self, conversation_id: str, system_prompt: str | None, history: History
+    ) -> Conversation:
+        conversation = self.new_conversation(system_prompt, conversation_id)
+        state = conversation.state
+        assert isinstance(state, _ScriptState)
+        state.messages = [dict(m) for m in history.messages]
+        clips = 0
+        for user, reply in zip(state.messages[::2], state.messages[1::2], strict=False):
+            parts = user.get("content") or []
+            audio = any(p.get("type") == "audio" for p in parts)
+            clips += audio
+            text = "".join(p.get("text", "") for p in parts if p.get("type") == "text")
+            shown = ("<audio>" if audio else "") + text
+            state.history.append(
+                f"<|im_start|>user\n{shown}<|im_end|>\n"
+                f"<|im_start|>assistant\n{reply.get('content', '')}<|im_end|>\n"
+            )
+        conversation.turns = history.turns
+        conversation.audio_clips = clips
+        return conversation
 
     def history_text(self, conversation: Conversation) -> str:
         state = conversation.state

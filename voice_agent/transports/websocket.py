@@ -9,9 +9,30 @@ Limits and their behaviour:
 - a frame over `max_message_bytes`: websockets closes the connection with 1009;
 - more than `max_sessions` open realtime connections: the new one is accepted
   and closed at once with 1013 (try again later);
+- more than `max_connections_per_client` from one client address: 1013 too;
 - incoming messages: websockets buffers a bounded number (its `max_queue`),
-  then stops reading the socket, so a fast sender is slowed by TCP;
+  then stops reading the socket, so a fast sender is slowed by TCP; beyond
+  `max_messages_per_second`, or audio beyond `max_audio_speed` times real
+  time (after a 10 s allowance), the server waits before reading on
+  (limits.py), so such a sender is slowed the same way and nothing piles up;
+- outgoing events: a queue of `send_queue` events per connection, written by
+  one task; a client that stops reading fills it and is closed with 1008
+  (its reply is cancelled at once); other clients are not affected;
+- no client message for `idle_timeout` seconds while no reply runs: close 1000;
 - a malformed message: an `error` event; the connection stays open.
+
+Access (checked in this order): an `Origin` header, when present, must be the
+server's own page (scheme://Host, Host being an IP literal, `localhost` or the
+configured host) or one of `allowed_origins`, else close 1008; with tokens
+(`token`, `tokens_file`), session.start must carry one of them (compared with
+hmac.compare_digest against every token) and nothing else is accepted before
+it, else close 1008. A conversation is resumed only with the token that
+opened it. `tls_cert`/`tls_key` serve https:// and wss://.
+
+Persistence: with a `store` (store.py), every finished or cancelled turn saves
+the conversation (off the event loop, in order), as does the end of the
+session; a session_id that is not in memory is looked up in the store and
+rebuilt with `engine.restore`.
 
 WebRTC (`webrtc.offer`, see transports/webrtc.py): when aiortc is installed,
 an offer on a started session gets a peer connection whose audio track feeds
@@ -32,11 +53,17 @@ the engine (unless told not to).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import email.utils
+import hashlib
+import hmac
 import http
+import ipaddress
 import json
 import logging
+import ssl
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -57,19 +84,26 @@ from voice_agent.config import Config
 from voice_agent.engine.base import Conversation, Engine
 from voice_agent.errors import (
     CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
     CLOSE_TRY_AGAIN,
     BadMessage,
+    ConfigError,
     NotStarted,
+    PolicyViolation,
     VoiceAgentError,
     to_wire,
 )
 from voice_agent.hub import CommandBus
+from voice_agent.limits import AudioPacer, MessageLimiter
 from voice_agent.live import LiveSession, Metrics, session_config
 from voice_agent.protocol import (
     AudioCommit,
     CancelReply,
     ClientEvent,
     Playback,
+    ReplyCancelled,
+    ReplyDone,
     ServerEvent,
     SessionStart,
     SessionStarted,
@@ -82,6 +116,7 @@ from voice_agent.protocol import (
 )
 
 if TYPE_CHECKING:
+    from voice_agent.store import Store, StoredSession
     from voice_agent.transports.webrtc import WebRTCInput
 
 logger = logging.getLogger("voice_agent.transports.websocket")
@@ -129,6 +164,82 @@ def _text(status: int, text: str) -> Response:
     return _response(status, text.encode(), "text/plain; charset=utf-8")
 
 
+def load_tokens(config: Config) -> tuple[str, ...]:
+    """The accepted tokens: `--token` plus the lines of `--tokens-file`."""
+    tokens = [config.token] if config.token else []
+    if config.tokens_file:
+        try:
+            text = Path(config.tokens_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeError) as exc:
+            raise ConfigError(f"cannot read tokens file {config.tokens_file}: {exc}") from None
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                tokens.append(line)
+        if not tokens:
+            raise ConfigError(f"tokens file {config.tokens_file} holds no token")
+    return tuple(tokens)
+
+
+def check_token(given: str | None, tokens: tuple[str, ...]) -> str:
+    """The owner name of `given` (a hash, never the token) or PolicyViolation.
+    Every token is compared, in constant time, whatever matches."""
+    if not tokens:
+        return ""
+    candidate = (given or "").encode("utf-8", "replace")
+    ok = False
+    for token in tokens:
+        ok |= hmac.compare_digest(candidate, token.encode("utf-8"))
+    if not ok or not given:
+        raise PolicyViolation("missing or wrong token")
+    return hashlib.sha256(candidate).hexdigest()[:32]
+
+
+def _is_local_name(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def origin_allowed(
+    origin: str | None,
+    host_header: str | None,
+    *,
+    scheme: str,
+    allowed: tuple[str, ...],
+    server_host: str,
+) -> bool:
+    """Whether a handshake with this Origin may go on.
+
+    No Origin (not a browser): yes. An exact entry of `allowed`: yes. The
+    server's own page (`scheme://Host`): yes when Host names the server by an
+    IP address, `localhost` or the configured host; a Host reached through any
+    other name could be DNS rebinding, so that name must be in `allowed`.
+    """
+    if origin is None:
+        return True
+    if origin in allowed:
+        return True
+    if not host_header or origin != f"{scheme}://{host_header}":
+        return False
+    name = urlsplit(f"//{host_header}").hostname or ""
+    return _is_local_name(name) or name == server_host.lower()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def resolve_static(root: Path, url_path: str) -> Path | None:
     """The file under `root` that `url_path` names, or None.
 
@@ -165,8 +276,24 @@ class WebSocketServerApp:
         *,
         close_engine: bool = True,
         bus: CommandBus | None = None,
+        store: Store | None = None,
     ) -> None:
         self.config = config
+        self.tokens = load_tokens(config)  # ConfigError before anything listens
+        self.store = store
+        # Saves run in order on one thread, off the event loop.
+        self._saver = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
+        self._saves: set[asyncio.Future[None]] = set()  # saves and slow-client closes
+        self.limit_counters = {
+            "auth_failures_total": 0,
+            "origin_refused_total": 0,
+            "client_limit_total": 0,
+            "slow_consumer_closes_total": 0,
+            "idle_closes_total": 0,
+            "throttled_seconds_total": 0.0,
+            "sessions_restored_total": 0,
+            "store_errors_total": 0,
+        }
         self.engine = engine
         self.close_engine = close_engine
         # Commands between the sessions of a named device and MQTT (hub.py).
@@ -178,6 +305,8 @@ class WebSocketServerApp:
         self.detached: OrderedDict[str, _Detached] = OrderedDict()
         self.web_dir = Path(config.web_dir) if config.web_dir else default_web_dir()
         self._connections = 0  # open realtime connections (what max_sessions limits)
+        self._per_client: dict[str, int] = {}  # open connections by client address
+        self._live_connections: set[_Connection] = set()
         self._server: Server | None = None
         self._port: int | None = None
         self._shutting_down = False
@@ -194,6 +323,13 @@ class WebSocketServerApp:
         self.webrtc = _load_webrtc()
         if self.webrtc is not None:
             self.webrtc.parse_ice_servers(self.config.ice_servers)  # ConfigError early
+        ssl_context = self._ssl_context()
+        if not self.tokens and not _is_loopback(self.config.host):
+            logger.warning(
+                "listening on %s without a token: anyone who can reach the port can talk "
+                "to the assistant; set --token or --tokens-file",
+                self.config.host,
+            )
         await self.engine.start()
         self._server = await ws_serve(
             self._handle,
@@ -203,8 +339,29 @@ class WebSocketServerApp:
             max_size=self.config.max_message_bytes,
             ping_interval=self.config.ping_interval or None,
             ping_timeout=self.config.ping_timeout or None,
+            close_timeout=5,
+            ssl=ssl_context,
+            # No permessage-deflate: PCM barely compresses, and deflating and
+            # inflating every 20 ms frame costs CPU on both ends for nothing.
+            compression=None,
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        cert, key = self.config.tls_cert, self.config.tls_key
+        if not cert or not key:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load --tls-cert/--tls-key: {exc}") from None
+        return context
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.config.tls_cert and self.config.tls_key)
 
     @property
     def port(self) -> int:
@@ -215,12 +372,14 @@ class WebSocketServerApp:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self._url_host()}:{self.port}/"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self._url_host()}:{self.port}/"
 
     @property
     def url(self) -> str:
-        """The realtime endpoint, ws://HOST:PORT/v1/realtime."""
-        return f"ws://{self._url_host()}:{self.port}{REALTIME_PATH}"
+        """The realtime endpoint, ws[s]://HOST:PORT/v1/realtime."""
+        scheme = "wss" if self.tls else "ws"
+        return f"{scheme}://{self._url_host()}:{self.port}{REALTIME_PATH}"
 
     def _url_host(self) -> str:
         host = self.config.host
@@ -245,8 +404,9 @@ class WebSocketServerApp:
             await self.shutdown()
 
     async def shutdown(self) -> None:
-        """Stop accepting, cancel replies, close connections with 1001, close the
-        engine. Idempotent."""
+        """Stop accepting; let replies in flight run for up to `drain_timeout`
+        seconds, then cancel the rest; flush and save every session; close
+        connections with 1001; close the engine. Idempotent."""
         if self._shutting_down:
             await self._closed.wait()
             return
@@ -254,34 +414,132 @@ class WebSocketServerApp:
         try:
             lives = list(self.sessions.values())
             logger.info("shutting down", extra={"sessions": len(lives)})
+            if self._server is not None:
+                self._server.server.close()  # stop accepting (the listening sockets)
+            await self._drain(lives)
             peers = list(self.peers.values())
             await asyncio.gather(*(peer.close() for peer in peers), return_exceptions=True)
+            conns = list(self._live_connections)
+            await asyncio.gather(*(c.flush(2.0) for c in conns), return_exceptions=True)
             await asyncio.gather(*(live.close() for live in lives), return_exceptions=True)
+            for conn in conns:
+                self.save(conn)
+            await self.wait_saved()
+            # Closed here, bounded: a client that does not read cannot hold shutdown up.
+            await asyncio.gather(
+                *(close_or_abort(c.ws, CLOSE_GOING_AWAY, "server shutting down") for c in conns),
+                return_exceptions=True,
+            )
             if self._server is not None:
                 self._server.close(close_connections=True, code=CLOSE_GOING_AWAY)
                 await self._server.wait_closed()
             if self.close_engine:
                 await self.engine.close()
         finally:
+            self._saver.shutdown(wait=True)
             self._closed.set()
+
+    async def _drain(self, lives: list[LiveSession]) -> None:
+        """Wait for replies in flight (bounded), then cancel what still runs and
+        wait (bounded) for the engine to settle the cancelled turns."""
+        deadline = time.monotonic() + self.config.drain_timeout
+        while any(live.replies_in_flight for live in lives) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        running = [live for live in lives if live.replies_in_flight and not live.closed]
+        await asyncio.gather(*(live.cancel() for live in running), return_exceptions=True)
+        deadline = time.monotonic() + 2.0
+        while any(live.replies_in_flight for live in running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    # -- persistence ------------------------------------------------------
+
+    def save(self, conn: _Connection) -> None:
+        """Queue a save of the connection's conversation (ordered, off the loop)."""
+        store, live = self.store, conn.live
+        if store is None or live is None:
+            return
+        from voice_agent.store import StoredSession
+
+        try:
+            history = self.engine.snapshot(live.conversation)
+        except Exception:
+            logger.exception("snapshot failed", extra={"session_id": live.session_id})
+            return
+        if history is None:
+            return
+        record = StoredSession(
+            session_id=live.session_id,
+            owner=conn.owner,
+            device=live.device,
+            system_prompt=live.conversation.system_prompt,
+            ids_used=live.session.ids_used,
+            history=history,
+        )
+        future = asyncio.wrap_future(self._saver.submit(self._save_now, store, record))
+        self._saves.add(future)
+        future.add_done_callback(self._saves.discard)
+
+    def _save_now(self, store: Store, record: StoredSession) -> None:
+        try:
+            store.save(record)
+        except Exception:
+            self.limit_counters["store_errors_total"] += 1
+            logger.exception(
+                "saving a conversation failed", extra={"session_id": record.session_id}
+            )
+
+    async def wait_saved(self) -> None:
+        """Wait until every queued save is on disk."""
+        while self._saves:
+            await asyncio.gather(*list(self._saves), return_exceptions=True)
+            self._saves = {f for f in self._saves if not f.done()}
 
     # -- resuming conversations --------------------------------------------
 
-    def detach(self, live: LiveSession) -> None:
+    def detach(self, live: LiveSession, owner: str = "") -> None:
         """Keep an ended session's conversation so the client can resume it."""
         if self._shutting_down:
             return
         self.engine.release(live.conversation)
-        self.detached[live.session_id] = _Detached(live.conversation, live.session.ids_used)
+        self.detached[live.session_id] = _Detached(
+            live.conversation, live.session.ids_used, owner, live.device
+        )
         while len(self.detached) > self.config.max_sessions:
             self.detached.popitem(last=False)
 
-    def resume(self, session_id: str | None) -> _Detached | None:
-        """The detached conversation `session_id`, or None (unknown, expired or
-        still attached to another connection: a new session starts instead)."""
-        if session_id is None:
+    async def resume(self, session_id: str | None, owner: str = "") -> _Detached | None:
+        """The conversation `session_id` (in memory, else from the store), or
+        None (unknown, expired, opened with another token, or still attached
+        to another connection: a new session starts instead)."""
+        if session_id is None or session_id in self.sessions:
             return None
-        return self.detached.pop(session_id, None)
+        detached = self.detached.get(session_id)
+        if detached is not None:
+            if not hmac.compare_digest(detached.owner, owner):
+                return None
+            return self.detached.pop(session_id)
+        if self.store is None:
+            return None
+        store = self.store
+        await self.wait_saved()
+        try:
+            record = await asyncio.get_running_loop().run_in_executor(
+                self._saver, store.load, session_id
+            )
+        except Exception:
+            logger.exception("loading a conversation failed", extra={"session_id": session_id})
+            return None
+        if record is None or not hmac.compare_digest(record.owner, owner):
+            return None
+        if session_id in self.sessions:  # taken while we were reading
+            return None
+        try:
+            conversation = self.engine.restore(session_id, record.system_prompt, record.history)
+        except Exception:
+            logger.exception("restoring a conversation failed", extra={"session_id": session_id})
+            return None
+        self.limit_counters["sessions_restored_total"] += 1
+        return _Detached(conversation, record.ids_used, owner, record.device)
 
     # -- HTTP -------------------------------------------------------------
 
@@ -301,10 +559,16 @@ class WebSocketServerApp:
             return _response(200, json.dumps(body).encode(), "application/json")
         if path == "/metrics":
             self.metrics.sessions_active = len(self.sessions)
-            return _response(
-                200, self.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8"
-            )
+            text = self.metrics.render() + self._render_limits()
+            return _response(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
         return await asyncio.to_thread(self._static, path)
+
+    def _render_limits(self) -> str:
+        lines = []
+        for name, value in self.limit_counters.items():
+            full = f"voice_agent_{name}"
+            lines += [f"# TYPE {full} counter", f"{full} {value:g}"]
+        return "\n".join(lines) + "\n"
 
     def _static(self, path: str) -> Response:
         target = resolve_static(self.web_dir, path)
@@ -322,21 +586,53 @@ class WebSocketServerApp:
         if self._shutting_down:
             await ws.close(CLOSE_GOING_AWAY, "server shutting down")
             return
+        headers = ws.request.headers if ws.request is not None else Headers()
+        if not origin_allowed(
+            headers.get("Origin"),
+            headers.get("Host"),
+            scheme="https" if self.tls else "http",
+            allowed=self.config.allowed_origins,
+            server_host=self.config.host,
+        ):
+            self.limit_counters["origin_refused_total"] += 1
+            logger.warning("origin not allowed", extra={"origin": headers.get("Origin", "")[:200]})
+            await ws.close(CLOSE_POLICY, "origin not allowed")
+            return
         if self._connections >= self.config.max_sessions:
             logger.warning("session limit reached", extra={"limit": self.config.max_sessions})
             await ws.close(CLOSE_TRY_AGAIN, "server at its session limit, try again later")
             return
+        address = str(ws.remote_address[0]) if ws.remote_address else "?"
+        if self._per_client.get(address, 0) >= self.config.max_connections_per_client:
+            self.limit_counters["client_limit_total"] += 1
+            logger.warning(
+                "connection limit per client reached",
+                extra={"limit": self.config.max_connections_per_client},
+            )
+            await ws.close(CLOSE_TRY_AGAIN, "too many connections from this address")
+            return
         self._connections += 1
+        self._per_client[address] = self._per_client.get(address, 0) + 1
+        conn = _Connection(self, ws)
+        self._live_connections.add(conn)
         try:
-            await _Connection(self, ws).run()
+            await conn.run()
         finally:
+            self._live_connections.discard(conn)
             self._connections -= 1
+            left = self._per_client.get(address, 1) - 1
+            if left > 0:
+                self._per_client[address] = left
+            else:
+                self._per_client.pop(address, None)
 
 
 @dataclass(frozen=True)
 class _Detached:
     conversation: Conversation
     ids_used: tuple[int, int]
+    owner: str = ""
+    device: str | None = None
 
 
 class _Connection:
@@ -347,49 +643,157 @@ class _Connection:
         self.ws = ws
         self.live: LiveSession | None = None
         self.session_id: str | None = None
+        self.owner = ""  # hash of the token this session was opened with
         self.audio_format = (16000, 1)  # (sample_rate, channels) from session.start
         self.peer: WebRTCInput | None = None
+        config = app.config
+        # Outgoing events: bounded; one writer task sends them in order.
+        self._out: asyncio.Queue[str | bytes] = asyncio.Queue(config.send_queue)
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._last_seen = 0.0  # loop time of the last client message
+        self._messages = MessageLimiter(config.max_messages_per_second, time.monotonic)
+        self._pacer = AudioPacer(config.max_audio_speed, time.monotonic)
 
     async def send(self, event: ServerEvent) -> None:
-        """Send one event; a closed peer is not an error (run() sees it)."""
-        with contextlib.suppress(ConnectionClosed):
-            await self.ws.send(encode(event))
+        """Queue one event; never blocks. A closed peer is not an error (run()
+        sees it); a full queue means the client stopped reading: close 1008."""
+        if self._closing:
+            return
+        try:
+            self._out.put_nowait(encode(event))
+        except asyncio.QueueFull:
+            self._too_slow()
+            return
+        if isinstance(event, ReplyDone | ReplyCancelled):
+            self.app.save(self)
+
+    def _too_slow(self) -> None:
+        self._closing = True
+        self.app.limit_counters["slow_consumer_closes_total"] += 1
+        logger.warning(
+            "client not reading, closing",
+            extra={"session_id": self.session_id, "queued": self._out.qsize()},
+        )
+        task = asyncio.create_task(self._close_slow())
+        self.app._saves.add(task)  # shutdown waits for it too
+        task.add_done_callback(self.app._saves.discard)
+
+    async def _close_slow(self) -> None:
+        if self.live is not None:
+            await self.live.close()  # cancels its generation now
+        if self._writer is not None:
+            self._writer.cancel()
+        await close_or_abort(self.ws, CLOSE_POLICY, "client too slow: events not read")
+
+    async def _write_loop(self) -> None:
+        while True:
+            data = await self._out.get()
+            try:
+                await self.ws.send(data)
+            except ConnectionClosed:
+                return
+            finally:
+                self._out.task_done()
+
+    async def flush(self, timeout: float) -> None:
+        """Wait (bounded) until the queued events are written."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._out.join(), timeout)
 
     async def _send_error(self, exc: BaseException) -> None:
         event = error_event(exc)
         self.app.metrics.observe(event)
         await self.send(event)
 
+    async def _watch_idle(self, idle: float) -> None:
+        """Close the connection (1000) after `idle` seconds without a client
+        message while no reply runs. One sleeping task per connection, not a
+        timer per message (that cost 15 % of the server's CPU under load)."""
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            await asyncio.sleep(max(0.05, self._last_seen + idle - loop.time()))
+            live = self.live
+            if loop.time() - self._last_seen < idle or (live and live.replies_in_flight):
+                if live and live.replies_in_flight:
+                    self._last_seen = loop.time()  # idle counts from the reply's end
+                continue
+            self._closing = True
+            self.app.limit_counters["idle_closes_total"] += 1
+            logger.info("idle session closed", extra={"session_id": self.session_id})
+            await close_or_abort(self.ws, CLOSE_NORMAL, "idle timeout")
+            return
+
+    async def _pace(self, message: str | bytes) -> None:
+        """Wait as long as the message and audio rate limits ask (limits.py)."""
+        wait = self._messages.message()
+        if isinstance(message, bytes) and self.live is not None:
+            rate, channels = self.audio_format
+            wait = max(wait, self._pacer.audio(len(message) / (2 * channels * rate)))
+            self.app.limit_counters["throttled_seconds_total"] = self.app.limit_counters[
+                "throttled_seconds_total"
+            ] + max(0.0, wait)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
     async def run(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop())
+        loop = asyncio.get_running_loop()
+        self._last_seen = loop.time()
+        idle = self.app.config.idle_timeout
+        watchdog = asyncio.create_task(self._watch_idle(idle)) if idle > 0 else None
         try:
-            async for message in self.ws:
+            while not self._closing:
+                try:
+                    message = await self.ws.recv()
+                except ConnectionClosed:
+                    break
+                self._last_seen = loop.time()
+                await self._pace(message)
+                if self._closing:
+                    break
                 try:
                     await self._on_message(message)
                 except VoiceAgentError as exc:
                     wire = to_wire(exc)
-                    await self._send_error(exc)
                     if wire.close_code is not None:
+                        if isinstance(exc, PolicyViolation):
+                            self.app.limit_counters["auth_failures_total"] += 1
+                        await self.flush(1.0)
                         await self.ws.close(wire.close_code, wire.message)
                         break
+                    await self._send_error(exc)
                 except Exception:
                     logger.exception(
                         "failed to handle a message", extra={"session_id": self.session_id}
                     )
                     await self._send_error(RuntimeError())
-        except ConnectionClosed:
-            pass
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
+                await asyncio.gather(watchdog, return_exceptions=True)
             await self._end()
 
     async def _end(self) -> None:
         await self._close_peer()
         live = self.live
+        if live is not None:
+            await live.close()
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
         if live is None:
             return
-        await live.close()
-        self.app.sessions.pop(live.session_id, None)
-        self.app.detach(live)
+        if self.app.sessions.get(live.session_id) is live:
+            del self.app.sessions[live.session_id]
+        self.app.save(self)
+        self.app.detach(live, self.owner)
         self.app.metrics.sessions_active = len(self.app.sessions)
+        store = self.app.store
+        if store is not None and not self.app._shutting_down:
+            future = asyncio.wrap_future(self.app._saver.submit(_prune, store))
+            self.app._saves.add(future)
+            future.add_done_callback(self.app._saves.discard)
         logger.info(
             "session ended",
             extra={"session_id": live.session_id, "close_code": self.ws.close_code},
@@ -399,6 +803,8 @@ class _Connection:
         live = self.live
         if isinstance(message, bytes):
             if live is None:
+                if self.app.tokens:
+                    raise PolicyViolation("send session.start with the token first")
                 raise NotStarted("send session.start before audio")
             await live.feed_audio(message)
             return
@@ -407,6 +813,8 @@ class _Connection:
             await self._start(event)
             return
         if live is None:
+            if self.app.tokens:
+                raise PolicyViolation("send session.start with the token first")
             raise NotStarted(f"send session.start before {event.type}")
         await self._dispatch(live, event)
 
@@ -460,11 +868,16 @@ class _Connection:
         if self.live is not None:
             raise BadMessage("the session has already started")
         app = self.app
+        self.owner = check_token(start.token, app.tokens)  # PolicyViolation: close 1008
         device = start.device
         if device is not None and not valid_device_name(device):
             raise BadMessage("session.start: 'device' must match [A-Za-z0-9_-]{1,64}")
+        resumed = await app.resume(start.session_id, self.owner)
+        if self.live is not None or self._closing:
+            raise BadMessage("the session has already started")
+        if device is None and resumed is not None:
+            device = resumed.device  # a resumed conversation keeps its device
         bus = app.bus if device else None
-        resumed = app.resume(start.session_id)
         session_id = start.session_id if start.session_id and resumed else uuid.uuid4().hex
         live = LiveSession(
             app.engine,
@@ -507,6 +920,26 @@ class _Connection:
         )
 
 
+async def close_or_abort(
+    ws: ServerConnection, code: int, reason: str, timeout: float = 5.0
+) -> None:
+    """Close with `code`; if the peer does not take the close frame within
+    `timeout` (it stopped reading, so websockets waits on the write buffer for
+    ever), drop the TCP connection."""
+    task = asyncio.create_task(ws.close(code, reason))
+    done, _ = await asyncio.wait([task], timeout=timeout)
+    if not done:
+        ws.transport.abort()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _prune(store: Store) -> None:
+    try:
+        store.prune()
+    except Exception:
+        logger.exception("pruning stored conversations failed")
+
+
 def _load_webrtc() -> ModuleType | None:
     """transports.webrtc, or None when aiortc (the `webrtc` extra) is missing."""
     try:
@@ -526,11 +959,16 @@ def _guess(path: Path) -> str:
 
 @contextlib.asynccontextmanager
 async def running_server(
-    config: Config, engine: Engine, *, close_engine: bool = True, bus: CommandBus | None = None
+    config: Config,
+    engine: Engine,
+    *,
+    close_engine: bool = True,
+    bus: CommandBus | None = None,
+    store: Store | None = None,
 ) -> AsyncIterator[WebSocketServerApp]:
     """A started server (port=0 picks a free port: read `server.port`/`server.url`),
     shut down gracefully on exit."""
-    app = WebSocketServerApp(config, engine, close_engine=close_engine, bus=bus)
+    app = WebSocketServerApp(config, engine, close_engine=close_engine, bus=bus, store=store)
     await app.start()
     try:
         yield app
