@@ -74,7 +74,10 @@ function saveTranscript() {
 }
 
 const start = { device: params.get("device") || "browser" };
-if (params.get("token")) start.token = params.get("token");
+// The access token (--token) comes from the URL fragment (#token=...), which
+// the browser never sends to the server in a request line or log.
+const fragment = new URLSearchParams(window.location.hash.slice(1));
+if (fragment.get("token")) start.token = fragment.get("token");
 if (params.get("speak") === "0") start.speak = false;
 
 const client = new RealtimeClient(realtimeUrl(params), start);

@@ -455,3 +455,29 @@ async def test_speaking_over_a_streaming_reply_cuts_it_off(
         assert await error_notices(page) == []
         assert watch.problems == [], watch.problems
     assert server_errors(caplog) == []
+
+
+async def test_the_page_sends_the_token_from_the_url_fragment(
+    config: Config, tiny_engine: Qwen2AudioEngine, fake_mic: Path
+) -> None:
+    # A server with --token: the page given #token=... gets a session; without
+    # it the server closes with 1008 and the page says it was refused.
+    config = dataclasses.replace(config, token="s3cret-token")
+    async with (
+        running_server(config, tiny_engine, close_engine=False) as server,
+        chromium(fake_mic) as browser,
+    ):
+        page = await browser.new_page()
+        sid = await open_page(page, server, "?transport=ws#token=s3cret-token")
+        assert sid in server.sessions
+        await page.fill(tid("text-input"), "hello")
+        await page.keyboard.press("Enter")
+        assert await wait_reply_done(page, "r1")
+
+        refused = await browser.new_page()
+        await refused.goto(f"{server.http_url}?transport=ws")
+        await refused.wait_for_function(
+            "() => document.body.textContent.includes('refused the connection')",
+            timeout=WAIT_MS,
+        )
+        assert len(server.sessions) == 1
