@@ -116,6 +116,11 @@ def prepare_turn_taking(config: Config) -> None:
     if config.vad == "silero":
         silero_model()
     line = describe(detector, config.hangover_ms)
+    if config.turn_detection == "silence":
+        line = (
+            f"end of turn: silence alone ({config.hangover_ms} ms hangover); "
+            "--turn-detection auto uses the end-of-turn model"
+        )
     if detector is None and config.turn_detection == "auto":
         logger.warning(line)
     else:
