@@ -844,3 +844,44 @@ async def test_publish_command_from_the_bus(broker: Broker) -> None:
             "target": "light.kitchen",
         }
     assert not bus.attached
+
+
+async def test_spoken_reply_is_a_wav_on_reply_audio(broker: Broker) -> None:
+    import io
+
+    import soundfile
+
+    from voice_agent.tts.espeak import EspeakTTS
+    from voice_agent.tts.speaker import Speech
+
+    from .speech_checks import voiced_fraction
+
+    text = "The kitchen light is on. The hall stays dark, as you asked."
+    speech = Speech(EspeakTTS())
+    engine = ScriptedEngine([text], token_delay=0.01)
+    try:
+        async with agent(cfg(broker), engine, speech=speech), Listener(broker) as client:
+            await client.ask("kitchen", {"id": "s-1", "text": "lights"})
+            reply = await client.reply("kitchen", "s-1")
+            audio = await client.wait_for(lambda m: m.topic == "voice_agent/kitchen/reply/audio")
+            topics = [m.topic for m in client.messages if m.topic.startswith("voice_agent/kitchen")]
+    finally:
+        speech.close()
+    assert reply["text"] == text
+    assert topics.index("voice_agent/kitchen/reply") < topics.index(
+        "voice_agent/kitchen/reply/audio"
+    )
+    assert audio.payload[:4] == b"RIFF" and audio.payload[8:12] == b"WAVE"
+    data, rate = soundfile.read(io.BytesIO(audio.payload), dtype="int16")
+    assert rate == 22050 and data.ndim == 1
+    assert len(data) / rate > 2.5  # both sentences
+    assert voiced_fraction(data.tobytes(), rate) > 0.4
+
+
+async def test_no_reply_audio_without_speech(broker: Broker) -> None:
+    engine = ScriptedEngine(["Fine."], token_delay=0.01)
+    async with agent(cfg(broker), engine), Listener(broker) as client:
+        await client.ask("kitchen", {"id": "n-1", "text": "hi"})
+        await client.reply("kitchen", "n-1")
+        await asyncio.sleep(0.5)
+        assert client.on("voice_agent/kitchen/reply/audio") == []

@@ -10,6 +10,8 @@ or a client writes can name a topic.
     PREFIX/DEVICE/ask/audio     raw audio file bytes; the id is generated
     PREFIX/DEVICE/reply/delta   {"id", "text"} per decoded piece (QoS 0)
     PREFIX/DEVICE/reply         {"id", "text", "commands", "timing"}
+    PREFIX/DEVICE/reply/audio   the spoken reply, a WAV file (16-bit mono, 22.05 kHz),
+                                after PREFIX/DEVICE/reply, when the server speaks
     PREFIX/DEVICE/command       {"id", "action", "target", "value"?} per valid command
     PREFIX/DEVICE/error         {"id", "code", "message"} (id null when unknown)
     homeassistant/binary_sensor/<prefix>/status/config   HA discovery, retained
@@ -47,6 +49,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import io
 import json
 import logging
 import re
@@ -59,6 +62,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
+import numpy as np
+import soundfile
 
 from voice_agent.audio import decode
 from voice_agent.commands import Command, DeviceList, parse_commands, prompt_text
@@ -75,6 +80,8 @@ from voice_agent.errors import (
     to_wire,
 )
 from voice_agent.hub import CommandBus, load_devices
+from voice_agent.tts.speaker import Speech
+from voice_agent.tts.split import SentenceSplitter
 
 logger = logging.getLogger("voice_agent.mqtt")
 
@@ -83,6 +90,7 @@ ANSWERED_PER_DEVICE = 256
 MAX_DEVICES_TRACKED = 1024
 MAX_CONVERSATIONS = 1024
 MAX_OUTBOX = 4096
+WAV_RATE = 22050  # PREFIX/DEVICE/reply/audio: the rate of Piper's voices
 MAX_INCOMING = 1024
 _SESSION = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # CONNACK refusals that mean "wrong or missing credentials" (MQTT 3.1.1 and 5)
@@ -302,12 +310,14 @@ class MqttTransport:
         devices: DeviceList | None = None,
         reconnect_min: float = 0.5,
         reconnect_max: float = 30.0,
+        speech: Speech | None = None,
     ) -> None:
         if not config.mqtt:
             raise ConfigError("MQTT is not configured (--mqtt)")
         self.config = config
         self.engine = engine
         self.bus = bus
+        self.speech = speech  # None: replies are text only
         # the allowlist: given, or the --devices file (None: replies carry no commands)
         self.devices = devices if devices is not None else load_devices(config.devices)
         self.url = parse_broker_url(config.mqtt)
@@ -648,15 +658,27 @@ class MqttTransport:
             self._error(device, rid, exc)
             return
         delta_topic = self.topics.for_device(device, "reply/delta")
+        # Spoken: each sentence is synthesized as soon as it is complete (in order,
+        # on the speech thread) while decoding goes on; the WAV follows the reply.
+        splitter = SentenceSplitter()
+        spoken: list[asyncio.Future[np.ndarray]] = []
         try:
             async for delta in handle:
                 if delta.text:
                     self._out(delta_topic, _dumps({"id": rid, "text": delta.text}), 0)
+                    if self.speech is not None:
+                        spoken += [self._say(s) for s in splitter.feed(delta.text)]
             result = handle.result
+            if self.speech is not None and not result.cancelled:
+                spoken += [self._say(s) for s in splitter.flush()]
         except asyncio.CancelledError:
             handle.cancel()
+            for future in spoken:
+                future.cancel()
             raise
         except VoiceAgentError as exc:
+            for future in spoken:
+                future.cancel()
             self._error(device, rid, exc)
             return
         commands: tuple[Command, ...] = ()
@@ -692,6 +714,8 @@ class MqttTransport:
         }
         self._out(self.topics.for_device(device, "reply"), _dumps(reply), 1)
         self.stats.replies += 1
+        if spoken:
+            await self._publish_audio(device, rid, spoken)
         logger.info(
             "reply sent",
             extra={
@@ -702,6 +726,31 @@ class MqttTransport:
                 "total_ms": timing["request_ms"],
             },
         )
+
+    def _say(self, sentence: str) -> asyncio.Future[np.ndarray]:
+        assert self.speech is not None
+        return asyncio.ensure_future(self.speech.synthesize(sentence, WAV_RATE))
+
+    async def _publish_audio(
+        self, device: str, rid: str, spoken: list[asyncio.Future[np.ndarray]]
+    ) -> None:
+        """The whole spoken reply as one WAV on PREFIX/DEVICE/reply/audio."""
+        try:
+            parts = await asyncio.gather(*spoken)
+        except asyncio.CancelledError:
+            for future in spoken:
+                future.cancel()
+            raise
+        except Exception as exc:
+            logger.warning(
+                "speech failed: %s",
+                type(exc).__name__,
+                extra={"device": device, "request_id": rid},
+            )
+            return
+        buffer = io.BytesIO()
+        soundfile.write(buffer, np.concatenate(parts), WAV_RATE, format="WAV", subtype="PCM_16")
+        self._out(self.topics.for_device(device, "reply/audio"), buffer.getvalue(), 1)
 
     def _publish_command(self, device: str, rid: str, command: Command) -> None:
         self.stats.commands += 1

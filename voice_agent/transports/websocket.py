@@ -45,6 +45,12 @@ names a `device` ([A-Za-z0-9_-]{1,64}, else bad_message) hands the commands of
 its replies to the bus (MQTT publishes them on PREFIX/DEVICE/command) and gets
 a `command` event for each command MQTT extracted for the same device.
 
+Spoken replies: with a `speech` (tts/speaker.py) and unless session.start
+says `speak: false`, each reply is also spoken: `reply.audio.started`, binary
+PCM16 frames at `output_sample_rate`, `reply.audio.done`. Audio takes at most
+half of the send queue (it waits for room; events never do). A `cancel` also
+stops the audio of a reply whose text is already done.
+
 Shutdown (`shutdown`): stop accepting, close every WebRTC peer connection,
 cancel every reply in flight, close every connection with 1001, then close
 the engine (unless told not to).
@@ -114,6 +120,7 @@ from voice_agent.protocol import (
     encode,
     error_event,
 )
+from voice_agent.tts.speaker import ReplySpeaker, Speech
 
 if TYPE_CHECKING:
     from voice_agent.store import Store, StoredSession
@@ -277,8 +284,11 @@ class WebSocketServerApp:
         close_engine: bool = True,
         bus: CommandBus | None = None,
         store: Store | None = None,
+        speech: Speech | None = None,
     ) -> None:
         self.config = config
+        # Spoken replies (tts/speaker.py): None when the server does not speak.
+        self.speech = speech
         self.tokens = load_tokens(config)  # ConfigError before anything listens
         self.store = store
         # Saves run in order on one thread, off the event loop.
@@ -646,9 +656,12 @@ class _Connection:
         self.owner = ""  # hash of the token this session was opened with
         self.audio_format = (16000, 1)  # (sample_rate, channels) from session.start
         self.peer: WebRTCInput | None = None
+        self.speaker: ReplySpeaker | None = None  # when this session's replies are spoken
         config = app.config
         # Outgoing events: bounded; one writer task sends them in order.
         self._out: asyncio.Queue[str | bytes] = asyncio.Queue(config.send_queue)
+        # Reply audio fills at most half of it, so events always find room.
+        self._room = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._last_seen = 0.0  # loop time of the last client message
@@ -660,6 +673,8 @@ class _Connection:
         sees it); a full queue means the client stopped reading: close 1008."""
         if self._closing:
             return
+        if self.speaker is not None:
+            self.speaker.observe(event)  # a cancel stops the audio before it is queued
         try:
             self._out.put_nowait(encode(event))
         except asyncio.QueueFull:
@@ -667,6 +682,14 @@ class _Connection:
             return
         if isinstance(event, ReplyDone | ReplyCancelled):
             self.app.save(self)
+
+    async def send_audio(self, pcm: bytes) -> None:
+        """Queue one binary frame of reply audio; waits while the queue is half full."""
+        while not self._closing and self._out.qsize() >= max(1, self._out.maxsize // 2):
+            self._room.clear()
+            await self._room.wait()
+        if not self._closing:
+            self._out.put_nowait(pcm)
 
     def _too_slow(self) -> None:
         self._closing = True
@@ -695,6 +718,7 @@ class _Connection:
                 return
             finally:
                 self._out.task_done()
+                self._room.set()
 
     async def flush(self, timeout: float) -> None:
         """Wait (bounded) until the queued events are written."""
@@ -779,6 +803,8 @@ class _Connection:
         live = self.live
         if live is not None:
             await live.close()
+        if self.speaker is not None:
+            await self.speaker.close()
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
@@ -824,11 +850,13 @@ class _Connection:
         elif isinstance(event, AudioCommit):
             await live.commit()
         elif isinstance(event, CancelReply):
+            if self.speaker is not None:
+                self.speaker.stop()  # also the audio of a reply whose text is done
             await live.cancel()
         elif isinstance(event, WebRTCOffer):
             await self._offer(live, event)
         elif isinstance(event, Playback):
-            pass  # accepted; nothing is spoken yet
+            pass  # accepted; what was heard is not used yet
         else:  # a second session.start
             raise BadMessage("the session has already started")
 
@@ -899,6 +927,10 @@ class _Connection:
         self.live = live
         self.session_id = session_id
         self.audio_format = (start.sample_rate, start.channels)
+        if app.speech is not None and start.speak is not False:
+            self.speaker = ReplySpeaker(
+                app.speech, start.output_sample_rate, self.send, self.send_audio
+            )
         app.sessions[session_id] = live
         app.metrics.sessions_total += 1
         app.metrics.sessions_active = len(app.sessions)
@@ -965,10 +997,13 @@ async def running_server(
     close_engine: bool = True,
     bus: CommandBus | None = None,
     store: Store | None = None,
+    speech: Speech | None = None,
 ) -> AsyncIterator[WebSocketServerApp]:
     """A started server (port=0 picks a free port: read `server.port`/`server.url`),
     shut down gracefully on exit."""
-    app = WebSocketServerApp(config, engine, close_engine=close_engine, bus=bus, store=store)
+    app = WebSocketServerApp(
+        config, engine, close_engine=close_engine, bus=bus, store=store, speech=speech
+    )
     await app.start()
     try:
         yield app

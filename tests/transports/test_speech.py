@@ -1,0 +1,196 @@
+"""Spoken replies over WebSocket: a real server on loopback, the scripted
+engine, real espeak-ng / Piper, and a raw websockets client that keeps the
+order of text events and binary audio frames."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from voice_agent.config import Config
+from voice_agent.engine.scripted import ScriptedEngine
+from voice_agent.transports.websocket import WebSocketServerApp, running_server
+from voice_agent.tts import load_tts
+from voice_agent.tts.espeak import EspeakTTS
+from voice_agent.tts.speaker import Speech
+
+from .speech_checks import voiced_fraction
+
+pytestmark = pytest.mark.timeout(60)
+
+REPLY = (
+    "Sure, the kitchen light is on now. The living room stays dark as you asked. "
+    "Anything else I can do for you this evening?"
+)
+LONG = " ".join(f"This is sentence number {n} of a very long answer." for n in range(60))
+
+Message = dict[str, Any] | bytes
+
+
+@pytest.fixture
+def config() -> Config:
+    return Config(host="127.0.0.1", port=0, ping_interval=5.0, db="none")
+
+
+@pytest.fixture
+async def speech() -> AsyncIterator[Speech]:
+    s = Speech(EspeakTTS())
+    yield s
+    s.close()
+
+
+async def start(ws: ClientConnection, **fields: Any) -> None:
+    await ws.send(json.dumps({"type": "session.start", **fields}))
+    assert json.loads(await ws.recv())["type"] == "session.started"
+
+
+async def collect(ws: ClientConnection, until: str, timeout: float = 30.0) -> list[Message]:
+    """Every message, text decoded, up to and including the event `until`."""
+    out: list[Message] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            raw = await ws.recv()
+            msg: Message = raw if isinstance(raw, bytes) else json.loads(raw)
+            out.append(msg)
+            if isinstance(msg, dict) and msg["type"] == until:
+                return out
+
+
+async def quiet(ws: ClientConnection, seconds: float) -> list[Message]:
+    """What arrives within `seconds` (expected: nothing)."""
+    out: list[Message] = []
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                raw = await ws.recv()
+                out.append(raw if isinstance(raw, bytes) else json.loads(raw))
+    except TimeoutError:
+        return out
+
+
+def index(messages: list[Message], kind: str) -> int:
+    return next(i for i, m in enumerate(messages) if isinstance(m, dict) and m["type"] == kind)
+
+
+def audio_of(messages: list[Message]) -> bytes:
+    return b"".join(m for m in messages if isinstance(m, bytes))
+
+
+async def spoken_reply(app: WebSocketServerApp, **start_fields: Any) -> list[Message]:
+    async with connect(app.url) as ws:
+        await start(ws, **start_fields)
+        await ws.send(json.dumps({"type": "text", "text": "lights please"}))
+        return await collect(ws, "reply.audio.done")
+
+
+async def test_audio_streams_while_the_text_is_decoded(config: Config, speech: Speech) -> None:
+    engine = ScriptedEngine([REPLY], token_delay=0.08)  # about 2 s of decoding
+    async with running_server(config, engine, speech=speech) as app:
+        messages = await spoken_reply(app)
+    started, done = index(messages, "reply.audio.started"), index(messages, "reply.done")
+    first_frame = next(i for i, m in enumerate(messages) if isinstance(m, bytes))
+    last_frame = max(i for i, m in enumerate(messages) if isinstance(m, bytes))
+    # the first sentence is heard before the reply's text is complete
+    assert started < first_frame < done
+    assert last_frame < len(messages) - 1  # reply.audio.done comes last
+    audio_started, audio_done = messages[started], messages[-1]
+    assert isinstance(audio_started, dict) and isinstance(audio_done, dict)
+    assert audio_started == {"type": "reply.audio.started", "reply_id": "r1", "sample_rate": 16000}
+    assert audio_done["reply_id"] == "r1" and audio_done["cancelled"] is False
+    pcm = audio_of(messages)
+    assert abs(audio_done["duration_ms"] - len(pcm) // 2 * 1000 // 16000) <= 1
+    assert audio_done["duration_ms"] > 3000  # three sentences, all spoken
+    assert voiced_fraction(pcm, 16000) > 0.4
+
+
+async def test_output_sample_rate_and_piper(config: Config) -> None:
+    tts = load_tts("piper")
+    assert tts is not None
+    speech = Speech(tts)
+    try:
+        engine = ScriptedEngine([REPLY], token_delay=0.01)
+        async with running_server(config, engine, speech=speech) as app:
+            messages = await spoken_reply(app, output_sample_rate=24000)
+    finally:
+        speech.close()
+    started, done = messages[index(messages, "reply.audio.started")], messages[-1]
+    assert isinstance(started, dict) and isinstance(done, dict)
+    assert started["sample_rate"] == 24000
+    pcm = audio_of(messages)
+    assert abs(done["duration_ms"] - len(pcm) // 2 * 1000 // 24000) <= 1
+    assert voiced_fraction(pcm, 24000) > 0.4
+
+
+async def test_speak_false_gets_text_only(config: Config, speech: Speech) -> None:
+    engine = ScriptedEngine([REPLY], token_delay=0.01)
+    async with running_server(config, engine, speech=speech) as app, connect(app.url) as ws:
+        await start(ws, speak=False)
+        await ws.send(json.dumps({"type": "text", "text": "lights please"}))
+        messages = await collect(ws, "reply.done")
+        messages += await quiet(ws, 2.0)
+    assert not [m for m in messages if isinstance(m, bytes)]
+    assert not [m for m in messages if isinstance(m, dict) and m["type"].startswith("reply.audio")]
+
+
+async def test_no_speech_without_tts(config: Config) -> None:
+    engine = ScriptedEngine([REPLY], token_delay=0.01)
+    async with running_server(config, engine) as app, connect(app.url) as ws:
+        await start(ws)
+        await ws.send(json.dumps({"type": "text", "text": "lights please"}))
+        messages = await collect(ws, "reply.done") + await quiet(ws, 1.0)
+    assert not [m for m in messages if isinstance(m, bytes)]
+
+
+async def test_cancel_stops_the_audio(config: Config, speech: Speech) -> None:
+    engine = ScriptedEngine([LONG], token_delay=0.05)  # about 35 s if not stopped
+    async with running_server(config, engine, speech=speech) as app, connect(app.url) as ws:
+        await start(ws)
+        await ws.send(json.dumps({"type": "text", "text": "talk"}))
+        before: list[Message] = []
+        async with asyncio.timeout(30):
+            while not any(isinstance(m, bytes) for m in before):
+                raw = await ws.recv()
+                before.append(raw if isinstance(raw, bytes) else json.loads(raw))
+        await ws.send(json.dumps({"type": "cancel"}))
+        after = await collect(ws, "reply.audio.done")
+        late = await quiet(ws, 2.0)
+    cancelled = index(after, "reply.cancelled")
+    # frames already in flight may precede reply.cancelled; none may follow it
+    assert not [m for m in after[cancelled:] if isinstance(m, bytes)]
+    assert not [m for m in late if isinstance(m, bytes)]
+    done = after[-1]
+    assert isinstance(done, dict) and done["cancelled"] is True
+    spoken = len(audio_of(before + after)) // 2 * 1000 // 16000
+    assert abs(done["duration_ms"] - spoken) <= 1
+    assert spoken < 30000  # the long answer was not spoken to its end
+
+
+async def test_a_new_reply_stops_the_old_ones_audio(config: Config, speech: Speech) -> None:
+    engine = ScriptedEngine(["Short answer one. " * 8, "Second answer here."], token_delay=0.001)
+    async with running_server(config, engine, speech=speech) as app, connect(app.url) as ws:
+        await start(ws)
+        await ws.send(json.dumps({"type": "text", "text": "one"}))
+        first = await collect(ws, "reply.audio.started")
+        await ws.send(json.dumps({"type": "text", "text": "two"}))
+        rest = await collect(ws, "reply.done")
+        rest += await collect(ws, "reply.audio.done")
+        if not (isinstance(rest[-1], dict) and rest[-1]["reply_id"] == "r2"):
+            rest += await collect(ws, "reply.audio.done")
+    messages = first + rest
+    audio_events = [
+        (m["type"], m["reply_id"])
+        for m in messages
+        if isinstance(m, dict) and m["type"].startswith("reply.audio")
+    ]
+    # one reply speaks at a time: the first one's audio ends before the second's starts
+    assert audio_events == [
+        ("reply.audio.started", "r1"),
+        ("reply.audio.done", "r1"),
+        ("reply.audio.started", "r2"),
+        ("reply.audio.done", "r2"),
+    ]
