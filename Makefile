@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
-	$(PY) -m pip install --quiet -e '.[webrtc,mqtt,mic,turn,dev]'
+	$(PY) -m pip install --quiet -e '.[webrtc,mqtt,mic,turn,remote,tts,dev]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -41,6 +41,7 @@ test: lint
 bench: $(STAMP)
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/tts.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

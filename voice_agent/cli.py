@@ -1,4 +1,4 @@
-"""voice-agent serve | ask | client | sessions | bench | make-tiny-model.
+"""voice-agent serve | serve-model | ask | client | sessions | bench | make-tiny-model.
 
 Errors the user can fix end the program with one line on stderr and a
 non-zero exit code, never a traceback.
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from voice_agent.config import Config, add_arguments
+from voice_agent.engine.base import Engine
 from voice_agent.errors import VoiceAgentError
 from voice_agent.logs import setup_logging
 
@@ -40,10 +41,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = Config.from_sources(args)
     setup_logging(config.log_level, config.log_format)
-    engine = load_engine(
-        config.model, demo_dir=Path(config.demo_model_dir), **_engine_kwargs(config)
-    )
+    engine: Engine
+    if config.engine == "openai":
+        from voice_agent.engine.loader import remote_engine
+
+        engine = remote_engine(config)
+    else:
+        engine = load_engine(
+            config.model, demo_dir=Path(config.demo_model_dir), **_engine_kwargs(config)
+        )
     run(config, engine)
+    return 0
+
+
+def cmd_serve_model(args: argparse.Namespace) -> int:
+    from voice_agent.engine.loader import load_engine
+
+    try:
+        from voice_agent.model_server import serve_until_signal
+    except ImportError as exc:
+        raise VoiceAgentError(
+            f"serve-model needs aiohttp ({exc.name}): pip install 'voice-agent[remote]'"
+        ) from None
+    config = Config.from_sources(args)
+    setup_logging(config.log_level, config.log_format)
+    kwargs = {**_engine_kwargs(config), "engine_process": False}  # needs the in-process engine
+    engine = load_engine(config.model, demo_dir=Path(config.demo_model_dir), **kwargs)
+    asyncio.run(
+        serve_until_signal(
+            engine,
+            config.host,
+            config.port,
+            served_name=config.engine_model,
+            api_key=config.engine_api_key,
+            max_new_tokens=config.max_new_tokens,
+        )
+    )
     return 0
 
 
@@ -199,6 +232,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(serve)
     serve.set_defaults(func=cmd_serve)
+
+    serve_model = sub.add_parser(
+        "serve-model",
+        help="serve the model over the OpenAI chat-completions API (/v1/chat/completions)",
+        description="Serve the local Qwen2-Audio engine at /v1/chat/completions (SSE streaming) "
+        "and /v1/models, for gateways running --engine openai. Every flag also reads an env var.",
+    )
+    add_arguments(
+        serve_model,
+        only=[
+            "host",
+            "port",
+            "model",
+            "demo_model_dir",
+            "device",
+            "max_new_tokens",
+            "temperature",
+            "top_p",
+            "max_queue",
+            "max_batch",
+            "kv_cache_budget",
+            "engine_model",
+            "engine_api_key",
+            "log_level",
+            "log_format",
+        ],
+    )
+    serve_model.set_defaults(func=cmd_serve_model)
 
     ask = sub.add_parser("ask", help="one turn on an audio file, reply streamed to stdout")
     ask.add_argument("file", help="WAV/FLAC/OGG/MP3 file")

@@ -28,7 +28,8 @@ def _default_demo_dir() -> str:
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
+    shown = extra.pop("repr", True)  # secrets: repr=False keeps them out of repr(config)
+    return field(default=default, repr=shown, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,32 @@ class Config:
         "run the model in a separate worker process; if model code crashes, the worker is "
         "restarted and only the turns in flight fail (error internal)",
     )
+    # remote engine (see voice_agent/engine/openai.py) and serve-model
+    engine: str = _f(
+        "local",
+        "local (the model in this process) or openai (a remote OpenAI-compatible server with "
+        "audio input: vLLM serving Qwen2-Audio, or voice-agent serve-model)",
+    )
+    engine_url: str | None = _f(
+        None, "with --engine openai: the API base URL, e.g. http://gpu-host:8000/v1"
+    )
+    engine_model: str | None = _f(
+        None,
+        "with --engine openai: the served model name (default: the first GET /models lists); "
+        "with serve-model: the name to serve under (default: --model)",
+    )
+    engine_api_key: str | None = _f(
+        None,
+        "with --engine openai: bearer token sent to the server; with serve-model: the token "
+        "clients must send (never logged)",
+        repr=False,
+    )
+    engine_timeout: float = _f(
+        60.0, "with --engine openai: seconds without data from the server before a turn fails"
+    )
+    engine_retries: int = _f(
+        2, "with --engine openai: extra connection attempts per turn when the server is down"
+    )
     # conversation
     system_prompt: str | None = _f(
         None, "system prompt of every conversation (default: the model's own)"
@@ -178,6 +205,17 @@ class Config:
         4, "utterances waiting behind a running reply; beyond it the oldest is dropped"
     )
     max_text_chars: int = _f(4000, "longest typed text turn")
+    # spoken replies (voice_agent/tts)
+    tts: str = _f(
+        "auto",
+        "text to speech for spoken replies: piper (needs voice-agent[tts]), espeak "
+        "(espeak-ng, always there), none (text only) or auto (piper when installed, else espeak)",
+    )
+    tts_voice: str | None = _f(
+        None,
+        "Piper voice .onnx file (its .onnx.json beside it; default: en_US-joe-medium from "
+        "voice-agent[tts]), or an espeak-ng voice name with --tts espeak",
+    )
     # home automation (MQTT)
     mqtt: str | None = _f(
         None, "MQTT broker URL, mqtt://[user:pass@]host:port or mqtts://...; off when unset"
@@ -233,6 +271,16 @@ class Config:
             problems.append("tls_cert and tls_key go together")
         if self.kv_cache_budget < 0:
             problems.append("kv_cache_budget must be 0 (no limit) or more")
+        if self.tts not in ("auto", "piper", "espeak", "none"):
+            problems.append("tts must be auto, piper, espeak or none")
+        if self.engine not in ("local", "openai"):
+            problems.append("engine must be local or openai")
+        if self.engine == "openai" and not self.engine_url:
+            problems.append("engine openai needs engine_url (the server's /v1 base URL)")
+        if self.engine_url and not self.engine_url.startswith(("http://", "https://")):
+            problems.append("engine_url must start with http:// or https://")
+        if self.engine_timeout <= 0 or self.engine_retries < 0:
+            problems.append("engine_timeout must be more than 0 and engine_retries 0 or more")
         if self.log_format not in ("text", "json"):
             problems.append("log_format must be text or json")
         if not _valid_prefix(self.mqtt_prefix):

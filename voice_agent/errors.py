@@ -80,6 +80,13 @@ class EngineError(VoiceAgentError):
     code = "internal"
 
 
+class BackendUnavailable(EngineError):
+    """The remote model backend (engine openai) is down, unreachable or timed out;
+    only that turn fails, the next one tries again."""
+
+    code = "internal"
+
+
 class ModelLoadError(VoiceAgentError):
     """A model could not be loaded; the message says what failed and how to fix it."""
 
@@ -88,6 +95,12 @@ class ModelLoadError(VoiceAgentError):
 
 class ConfigError(VoiceAgentError):
     """A configuration value is invalid."""
+
+    code = "internal"
+
+
+class TtsError(VoiceAgentError):
+    """Speech synthesis failed (the reply's text still arrives; its audio ends)."""
 
     code = "internal"
 

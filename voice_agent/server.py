@@ -37,6 +37,8 @@ from voice_agent.hub import CommandBus, load_devices
 from voice_agent.live import prepare_turn_taking
 from voice_agent.store import Store, resolve_db
 from voice_agent.transports.websocket import WebSocketServerApp
+from voice_agent.tts import load_tts
+from voice_agent.tts.speaker import Speech
 
 if TYPE_CHECKING:
     from voice_agent.transports.mqtt import MqttTransport
@@ -59,23 +61,33 @@ class Services:
 
 @contextlib.asynccontextmanager
 async def running(
-    config: Config, engine: Engine, *, close_engine: bool = True, **mqtt_kwargs: float
+    config: Config,
+    engine: Engine,
+    *,
+    close_engine: bool = True,
+    speech: Speech | None = None,
+    **mqtt_kwargs: float,
 ) -> AsyncIterator[Services]:
     """Start every configured transport on the one engine; stop them on exit
     (MQTT first, so `offline` goes out while the engine still runs).
+    `speech` (see `open_speech`) speaks the replies; None: text only.
     `mqtt_kwargs` go to MqttTransport (reconnect_min, reconnect_max)."""
     devices = load_devices(config.devices)  # a bad file fails before anything starts
     prepare_turn_taking(config)  # loads the end-of-turn model once; logs the fallback
     bus = CommandBus()
     store = open_store(config)
-    app = WebSocketServerApp(config, engine, close_engine=close_engine, bus=bus, store=store)
+    app = WebSocketServerApp(
+        config, engine, close_engine=close_engine, bus=bus, store=store, speech=speech
+    )
     mqtt: MqttTransport | None = None
     try:
         await app.start()
         if config.mqtt:
             from voice_agent.transports.mqtt import MqttTransport
 
-            mqtt = MqttTransport(config, engine, bus=bus, devices=devices, **mqtt_kwargs)
+            mqtt = MqttTransport(
+                config, engine, bus=bus, devices=devices, speech=speech, **mqtt_kwargs
+            )
             await mqtt.start()
         yield Services(app, mqtt, bus, store)
     finally:
@@ -86,6 +98,19 @@ async def running(
         finally:
             if store is not None:
                 store.close()
+
+
+def open_speech(config: Config) -> Speech | None:
+    """The text to speech of `--tts` / `--tts-voice`, loaded and warmed up once
+    (ConfigError when the chosen engine cannot run), or None for `none`."""
+    tts = load_tts(config.tts, config.tts_voice)
+    if tts is None:
+        logger.info("replies are not spoken (--tts none)")
+        return None
+    speech = Speech(tts)
+    speech.warm_up()
+    logger.info("replies are spoken with %s", speech.name)
+    return speech
 
 
 def open_store(config: Config) -> Store | None:
@@ -120,8 +145,9 @@ async def serve_until_signal(config: Config, engine: Engine) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, on_signal, int(sig))
 
+    speech = await asyncio.to_thread(open_speech, config)  # loads the voice off the loop
     try:
-        async with running(config, engine) as services:
+        async with running(config, engine, speech=speech) as services:
             app = services.app
             if engine.demo_model:
                 logger.warning("serving the DEMO model: replies are random noise")
@@ -145,6 +171,8 @@ async def serve_until_signal(config: Config, engine: Engine) -> None:
         for sig in _SIGNALS:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+        if speech is not None:
+            speech.close()
         logger.info("server stopped")
 
 

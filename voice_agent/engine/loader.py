@@ -13,6 +13,7 @@ from voice_agent.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from voice_agent.config import Config
+    from voice_agent.engine.openai import OpenAIEngine
 
 logger = logging.getLogger("voice_agent.engine")
 
@@ -24,6 +25,29 @@ def engine_options(config: Config) -> dict[str, Any]:
         "kv_cache_budget": config.kv_cache_budget,
         "engine_process": config.engine_process,
     }
+
+
+def remote_engine(config: Config) -> OpenAIEngine:
+    """The --engine openai engine (nothing to load; connects at each turn)."""
+    try:
+        from voice_agent.engine.openai import OpenAIEngine
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"--engine openai needs aiohttp ({exc.name}): pip install 'voice-agent[remote]'"
+        ) from None
+    if not config.engine_url:
+        raise ModelLoadError("--engine openai needs --engine-url (the server's /v1 base URL)")
+    return OpenAIEngine(
+        config.engine_url,
+        config.engine_model,
+        config.engine_api_key,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_queue=config.max_queue,
+        read_timeout=config.engine_timeout,
+        retries=config.engine_retries,
+    )
 
 
 _DEMO_BANNER = (

@@ -477,6 +477,32 @@ class Qwen2AudioEngine(Engine):
         conversation.audio_clips = len(st.clips)
         return conversation
 
+    def history_from_messages(
+        self, messages: list[dict[str, Any]], clips: list[AudioArray], turns: int
+    ) -> History:
+        """A History from ChatML messages (system, then user and assistant turns;
+        audio items name clips "clip-1", ... in order) and their clips: renders
+        and tokenizes them as the turns would have (serve-model rebuilds each
+        request's conversation with it). Blocking; call it off the event loop."""
+        clips = [np.asarray(c, dtype=np.float32) for c in clips]
+        text = self._render(messages, False)
+        ids: list[int] = []
+        if text:
+            enc = self.processor(
+                text=[text], audio=clips or None, sampling_rate=SAMPLE_RATE, return_tensors="pt"
+            )
+            ids = [int(i) for i in enc["input_ids"][0].tolist()]
+        starts = self._audio_starts(ids, 0)
+        if len(starts) != len(clips):
+            raise ValueError("audio items and clips do not match")
+        return History(
+            messages=[dict(m) for m in messages],
+            ids=ids,
+            clips=clips,
+            clip_starts=starts,
+            turns=turns,
+        )
+
     def history_text(self, conversation: Conversation) -> str:
         state = conversation.state
         if not isinstance(state, _ConvState):

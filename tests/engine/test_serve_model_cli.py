@@ -1,0 +1,98 @@
+"""`voice-agent serve-model` as a real process on loopback, used by the remote engine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from voice_agent.cli import build_parser
+from voice_agent.engine.base import TurnInput
+from voice_agent.engine.openai import OpenAIEngine
+
+from .helpers import collect
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_serve_model_flags_parse() -> None:
+    args = build_parser().parse_args(
+        ["serve-model", "--model", "DIR", "--port", "8000", "--engine-model", "qwen"]
+    )
+    assert args.command == "serve-model" and args.port == 8000 and args.engine_model == "qwen"
+    serve = build_parser().parse_args(
+        ["serve", "--engine", "openai", "--engine-url", "http://h:8000/v1"]
+    )
+    assert serve.engine == "openai" and serve.engine_url == "http://h:8000/v1"
+
+
+async def test_serve_model_process_answers_the_remote_engine(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    env = {**os.environ, "VOICE_AGENT_ENGINE_API_KEY": "sk-cli-secret"}
+    log = (tmp_path / "serve-model.log").open("w+")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "voice_agent.cli",
+            "serve-model",
+            "--model",
+            str(tiny_model_dir),
+            "--port",
+            str(port),
+            "--engine-model",
+            "tiny-qwen",
+            "--max-new-tokens",
+            "6",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(240):  # the model loads first: up to about 2 minutes
+                assert proc.poll() is None, "serve-model exited early"
+                try:
+                    async with http.get(
+                        f"{url}/models", headers={"Authorization": "Bearer sk-cli-secret"}
+                    ) as resp:
+                        if resp.status == 200:
+                            assert [m["id"] for m in (await resp.json())["data"]] == ["tiny-qwen"]
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.5)
+            else:
+                pytest.fail("serve-model did not answer /v1/models")
+        engine = OpenAIEngine(url, None, "sk-cli-secret")
+        try:
+            conv = engine.new_conversation()
+            handle = engine.submit(conv, TurnInput(text="hello"))
+            deltas = await collect(handle)
+            assert deltas and handle.result.usage.completion_tokens <= 6
+            assert engine.model_name == "tiny-qwen"
+        finally:
+            await engine.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        log.seek(0)
+        text = log.read()
+        log.close()
+    assert "sk-cli-secret" not in text

@@ -1,0 +1,461 @@
+"""A remote engine: the OpenAI chat-completions API with audio input (vLLM, serve-model).
+
+Each conversation's history is kept here, client-side, as chat messages: user
+turns as `input_audio` parts (base64 WAV, 16 kHz mono PCM16; audio longer than
+30 s is split into several clips as the local engine does) and text parts,
+assistant replies as text. Every turn POSTs the whole history with
+`stream: true` and reads the server-sent events; each content piece is one
+Delta (`Delta.tokens` counts pieces: vLLM sends one token per piece, so
+`cancel(keep_tokens)` keeps that many pieces). Cancelling closes the HTTP
+stream, which makes the server stop decoding.
+
+Connect errors are retried a bounded number of times; a backend that stays
+down, times out or answers with an error fails only that turn, with
+errors.BackendUnavailable or EngineError. The API key is sent as a bearer token
+and never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import itertools
+import json
+import logging
+import time
+import wave
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from voice_agent.audio import float_to_pcm16, split_clips
+from voice_agent.engine.base import (
+    SAMPLE_RATE,
+    AudioArray,
+    Conversation,
+    Delta,
+    Engine,
+    History,
+    QueueTurnHandle,
+    Timing,
+    TurnHandle,
+    TurnInput,
+    TurnResult,
+    Usage,
+)
+from voice_agent.errors import BackendUnavailable, Busy, EngineError, VoiceAgentError
+
+logger = logging.getLogger("voice_agent.engine")
+
+
+def wav_base64(audio: AudioArray) -> str:
+    """16 kHz mono float32 -> base64 of a PCM16 WAV file."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes(float_to_pcm16(audio))
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def user_message(turn: TurnInput, clips_before: int) -> tuple[dict[str, Any], list[AudioArray]]:
+    """One user turn as a ChatML message in the engines' shared history format
+    (audio items name their clip: "clip-N", N counting the conversation's clips)
+    and its clips: audio first, then the text."""
+    content: list[dict[str, Any]] = []
+    clips = split_clips(turn.audio) if turn.audio is not None else []
+    for i in range(len(clips)):
+        content.append({"type": "audio", "audio": f"clip-{clips_before + i + 1}"})
+    if turn.text:
+        content.append({"type": "text", "text": turn.text})
+    return {"role": "user", "content": content}, clips
+
+
+@dataclass
+class _RemoteState:
+    """History as ChatML messages (the format every engine's snapshot uses),
+    its audio clips, and each clip's base64 WAV once it has been sent."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    clips: list[AudioArray] = field(default_factory=list)
+    encoded: dict[int, str] = field(default_factory=dict)
+    last: asyncio.Task[None] | None = None
+
+    def request_messages(
+        self, extra: Sequence[dict[str, Any]] = (), clips: Sequence[AudioArray] = ()
+    ) -> list[dict[str, Any]]:
+        """The messages as the API takes them: audio items become input_audio parts."""
+        all_clips = [*self.clips, *clips]
+        out = []
+        for m in [*self.messages, *extra]:
+            if not isinstance(m.get("content"), list):
+                out.append({"role": m["role"], "content": m.get("content") or ""})
+                continue
+            parts = []
+            for p in m["content"]:
+                if p.get("type") == "audio":
+                    n = _clip_number(p.get("audio"))
+                    if not 1 <= n <= len(all_clips):
+                        continue  # a clip the history does not hold
+                    data = self.encoded.get(n) or wav_base64(all_clips[n - 1])
+                    if n <= len(self.clips):  # settled in the history: encode it once
+                        self.encoded[n] = data
+                    audio = {"data": data, "format": "wav"}
+                    parts.append({"type": "input_audio", "input_audio": audio})
+                elif p.get("type") == "text":
+                    parts.append({"type": "text", "text": str(p.get("text", ""))})
+            if m["role"] == "user":
+                out.append({"role": "user", "content": parts})
+            else:
+                text = "".join(str(p.get("text", "")) for p in parts if p["type"] == "text")
+                out.append({"role": m["role"], "content": text})
+        return out
+
+
+def _clip_number(name: object) -> int:
+    """The number N of a "clip-N" audio item; 0 for anything else."""
+    if isinstance(name, str) and name.startswith("clip-") and name[5:].isdigit():
+        return int(name[5:])
+    return 0
+
+
+@dataclass
+class _Stream:
+    """What one streamed reply has produced so far."""
+
+    handle: QueueTurnHandle
+    pieces: list[str] = field(default_factory=list)
+    usage: dict[str, Any] | None = None
+    first: float = 0.0
+
+
+class OpenAIEngine(Engine):
+    """Chat completions over HTTP with audio input; one aiohttp session per engine."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str | None = None,
+        api_key: str | None = None,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_queue: int = 64,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        retries: int = 2,
+        retry_delay: float = 0.5,
+        clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        """`url`: the API base, e.g. http://host:8000/v1. `model`: the served
+        model name (None: the first one GET /models lists). `retries`: extra
+        attempts after a connect error, `retry_delay` seconds apart (doubling)."""
+        self.base_url = url.rstrip("/")
+        self.model_name = model or ""
+        self._api_key = api_key
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_queue = max_queue
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.retries = max(0, retries)
+        self.retry_delay = retry_delay
+        self.stats: dict[str, int] = {"requests": 0, "retries": 0, "failures": 0, "cancelled": 0}
+        self._clock = clock
+        self._sleep = sleep
+        self._session: aiohttp.ClientSession | None = None
+        self._unfinished = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count(1)
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"OpenAIEngine(url={self.base_url!r}, model={self.model_name!r})"
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._client()
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout
+            )
+            self._session = aiohttp.ClientSession(headers=headers, timeout=timeout)
+        return self._session
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -------------------------------------------------------- conversations
+
+    def new_conversation(
+        self, system_prompt: str | None = None, conversation_id: str | None = None
+    ) -> Conversation:
+        cid = conversation_id or f"remote-{next(self._ids)}"
+        state = _RemoteState()
+        if system_prompt is not None:
+            state.messages.append({"role": "system", "content": system_prompt})
+        return Conversation(cid, system_prompt, state=state)
+
+    def _state(self, conversation: Conversation) -> _RemoteState:
+        state = conversation.state
+        if not isinstance(state, _RemoteState):
+            raise ValueError("conversation was not created by this engine")
+        return state
+
+    def messages(self, conversation: Conversation) -> list[dict[str, Any]]:
+        """The conversation's history as the API takes it (what the next turn re-sends)."""
+        return self._state(conversation).request_messages()
+
+    def history_text(self, conversation: Conversation) -> str:
+        lines = []
+        for m in self._state(conversation).messages:
+            content = m["content"]
+            if isinstance(content, list):
+                content = "".join(
+                    "<audio>" if p.get("type") == "audio" else str(p.get("text", ""))
+                    for p in content
+                )
+            lines.append(f"<|im_start|>{m['role']}\n{content}<|im_end|>\n")
+        return "".join(lines)
+
+    def submit(
+        self, conversation: Conversation, turn: TurnInput, max_new_tokens: int | None = None
+    ) -> TurnHandle:
+        state = self._state(conversation)
+        if self._unfinished >= self.max_queue:
+            raise Busy("the engine is busy, try again")
+        self._unfinished += 1
+        handle = QueueTurnHandle(asyncio.get_running_loop())
+        limit = max(1, self.max_new_tokens if max_new_tokens is None else max_new_tokens)
+        task = asyncio.create_task(
+            self._run(conversation, state, turn, handle, state.last, limit, self._clock())
+        )
+        state.last = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return handle
+
+    # ----------------------------------------------------------------- turn
+
+    async def _run(
+        self,
+        conversation: Conversation,
+        state: _RemoteState,
+        turn: TurnInput,
+        handle: QueueTurnHandle,
+        previous: asyncio.Task[None] | None,
+        limit: int,
+        submitted: float,
+    ) -> None:
+        stream: asyncio.Task[None] | None = None
+        try:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            started = self._clock()
+            if handle.cancel_requested:
+                handle.push(TurnResult("", Usage(), Timing(), cancelled=True))
+                return
+            message, clips = user_message(turn, len(state.clips))
+            out = _Stream(handle)
+            request = state.request_messages([message], clips)
+            stream = asyncio.create_task(self._stream(request, limit, out))
+            task = stream
+
+            def close_stream() -> None:
+                task.cancel()
+
+            handle.on_cancel = close_stream
+            await asyncio.wait([stream])
+            cancelled = stream.cancelled() or handle.cancel_requested
+            exc = None if stream.cancelled() else stream.exception()
+            if exc is not None:
+                self.stats["failures"] += 1
+                if not isinstance(exc, VoiceAgentError):
+                    logger.warning("remote turn failed: %s", type(exc).__name__)
+                    exc = EngineError("the model failed on this turn")
+                handle.push(exc)
+                return
+            keep = len(out.pieces)
+            if cancelled:
+                self.stats["cancelled"] += 1
+                if handle.keep_tokens is not None:
+                    keep = min(keep, handle.keep_tokens)
+            text = "".join(out.pieces[:keep])
+            state.messages += [message, {"role": "assistant", "content": text}]
+            state.clips += clips
+            conversation.turns += 1
+            conversation.audio_clips = len(state.clips)
+            usage = out.usage or {}
+            details = usage.get("prompt_tokens_details") or {}
+            now = self._clock()
+            handle.push(
+                TurnResult(
+                    text,
+                    Usage(
+                        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                        cached_tokens=int(details.get("cached_tokens") or 0),
+                        completion_tokens=int(usage.get("completion_tokens") or len(out.pieces)),
+                    ),
+                    Timing(
+                        queue_ms=(started - submitted) * 1000.0,
+                        ttft_ms=((out.first or now) - submitted) * 1000.0,
+                        total_ms=(now - submitted) * 1000.0,
+                    ),
+                    cancelled=cancelled,
+                )
+            )
+        except asyncio.CancelledError:
+            if stream is not None:
+                stream.cancel()
+            handle.push(TurnResult("", Usage(), Timing(), cancelled=True))
+            raise
+        except Exception:
+            logger.exception("remote turn failed")
+            handle.push(EngineError("the model failed on this turn"))
+        finally:
+            self._unfinished -= 1
+
+    async def _resolve_model(self) -> str:
+        if self.model_name:
+            return self.model_name
+        async with self._client().get(f"{self.base_url}/models") as resp:
+            if resp.status != 200:
+                raise EngineError(f"the model backend answered HTTP {resp.status} to /models")
+            data = await resp.json()
+        models = [m.get("id") for m in data.get("data") or [] if isinstance(m, dict)]
+        if not models or not isinstance(models[0], str):
+            raise EngineError("the model backend serves no model")
+        self.model_name = models[0]
+        return self.model_name
+
+    async def _stream(self, messages: list[dict[str, Any]], limit: int, out: _Stream) -> None:
+        """POST one turn (retrying connect errors) and read its SSE stream into `out`."""
+        delay = self.retry_delay
+        for attempt in range(self.retries + 1):
+            try:
+                model = await self._resolve_model()
+                body = {
+                    "model": model,
+                    "messages": messages,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                    "max_tokens": limit,
+                    "temperature": self.temperature,
+                    "top_p": self.top_p,
+                }
+                self.stats["requests"] += 1
+                async with self._client().post(
+                    f"{self.base_url}/chat/completions", json=body
+                ) as resp:
+                    if resp.status != 200:
+                        await self._refused(resp)
+                    await self._read_events(resp, out)
+                return
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                if attempt >= self.retries:
+                    logger.warning(
+                        "model backend %s unreachable after %d attempts: %s",
+                        self.base_url,
+                        attempt + 1,
+                        type(exc).__name__,
+                    )
+                    raise BackendUnavailable("the model backend is unreachable") from None
+                self.stats["retries"] += 1
+                await self._sleep(delay)
+                delay *= 2
+            except (TimeoutError, aiohttp.ServerTimeoutError):
+                logger.warning("model backend %s timed out", self.base_url)
+                raise BackendUnavailable("the model backend timed out") from None
+            except aiohttp.ClientError as exc:
+                logger.warning("model backend %s failed: %s", self.base_url, type(exc).__name__)
+                raise BackendUnavailable("the model backend closed the connection") from None
+
+    async def _refused(self, resp: aiohttp.ClientResponse) -> None:
+        detail = ""
+        try:
+            error = (await resp.json(content_type=None)).get("error") or {}
+            detail = str(error.get("message", ""))[:200]
+        except (ValueError, AttributeError, aiohttp.ClientError):
+            pass
+        logger.warning("model backend answered HTTP %d: %s", resp.status, detail)
+        if resp.status in (429, 503):
+            raise Busy("the model backend is busy, try again")
+        raise EngineError(f"the model backend refused the turn (HTTP {resp.status})")
+
+    async def _read_events(self, resp: aiohttp.ClientResponse, out: _Stream) -> None:
+        complete = False
+        try:
+            async for raw in resp.content:
+                line = raw.decode("utf-8", "replace").strip()
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, event: lines
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    complete = True
+                    return
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise EngineError("the model backend sent a malformed event") from None
+                if not isinstance(chunk, dict):
+                    raise EngineError("the model backend sent a malformed event")
+                if chunk.get("error") or chunk.get("object") == "error":
+                    raise EngineError("the model backend failed on this turn")
+                if chunk.get("usage"):
+                    out.usage = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        if not out.first:
+                            out.first = self._clock()
+                        out.pieces.append(piece)
+                        out.handle.push(Delta(piece, len(out.pieces)))
+            raise BackendUnavailable("the model backend ended the reply early")
+        finally:
+            if complete:
+                resp.release()  # the connection goes back to the pool
+            else:
+                resp.close()  # an unfinished stream closes the connection: the server stops
+
+    # -------------------------------------------------------------- storage
+
+    def snapshot(self, conversation: Conversation) -> History | None:
+        """The history in the shared format (audio as "clip-N" items plus the
+        clips), so the store keeps audio only with --store-audio."""
+        state = self._state(conversation)
+        if state.last is not None and not state.last.done():
+            return None
+        return History(
+            messages=[dict(m) for m in state.messages],
+            clips=list(state.clips),
+            turns=conversation.turns,
+        )
+
+    def restore(
+        self, conversation_id: str, system_prompt: str | None, history: History
+    ) -> Conversation:
+        """A conversation from any engine's snapshot (its ids are not needed)."""
+        conversation = self.new_conversation(system_prompt, conversation_id)
+        state = self._state(conversation)
+        if history.messages:
+            state.messages = [dict(m) for m in history.messages]
+        state.clips = list(history.clips)
+        conversation.turns = history.turns
+        conversation.audio_clips = len(state.clips)
+        return conversation
