@@ -97,6 +97,32 @@ class History:
     clip_starts: list[int] = field(default_factory=list)
     turns: int = 0
 
+    @classmethod
+    def of(cls, state: Any, turns: int) -> History:
+        """A copy of an engine state's history (its `messages`, `ids`, `clips`
+        and `clip_starts` attributes)."""
+        return cls(
+            messages=[dict(m) for m in state.messages],
+            ids=list(state.ids),
+            clips=list(state.clips),
+            clip_starts=list(state.clip_starts),
+            turns=turns,
+        )
+
+    def apply(self, conversation: Conversation) -> None:
+        """Put this history into a fresh conversation's engine state (the
+        engine's own system message stays when the history has none)."""
+        state: Any = conversation.state
+        if len(self.clips) != len(self.clip_starts):
+            raise ValueError("history: clips and clip_starts do not match")
+        if self.messages:
+            state.messages = [dict(m) for m in self.messages]
+        state.ids = list(self.ids)
+        state.clips = [np.asarray(c, dtype=np.float32) for c in self.clips]
+        state.clip_starts = list(self.clip_starts)
+        conversation.turns = self.turns
+        conversation.audio_clips = len(self.clips)
+
 
 class TurnHandle(abc.ABC):
     """A submitted turn. Async-iterate it for Delta pieces."""

@@ -317,27 +317,14 @@ class ProcessEngine(Engine):
         m = conversation.state
         if not isinstance(m, _Mirror):
             raise ValueError("conversation was not created by this engine")
-        return History(
-            messages=[dict(x) for x in m.messages],
-            ids=list(m.ids),
-            clips=list(m.clips),
-            clip_starts=list(m.clip_starts),
-            turns=conversation.turns,
-        )
+        return History.of(m, conversation.turns)
 
     def restore(
         self, conversation_id: str, system_prompt: str | None, history: History
     ) -> Conversation:
         conversation = self.new_conversation(system_prompt, conversation_id)
-        m = conversation.state
-        assert isinstance(m, _Mirror)
-        if history.messages:
-            m.messages = [dict(x) for x in history.messages]
-        m.ids = list(history.ids)
-        m.clips = [np.asarray(c, dtype=np.float32) for c in history.clips]
-        m.clip_starts = list(history.clip_starts)
-        conversation.turns = history.turns
-        conversation.audio_clips = len(m.clips)
+        assert isinstance(conversation.state, _Mirror)
+        history.apply(conversation)
         return conversation  # sent to the worker by _sync at its next turn
 
     def history_ids(self, conversation: Conversation) -> list[int]:

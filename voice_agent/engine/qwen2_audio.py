@@ -452,29 +452,14 @@ class Qwen2AudioEngine(Engine):
             raise ValueError("conversation was not created by this engine")
         if st.running:  # the worker may be writing the history right now: not now
             return None
-        return History(
-            messages=[dict(m) for m in st.messages],
-            ids=list(st.ids),
-            clips=list(st.clips),
-            clip_starts=list(st.clip_starts),
-            turns=conversation.turns,
-        )
+        return History.of(st, conversation.turns)
 
     def restore(
         self, conversation_id: str, system_prompt: str | None, history: History
     ) -> Conversation:
         conversation = self.new_conversation(system_prompt, conversation_id)
-        st = conversation.state
-        assert isinstance(st, _ConvState)
-        if history.messages:
-            st.messages = [dict(m) for m in history.messages]
-        st.ids = list(history.ids)
-        st.clips = [np.asarray(c, dtype=np.float32) for c in history.clips]
-        st.clip_starts = list(history.clip_starts)
-        if len(st.clips) != len(st.clip_starts):
-            raise ValueError("history: clips and clip_starts do not match")
-        conversation.turns = history.turns
-        conversation.audio_clips = len(st.clips)
+        assert isinstance(conversation.state, _ConvState)
+        history.apply(conversation)
         return conversation
 
     def history_from_messages(
