@@ -1,4 +1,6 @@
-"""The SQLite conversation store, the sessions CLI, and resuming across restarts."""
+"""The conversation store (SQLite and PostgreSQL), the sessions CLI, and
+resuming across restarts. Tests taking `db` run against both databases (the
+PostgreSQL one on the session's throwaway server, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -30,6 +32,19 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty conversation database: a SQLite file, or a new database
+    on the PostgreSQL server (its URL, password included)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "db" / "c.db")
+    return str(request.getfixturevalue("postgres_server").create_database())
+
+
+def _is_sqlite(db: str) -> bool:
+    return not db.startswith("postgresql://")
+
+
 def _record(sid: str, turns: int = 1, clips: list[np.ndarray] | None = None) -> StoredSession:
     clips = clips if clips is not None else []
     return StoredSession(
@@ -54,12 +69,13 @@ def _record(sid: str, turns: int = 1, clips: list[np.ndarray] | None = None) -> 
     )
 
 
-def test_save_load_round_trip_without_audio(tmp_path: Path) -> None:
-    store = Store(tmp_path / "db" / "c.db")
+def test_save_load_round_trip_without_audio(db: str) -> None:
+    store = Store(db)
     clip = np.linspace(-0.5, 0.5, 8000, dtype=np.float32)
-    store.save(_record("s1", clips=[clip]))
-    mode = sqlite3.connect(tmp_path / "db" / "c.db").execute("PRAGMA journal_mode").fetchone()
-    assert mode == ("wal",)
+    assert store.save(_record("s1", clips=[clip]))
+    if _is_sqlite(db):
+        mode = sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()
+        assert mode == ("wal",)
     loaded = store.load("s1")
     assert loaded is not None
     assert (loaded.owner, loaded.device, loaded.system_prompt) == ("abc", "kitchen", "be brief")
@@ -75,8 +91,8 @@ def test_save_load_round_trip_without_audio(tmp_path: Path) -> None:
     store.close()
 
 
-def test_audio_is_stored_only_when_asked(tmp_path: Path) -> None:
-    store = Store(tmp_path / "c.db", store_audio=True)
+def test_audio_is_stored_only_when_asked(db: str) -> None:
+    store = Store(db, store_audio=True)
     clip = np.linspace(-0.5, 0.5, 8000, dtype=np.float32)
     store.save(_record("s1", clips=[clip]))
     store.save(_record("s1", turns=2, clips=[clip, clip[:100]]))  # appends the new clip only
@@ -87,11 +103,34 @@ def test_audio_is_stored_only_when_asked(tmp_path: Path) -> None:
     assert len(loaded.history.clips[1]) == 100
     assert store.delete("s1") and not store.delete("s1")
     assert store.count_clips("s1") == 0  # deleted with the conversation
+    store.close()
 
 
-def test_retention_and_count_limits(tmp_path: Path) -> None:
+def test_a_save_never_takes_turns_away(db: str) -> None:
+    """A replica holding an older copy cannot overwrite the turns another
+    replica added; `created` stays the first save's."""
+    now = [1000.0]
+    store = Store(db, clock=lambda: now[0])
+    assert store.save(_record("s1", turns=3))
+    now[0] += 10.0
+    stale = _record("s1", turns=2)
+    stale.history.messages = stale.history.messages[:3]
+    assert not store.save(stale)
+    loaded = store.load("s1")
+    assert loaded is not None and loaded.history.turns == 3 and store.turns_of("s1") == 3
+    assert len(loaded.history.messages) == 5 and loaded.updated == 1000.0
+    now[0] += 10.0
+    assert store.save(_record("s1", turns=4))
+    loaded = store.load("s1")
+    assert loaded is not None and loaded.history.turns == 4
+    assert (loaded.created, loaded.updated) == (1000.0, 1020.0)
+    assert store.turns_of("nope") is None
+    store.close()
+
+
+def test_retention_and_count_limits(db: str) -> None:
     now = [1_000_000.0]
-    store = Store(tmp_path / "c.db", retention_days=1.0, max_sessions=3, clock=lambda: now[0])
+    store = Store(db, retention_days=1.0, max_sessions=3, clock=lambda: now[0])
     for i in range(5):
         store.save(_record(f"s{i}"))
         now[0] += 3600.0
@@ -100,6 +139,8 @@ def test_retention_and_count_limits(tmp_path: Path) -> None:
     now[0] += 86400.0 - 3 * 3600.0 + 1.0  # s2 is now older than a day
     assert store.prune() == 1
     assert [s.session_id for s in store.list()] == ["s4", "s3"]
+    assert [s.turns for s in store.list(limit=1)] == [1]
+    store.close()
 
 
 def test_db_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,10 +149,12 @@ def test_db_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_db("auto") == default_db_path()
     assert resolve_db("none") is None and resolve_db("") is None
     assert resolve_db(str(tmp_path / "x.db")) == tmp_path / "x.db"
+    url = "postgresql://va:pw@db.example:5432/conversations"
+    assert resolve_db(f" {url} ") == url  # a URL stays a URL (str, not Path)
+    assert resolve_db("postgres://h/d") == "postgres://h/d"
 
 
-def test_sessions_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    db = tmp_path / "c.db"
+def test_sessions_cli(db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = Store(db)
     store.save(_record("s1", clips=[np.zeros(24000, dtype=np.float32)]))
     store.save(_record("s2"))
@@ -133,14 +176,15 @@ def test_sessions_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert cli_main(["sessions", "list", "--json", "--db", str(db)]) == 0
     assert [r["session_id"] for r in json.loads(capsys.readouterr().out)] == ["s2"]
     assert cli_main(["sessions", "list", "--db", str(tmp_path / "missing.db")]) == 2
+    capsys.readouterr()
 
 
 def echo(turn: TurnInput) -> str:
     return f"echo {turn.text}" if turn.text else "heard audio"
 
 
-async def test_restarted_server_resumes_from_the_store(tmp_path: Path) -> None:
-    config = Config(port=0, token="tok", db=str(tmp_path / "c.db"))
+async def test_restarted_server_resumes_from_the_store(db: str) -> None:
+    config = Config(port=0, token="tok", db=db)
     store = Store(config.db)
     async with running_server(config, ScriptedEngine(echo, token_delay=0.001), store=store) as app:
         async with RealtimeClient(app.url) as client:
@@ -172,11 +216,11 @@ async def test_restarted_server_resumes_from_the_store(tmp_path: Path) -> None:
     store.close()
 
 
-async def test_resume_refused_for_another_token(tmp_path: Path) -> None:
+async def test_resume_refused_for_another_token(db: str, tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("alice\nbob\n")
     config = Config(port=0, tokens_file=str(tokens))
-    store = Store(tmp_path / "c.db")
+    store = Store(db)
     async with running_server(config, ScriptedEngine(echo, token_delay=0.001), store=store) as app:
         async with RealtimeClient(app.url) as client:
             sid = (await client.start(token="alice")).session_id
@@ -190,9 +234,16 @@ async def test_resume_refused_for_another_token(tmp_path: Path) -> None:
             assert (await alice.start(token="alice", session_id=sid)).session_id == sid
     stored = store.load(sid)
     assert stored is not None and "alice" not in stored.owner  # a hash, not the token
-    for path in tmp_path.glob("c.db*"):  # the database and its WAL
-        assert b"alice" not in path.read_bytes()
     store.close()
+    if _is_sqlite(db):
+        files = list(Path(db).parent.glob("c.db*"))  # the database and its WAL
+        assert files and all(b"alice" not in path.read_bytes() for path in files)
+    else:
+        import psycopg
+
+        with psycopg.connect(db) as conn:
+            rows = conn.execute("SELECT s::text FROM sessions s").fetchall()
+        assert rows and all("alice" not in row[0] for row in rows)
 
 
 SERVER = textwrap.dedent(
@@ -218,7 +269,7 @@ SERVER = textwrap.dedent(
 class _Server:
     """`voice_agent.server.run` in a subprocess on a free port."""
 
-    def __init__(self, db: Path) -> None:
+    def __init__(self, db: str | Path) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -253,8 +304,7 @@ class _Server:
             self.proc.kill()
 
 
-async def test_sigkill_loses_at_most_the_turn_in_flight(tmp_path: Path) -> None:
-    db = tmp_path / "c.db"
+async def test_sigkill_loses_at_most_the_turn_in_flight(db: str) -> None:
     server = _Server(db)
     await server.start()
     try:
