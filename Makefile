@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
-	$(PY) -m pip install --quiet -e '.[webrtc,mqtt,mic,turn,remote,tts,dev]'
+	$(PY) -m pip install --quiet -e '.[webrtc,mqtt,mic,turn,remote,tts,postgres,dev]'
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -15,7 +15,8 @@ from voice_agent.config import Config
 from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.errors import ConfigError
 from voice_agent.hub import CommandBus, CommandCallback, load_devices
-from voice_agent.live import LiveSession, Metrics, session_config
+from voice_agent.live import LiveSession, session_config
+from voice_agent.metrics import Metrics
 from voice_agent.protocol import CommandEvent, ReplyDone, ServerEvent
 
 pytestmark = pytest.mark.timeout(60)

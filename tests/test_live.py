@@ -12,7 +12,8 @@ from voice_agent.audio import decode, float_to_pcm16, frames, silence
 from voice_agent.engine.base import Conversation, TurnHandle, TurnInput
 from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.errors import Busy
-from voice_agent.live import LiveSession, Metrics
+from voice_agent.live import LiveSession
+from voice_agent.metrics import Metrics
 from voice_agent.protocol import (
     ErrorEvent,
     ReplyCancelled,

@@ -47,9 +47,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         engine = remote_engine(config)
     else:
-        engine = load_engine(
-            config.model, demo_dir=Path(config.demo_model_dir), **_engine_kwargs(config)
+        from functools import partial
+
+        from voice_agent.engine.deferred import DeferredEngine
+        from voice_agent.engine.qwen2_audio import DEFAULT_MODEL
+
+        # Loaded once the port is open: /healthz answers, /readyz says 503 meanwhile.
+        load = partial(
+            load_engine,
+            config.model,
+            demo_dir=Path(config.demo_model_dir),
+            **_engine_kwargs(config),
         )
+        engine = DeferredEngine(load, config.model or DEFAULT_MODEL)
     run(config, engine)
     return 0
 
@@ -131,6 +141,8 @@ def cmd_client(args: argparse.Namespace) -> int:
             speed=args.speed,
             device=args.device,
             token=args.token or None,
+            play=not args.no_play,
+            save_reply=args.save_reply,
         )
     )
 
@@ -146,9 +158,9 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     path = resolve_db(config.db)
     if path is None:
         raise VoiceAgentError("--db none: there is no conversation store")
-    if not path.exists():
+    if isinstance(path, Path) and not path.exists():
         raise VoiceAgentError(f"no conversation store at {path}")
-    store = Store(path)
+    store = Store(path)  # a SQLite file, or a PostgreSQL URL
 
     def when(t: float) -> str:
         return datetime.datetime.fromtimestamp(t).isoformat(timespec="seconds")
@@ -227,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        help="run the server (page, /healthz, /v1/realtime)",
+        help="run the server (page, /healthz, /readyz, /metrics, /v1/realtime)",
         description="Run the voice assistant server. Every flag also reads an env var.",
     )
     add_arguments(serve)
@@ -297,6 +309,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--token",
         default=os.environ.get("VOICE_AGENT_TOKEN"),
         help="token sent in session.start when the server requires one (env VOICE_AGENT_TOKEN)",
+    )
+    client.add_argument(
+        "--no-play",
+        action="store_true",
+        help="do not play the spoken replies (they play through sounddevice, the mic extra, "
+        "when an audio output is there)",
+    )
+    client.add_argument(
+        "--save-reply",
+        metavar="DIR",
+        default=None,
+        help="save each spoken reply as DIR/<reply_id>.wav (cut-off ones as "
+        "<reply_id>.cancelled.wav)",
     )
     client.set_defaults(func=cmd_client)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,11 @@ def _default_demo_dir() -> str:
     return str(Path(base) / "voice_agent" / "tiny-model")
 
 
+def _is_postgres_url(value: str) -> bool:
+    """Like store.is_postgres_url (store.py is not imported here: numpy)."""
+    return value.strip().lower().startswith(("postgresql://", "postgres://"))
+
+
 def _f(default: Any, help: str, **extra: Any) -> Any:
     shown = extra.pop("repr", True)  # secrets: repr=False keeps them out of repr(config)
     return field(default=default, repr=shown, metadata={"help": help, **extra})
@@ -36,7 +42,7 @@ def _f(default: Any, help: str, **extra: Any) -> Any:
 class Config:
     # network
     host: str = _f("127.0.0.1", "address to listen on (loopback by default)")
-    port: int = _f(8765, "HTTP/WebSocket port: serves the page, /healthz and /v1/realtime")
+    port: int = _f(8765, "HTTP/WebSocket port: page, /healthz, /readyz, /metrics, /v1/realtime")
     web_dir: str | None = _f(None, "directory of the browser page (default: the bundled web/)")
     max_message_bytes: int = _f(
         65536, "largest WebSocket frame accepted; a bigger one closes the connection with 1009"
@@ -93,8 +99,12 @@ class Config:
     # persistence (see voice_agent/store.py)
     db: str = _f(
         "auto",
-        "SQLite file of the conversations (WAL mode); auto: $XDG_DATA_HOME/voice_agent/"
-        "conversations.db (~/.local/share/...); none: keep conversations in memory only",
+        "where conversations are kept: a SQLite file (WAL mode; auto: $XDG_DATA_HOME/"
+        "voice_agent/conversations.db, ~/.local/share/...), or postgresql://user:pass@host:"
+        "port/dbname (also postgres://; the postgres extra) shared by gateway replicas, so "
+        "any replica resumes any conversation (the password is never logged); none: keep "
+        "conversations in memory only",
+        repr=False,
     )
     retention_days: float = _f(
         30.0, "stored conversations untouched this long are deleted (0: kept for ever)"
@@ -201,6 +211,12 @@ class Config:
     min_speech_ms: int = _f(200, "shorter bursts of sound are dropped as noise")
     max_utterance_ms: int = _f(30000, "longer speech is closed and continues as the next utterance")
     barge_in_ms: int = _f(300, "speech this long during a reply cancels the reply")
+    barge_in_speaking_ms: int = _f(
+        500,
+        "while the reply's audio plays (reply.audio.started to the end of its playback), "
+        "speech must last this long to cut it off (at least barge_in_ms), so echo of the "
+        "assistant's voice that echo cancellation missed does not",
+    )
     max_queued_utterances: int = _f(
         4, "utterances waiting behind a running reply; beyond it the oldest is dropped"
     )
@@ -215,6 +231,11 @@ class Config:
         None,
         "Piper voice .onnx file (its .onnx.json beside it; default: en_US-joe-medium from "
         "voice-agent[tts]), or an espeak-ng voice name with --tts espeak",
+    )
+    tts_lead_ms: int = _f(
+        200,
+        "WebSocket reply audio is sent at real time, at most this much ahead of the clock: "
+        "the client's buffer and the most it drops on a cancel (0: as fast as synthesized)",
     )
     # home automation (MQTT)
     mqtt: str | None = _f(
@@ -238,6 +259,11 @@ class Config:
     # operations
     log_level: str = _f("info", "debug, info, warning or error")
     log_format: str = _f("text", "text or json (one JSON object per line)")
+    event_loop: str = _f(
+        "auto",
+        "asyncio event loop for `serve`: auto (uvloop when installed, else asyncio), "
+        "uvloop or asyncio; uvloop costs less CPU per audio frame under many streams",
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -264,7 +290,7 @@ class Config:
         for name in ("max_messages_per_second", "max_audio_speed"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be more than 0")
-        for name in ("idle_timeout", "drain_timeout", "retention_days"):
+        for name in ("idle_timeout", "drain_timeout", "retention_days", "tts_lead_ms"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be 0 or more")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -281,8 +307,14 @@ class Config:
             problems.append("engine_url must start with http:// or https://")
         if self.engine_timeout <= 0 or self.engine_retries < 0:
             problems.append("engine_timeout must be more than 0 and engine_retries 0 or more")
+        if _is_postgres_url(self.db) and importlib.util.find_spec("psycopg") is None:
+            problems.append(
+                "db postgresql://... needs psycopg (pip install 'voice-agent[postgres]')"
+            )
         if self.log_format not in ("text", "json"):
             problems.append("log_format must be text or json")
+        if self.event_loop not in ("auto", "uvloop", "asyncio"):
+            problems.append("event_loop must be auto, uvloop or asyncio")
         if not _valid_prefix(self.mqtt_prefix):
             problems.append("mqtt_prefix must be topic levels of [A-Za-z0-9_-] joined by '/'")
         if self.mqtt_max_payload < 1024:

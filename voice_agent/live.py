@@ -8,6 +8,12 @@ transport's `send` callback:
     Send(event)        -> await send(event)
     SubmitTurn(...)    -> engine.submit(...); the handle joins the turn queue
     CancelTurn(...)    -> handle.cancel(keep_tokens)
+    StopAudio(...)     -> stop_audio(reply_id), when the transport set it
+
+Spoken replies: the transport that speaks replies reports their playback
+with `playback(reply_id, playing)` (the Session asks longer speech for a
+barge-in while the assistant is heard) and sets `stop_audio`, called when
+speech barges in on the audio of a reply whose text is already done.
 
 Ordering: every Session call and the sends it produced run under one lock, so
 events leave in exactly the order the Session emitted them, and a slow client
@@ -46,14 +52,8 @@ from voice_agent.commands import Command, DeviceList, prompt_text
 from voice_agent.config import Config
 from voice_agent.engine.base import Conversation, Engine, TurnHandle
 from voice_agent.hub import load_devices
-from voice_agent.protocol import (
-    CommandEvent,
-    ErrorEvent,
-    ReplyCancelled,
-    ReplyDone,
-    ServerEvent,
-    SpeechStoppedEvent,
-)
+from voice_agent.metrics import Metrics
+from voice_agent.protocol import CommandEvent, ServerEvent
 from voice_agent.session import (
     Action,
     CancelTurn,
@@ -62,6 +62,7 @@ from voice_agent.session import (
     Session,
     SessionConfig,
     Speculate,
+    StopAudio,
     SubmitTurn,
 )
 from voice_agent.turn import TurnBatcher, describe, load_detector
@@ -99,6 +100,7 @@ def session_config(
             max_silence_ms=config.max_silence_ms,
         ),
         barge_in_ms=config.barge_in_ms,
+        barge_in_speaking_ms=config.barge_in_speaking_ms,
         max_queued_utterances=config.max_queued_utterances,
         max_text_chars=config.max_text_chars,
         system_prompt=prompt,
@@ -125,59 +127,6 @@ def prepare_turn_taking(config: Config) -> None:
         logger.warning(line)
     else:
         logger.info(line, extra={"vad": config.vad})
-
-
-@dataclass
-class Metrics:
-    """Process-wide counters, fed with every event sent to a client.
-
-    Kept deliberately small; rendered in the Prometheus text format.
-    """
-
-    sessions_active: int = 0
-    sessions_total: int = 0
-    utterances_total: int = 0
-    turns_total: int = 0
-    barge_ins_total: int = 0
-    errors_total: int = 0
-    commands_total: int = 0
-    commands_rejected_total: int = 0
-
-    def observe(self, event: ServerEvent) -> None:
-        if isinstance(event, CommandEvent):
-            self.commands_total += 1
-        elif isinstance(event, SpeechStoppedEvent):
-            self.utterances_total += 1
-        elif isinstance(event, ReplyDone):
-            self.turns_total += 1
-        elif isinstance(event, ReplyCancelled):
-            self.turns_total += 1
-            if event.reason == "barge_in":
-                self.barge_ins_total += 1
-        elif isinstance(event, ErrorEvent):
-            self.errors_total += 1
-
-    def render(self) -> str:
-        rows = (
-            ("sessions_active", "gauge", "sessions open now", self.sessions_active),
-            ("sessions_total", "counter", "sessions started", self.sessions_total),
-            ("utterances_total", "counter", "utterances closed by the VAD", self.utterances_total),
-            ("turns_total", "counter", "replies finished or cancelled", self.turns_total),
-            ("barge_ins_total", "counter", "replies cancelled by barge-in", self.barge_ins_total),
-            ("errors_total", "counter", "error events sent to clients", self.errors_total),
-            ("commands_total", "counter", "validated commands sent", self.commands_total),
-            (
-                "commands_rejected_total",
-                "counter",
-                "invalid commands dropped",
-                self.commands_rejected_total,
-            ),
-        )
-        lines: list[str] = []
-        for name, kind, help_text, value in rows:
-            full = f"voice_agent_{name}"
-            lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}", f"{full} {value}"]
-        return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -222,7 +171,9 @@ class LiveSession:
             config.system_prompt, conversation_id=session_id
         )
         self.max_new_tokens = max_new_tokens
+        # Server metrics (metrics.py): this session's events and turn results.
         self.metrics = metrics
+        self._observer = metrics.observer() if metrics is not None else None
         self._send = send
         self._lock = asyncio.Lock()
         self._handles: dict[str, TurnHandle] = {}
@@ -231,6 +182,8 @@ class LiveSession:
         self._closed = False
         self._on_close: list[Callable[[], None]] = []
         self._detections: set[asyncio.Task[None]] = set()
+        # Spoken replies: stops a reply's audio (set by the transport that speaks).
+        self.stop_audio: Callable[[str], None] | None = None
 
     @property
     def closed(self) -> bool:
@@ -256,6 +209,10 @@ class LiveSession:
     async def cancel(self) -> None:
         await self._call(self.session.cancel)
 
+    async def playback(self, reply_id: str, playing: bool) -> None:
+        """The reply's spoken audio started (True) or finished (False) playing."""
+        await self._call(self.session.playback, reply_id, playing)
+
     async def push_command(self, command: Command) -> None:
         """A command from elsewhere (MQTT, same device): send it to the client."""
         if self._closed:
@@ -263,8 +220,8 @@ class LiveSession:
         event = CommandEvent(command.action, command.target, command.value)
         async with self._lock:  # in order with the session's events; never forwarded back
             if not self._closed:
-                if self.metrics is not None:
-                    self.metrics.observe(event)
+                if self._observer is not None:
+                    self._observer.observe(event)
                 await self._send(event)
 
     def add_close_callback(self, callback: Callable[[], None]) -> None:
@@ -316,8 +273,8 @@ class LiveSession:
         if total == self._rejected_seen:
             return
         new, self._rejected_seen = total - self._rejected_seen, total
-        if self.metrics is not None:
-            self.metrics.commands_rejected_total += new
+        if self._observer is not None:
+            self._observer.rejected_commands(new)
         logger.warning(
             "invalid commands dropped",
             extra={
@@ -336,8 +293,8 @@ class LiveSession:
             if isinstance(action, Send):
                 if self._closed:
                     continue
-                if self.metrics is not None:
-                    self.metrics.observe(action.event)
+                if self._observer is not None:
+                    self._observer.observe(action.event)
                 await self._send(action.event)
                 if isinstance(action.event, CommandEvent):
                     await self._forward(action.event)
@@ -356,6 +313,9 @@ class LiveSession:
                 handle = self._handles.get(action.reply_id)
                 if handle is not None:
                     handle.cancel(action.keep_tokens)
+            elif isinstance(action, StopAudio):
+                if self.stop_audio is not None:
+                    self.stop_audio(action.reply_id)
             else:  # pragma: no cover - a Session action this driver does not know
                 logger.error(
                     "unknown session action %s",
@@ -440,4 +400,6 @@ class LiveSession:
             await self._call(session.on_failed, reply_id, exc)
             return
         self._handles.pop(reply_id, None)
+        if self.metrics is not None:
+            self.metrics.turn_result(result)
         await self._call(session.on_done, reply_id, result)

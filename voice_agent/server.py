@@ -1,18 +1,22 @@
 """Wires config and engine to the transports; signals and graceful shutdown.
 
 `run(config, engine)` is the CLI's blocking entry point: it serves the page,
-/healthz, /metrics and /v1/realtime on one port (and, with `--mqtt`, the MQTT
-topics) until SIGINT or SIGTERM, then stops accepting, stops the MQTT side
-(which publishes `offline` on PREFIX/status), cancels replies in flight,
+/healthz, /readyz, /metrics and /v1/realtime on one port (and, with `--mqtt`,
+the MQTT topics) until SIGINT or SIGTERM, then stops accepting, stops the MQTT
+side (which publishes `offline` on PREFIX/status), cancels replies in flight,
 closes every connection with 1001 and closes the engine. A second signal
-during shutdown exits at once.
+during shutdown exits at once. The port opens before the engine starts (the
+CLI hands over an engine.deferred.DeferredEngine, which loads the model
+then): /readyz answers 503 until it is loaded, and a signal meanwhile stops
+the server at once, without waiting for the load.
 
-Conversations are kept in the SQLite store of `--db` (store.py; `none` turns
-it off): each finished turn is saved, SIGTERM lets replies in flight finish
-for up to `--drain-timeout` seconds and saves every conversation before the
-connections close, and a restarted server resumes a conversation by its
-session_id. The store is pruned (`--retention-days`, `--max-stored-sessions`)
-at start-up.
+Conversations are kept in the store of `--db` (store.py: a SQLite file, or
+PostgreSQL shared by gateway replicas; `none` turns it off): each finished
+turn is saved, SIGTERM lets replies in flight finish for up to
+`--drain-timeout` seconds and saves every conversation before the
+connections close, and a restarted server (or, with PostgreSQL, any replica)
+resumes a conversation by its session_id. The store is pruned
+(`--retention-days`, `--max-stored-sessions`) at start-up.
 
 `running(config, engine)` is the same wiring as an async context manager (used
 by `run`, tests and benchmarks): one engine, one hub.CommandBus shared by the
@@ -27,12 +31,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from voice_agent.config import Config
 from voice_agent.engine.base import Engine
+from voice_agent.errors import ConfigError
 from voice_agent.hub import CommandBus, load_devices
 from voice_agent.live import prepare_turn_taking
 from voice_agent.store import Store, resolve_db
@@ -86,7 +91,13 @@ async def running(
             from voice_agent.transports.mqtt import MqttTransport
 
             mqtt = MqttTransport(
-                config, engine, bus=bus, devices=devices, speech=speech, **mqtt_kwargs
+                config,
+                engine,
+                bus=bus,
+                devices=devices,
+                speech=speech,
+                metrics=app.metrics,  # one /metrics for both transports
+                **mqtt_kwargs,
             )
             await mqtt.start()
         yield Services(app, mqtt, bus, store)
@@ -125,7 +136,8 @@ def open_store(config: Config) -> Store | None:
         max_sessions=config.max_stored_sessions,
     )
     pruned = store.prune()
-    logger.info("conversation store %s", path, extra={"pruned": pruned})
+    # location: the path, or the PostgreSQL URL without its password
+    logger.info("conversation store %s", store.location, extra={"pruned": pruned})
     return store
 
 
@@ -133,6 +145,8 @@ async def serve_until_signal(config: Config, engine: Engine) -> None:
     """Serve until SIGINT/SIGTERM, then shut down gracefully."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    main = asyncio.current_task()
+    serving = False
 
     def on_signal(signum: int) -> None:
         logger.info("signal received, shutting down", extra={"signal": signal.Signals(signum).name})
@@ -140,6 +154,8 @@ async def serve_until_signal(config: Config, engine: Engine) -> None:
         for sig in _SIGNALS:  # a second signal gets the default behaviour
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+        if not serving and main is not None:
+            main.cancel()  # still starting (the model loads): stop now, not after the load
 
     for sig in _SIGNALS:
         with contextlib.suppress(NotImplementedError):
@@ -148,11 +164,12 @@ async def serve_until_signal(config: Config, engine: Engine) -> None:
     speech = await asyncio.to_thread(open_speech, config)  # loads the voice off the loop
     try:
         async with running(config, engine, speech=speech) as services:
+            serving = True
             app = services.app
             if engine.demo_model:
                 logger.warning("serving the DEMO model: replies are random noise")
             logger.info(
-                "serving %s (page, /healthz, /metrics) and %s",
+                "serving %s (page, /healthz, /readyz, /metrics) and %s",
                 app.http_url,
                 app.url,
                 extra={"model": engine.model_name},
@@ -176,6 +193,27 @@ async def serve_until_signal(config: Config, engine: Engine) -> None:
         logger.info("server stopped")
 
 
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop `serve` runs on (Config.event_loop): uvloop's when asked
+    for or, with `auto`, when installed; None means asyncio's default."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("event_loop uvloop: uvloop is not installed") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def run(config: Config, engine: Engine) -> None:
     """Blocking entry point for `voice-agent serve`."""
-    asyncio.run(serve_until_signal(config, engine))
+    factory = loop_factory(config.event_loop)
+    logger.info("event loop: %s", "uvloop" if factory is not None else "asyncio")
+    with asyncio.Runner(loop_factory=factory) as runner:
+        try:
+            runner.run(serve_until_signal(config, engine))
+        except asyncio.CancelledError:  # a signal while starting up (serve_until_signal)
+            logger.info("stopped while starting up")

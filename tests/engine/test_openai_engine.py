@@ -432,3 +432,22 @@ async def test_client_gone_cancels_a_non_streaming_request(serve: Serve) -> None
         await asyncio.sleep(0.01)
     assert server.stats["cancelled"] == 1 and server.stats["completed"] == 0
     assert not backend._tasks
+
+
+async def test_ready_and_runtime_stats_follow_the_backend(
+    serve: Serve, remote: Callable[..., OpenAIEngine]
+) -> None:
+    port = free_port()
+    engine = remote(f"http://127.0.0.1:{port}/v1")
+    assert not await engine.ready()  # not started
+    await engine.start()
+    assert not await engine.ready()  # nothing listens there yet
+    await serve(ScriptedEngine(["one two three"], token_delay=0.01), port=port)
+    assert await engine.ready()
+    handle = engine.submit(engine.new_conversation(), TurnInput(text="hi"))
+    assert engine.runtime_stats().batch_size == 1  # this gateway's turns in flight
+    await collect(handle)
+    assert engine.runtime_stats().batch_size == 0
+    assert engine.runtime_stats().kv_cache_bytes == 0  # the cache is the backend's
+    await engine.close()
+    assert not await engine.ready()

@@ -7,7 +7,7 @@ import os
 import signal
 from pathlib import Path
 
-from voice_agent.engine.base import AudioArray, TurnInput
+from voice_agent.engine.base import AudioArray, EngineStats, TurnInput
 from voice_agent.engine.process import ProcessEngine
 from voice_agent.engine.qwen2_audio import _ConvState
 from voice_agent.errors import EngineError, to_wire
@@ -99,5 +99,16 @@ async def test_config_flags_reach_the_engine(
         await collect(handle)
         assert 1 <= handle.result.usage.completion_tokens <= 3
         assert "<|audio_bos|>" in engine.history_text(conv)
+
+        # the worker reports its health and figures every second (ready(), runtime_stats()):
+        # soon an idle engine that keeps the conversation's cache
+        def idle_with_cache(stats: EngineStats) -> bool:
+            return stats.batch_size == 0 and stats.kv_cache_bytes > 0
+
+        async with asyncio.timeout(20):
+            while not (await engine.ready() and idle_with_cache(engine.runtime_stats())):
+                await asyncio.sleep(0.05)
     finally:
         await engine.close()
+    assert not await engine.ready()
+    assert engine.runtime_stats() == EngineStats()

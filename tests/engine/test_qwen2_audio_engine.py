@@ -372,3 +372,43 @@ async def test_sampling_is_seeded(make_engine: EngineFactory, short_speech: Audi
         await collect(handle)
         texts.append(engine.history_text(conv))
     assert texts[0] == texts[1]
+
+
+async def test_runtime_stats_and_readiness(
+    make_engine: EngineFactory, speech: AudioArray, short_speech: AudioArray
+) -> None:
+    from voice_agent.engine.base import EngineStats
+
+    engine = await make_engine(max_new_tokens=40)
+    assert await engine.ready()
+    assert engine.runtime_stats() == EngineStats()  # nothing held yet
+    gate = DecodeGate(engine, at=3)  # both turns decode together by step 3
+    convs = [engine.new_conversation(), engine.new_conversation()]
+    handles = [
+        engine.submit(c, TurnInput(audio=a))
+        for c, a in zip(convs, (speech, short_speech), strict=True)
+    ]
+    assert await asyncio.to_thread(gate.reached.wait, 60)
+    busy = engine.runtime_stats()  # read while the worker is inside a decode step
+    assert busy.batch_size == 2
+    per_token = engine._bytes_per_token
+    # two rows, padded to the longer one, which holds at least its 25 audio tokens a second
+    assert busy.kv_cache_bytes >= 2 * per_token * int(len(speech) / 16000 * 25)
+    engine.worker_stall_s = 0.05  # the worker is stuck in that step: not answering
+    await asyncio.sleep(0.1)
+    assert not await engine.ready()
+    engine.worker_stall_s = 60.0
+    gate.release()
+    await asyncio.gather(*(collect(h) for h in handles))
+    idle = engine.runtime_stats()
+    assert idle.batch_size == 0 and idle.queued == 0
+    # the idle conversations keep their caches (kv_reuse): one entry per history token
+    # (the cache stops one short of the history's closing newline, hence the bound)
+    history = sum(len(state(c).ids) for c in convs)
+    assert history * per_token >= idle.kv_cache_bytes > (history - 8) * per_token
+    assert await engine.ready()
+    for c in convs:
+        engine.release(c)
+    assert engine.runtime_stats().kv_cache_bytes == 0
+    await engine.close()
+    assert not await engine.ready()

@@ -885,3 +885,51 @@ async def test_no_reply_audio_without_speech(broker: Broker) -> None:
         await client.reply("kitchen", "n-1")
         await asyncio.sleep(0.5)
         assert client.on("voice_agent/kitchen/reply/audio") == []
+
+
+# ------------------------------------------------------------------- metrics
+
+
+async def test_mqtt_feeds_the_servers_metrics(broker: Broker, devices_file: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from voice_agent.engine.scripted import words
+
+    engine = ScriptedEngine(lambda t: COMMAND_REPLY if "light" in (t.text or "") else "Hi.")
+    config = Config(
+        host="127.0.0.1",
+        port=0,
+        mqtt=broker.url(),
+        devices=str(devices_file),
+        turn_detection="silence",
+    )
+    async with (
+        running(config, engine, reconnect_min=0.05) as services,
+        Listener(broker) as client,
+    ):
+        mqtt = services.mqtt
+        assert mqtt is not None
+        assert mqtt.metrics is services.app.metrics  # one registry: one /metrics for both
+        await mqtt.wait_connected(WAIT)
+        await client.ask("kitchen", {"id": "m-1", "text": "the light please"})
+        await client.reply("kitchen", "m-1")
+        await client.ask("kitchen", {"id": "m-1", "text": "the light please"})  # repeated
+        await until(lambda: mqtt.stats.duplicates == 1)
+        text = services.app.metrics.render().decode()
+    m = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            m[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    assert m["voice_agent_mqtt_requests_total"] == 1
+    assert m["voice_agent_mqtt_replies_total"] == 1
+    assert m["voice_agent_mqtt_commands_published_total"] == 3
+    assert m["voice_agent_mqtt_commands_rejected_total"] == 10
+    assert m["voice_agent_mqtt_duplicates_total"] == 1
+    assert m["voice_agent_mqtt_connected"] == 1
+    assert m["voice_agent_tokens_generated_total"] == len(words(COMMAND_REPLY))
+    assert m["voice_agent_ttft_seconds_count"] == 1
+    assert m['voice_agent_turn_latency_seconds_count{transport="mqtt"}'] == 1
+    assert m['voice_agent_queue_depth{queue="mqtt_requests"}'] == 0
+    assert 'voice_agent_queue_depth{queue="mqtt_outbox"}' in m
+    assert m["voice_agent_sessions_total"] == 0  # the WebSocket side, same registry

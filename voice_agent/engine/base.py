@@ -40,6 +40,20 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class EngineStats:
+    """What an engine can tell about its load right now (read at each /metrics
+    scrape, never on the hot path). Engines that cannot tell report zeros.
+
+    batch_size: turns decoding together in the current step (batched decode);
+    kv_cache_bytes: bytes of KV cache held (decoding turns and idle
+    conversations); queued: turns submitted and not started yet."""
+
+    batch_size: int = 0
+    kv_cache_bytes: int = 0
+    queued: int = 0
+
+
+@dataclass(frozen=True)
 class TurnInput:
     """One user turn. audio: 16 kHz mono float32 in [-1, 1]; text: typed text or
     an instruction about the audio (audio analysis mode). At least one is set."""
@@ -198,6 +212,18 @@ class Engine(abc.ABC):
 
     def discard_speculative(self, conversation: Conversation) -> None:  # noqa: B027 (optional hook)
         """Optional: drop a speculative prefill (speech resumed)."""
+
+    def runtime_stats(self) -> EngineStats:
+        """Optional: the engine's load now (batch size, KV cache bytes, turns
+        waiting). Called from the event loop at each /metrics scrape: must be
+        cheap and must not block. Default: zeros (the engine cannot tell)."""
+        return EngineStats()
+
+    async def ready(self) -> bool:
+        """Optional: whether the started engine answers now (its worker is
+        alive and making progress, its backend reachable). /readyz calls it
+        with a timeout of a few seconds. Default: True."""
+        return True
 
 
 _Item = Delta | TurnResult | BaseException

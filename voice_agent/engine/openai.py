@@ -38,6 +38,7 @@ from voice_agent.engine.base import (
     Conversation,
     Delta,
     Engine,
+    EngineStats,
     History,
     QueueTurnHandle,
     Timing,
@@ -200,6 +201,24 @@ class OpenAIEngine(Engine):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def runtime_stats(self) -> EngineStats:
+        """This gateway's turns in flight on the backend (what it batches from
+        here); the KV cache lives on the backend: 0."""
+        return EngineStats(batch_size=self._unfinished)
+
+    async def ready(self, timeout: float = 2.0) -> bool:
+        """The backend answers GET /models with 200 within `timeout` seconds."""
+        session = self._session
+        if session is None or session.closed:  # not started, or closed
+            return False
+        try:
+            async with session.get(
+                f"{self.base_url}/models", timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
 
     # -------------------------------------------------------- conversations
 

@@ -10,6 +10,9 @@ KV cache from it.
 Parent and worker talk over one multiprocessing Pipe (spawn context): the
 worker runs a Qwen2AudioEngine on its own event loop and streams Delta pieces
 and results back; a reader thread in the parent feeds them to the handles.
+Every `STATS_INTERVAL` seconds the worker also sends its engine's
+`runtime_stats` and health, which `runtime_stats()` and `ready()` report (so a
+/metrics scrape or a /readyz probe never waits on the worker).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import threading
+import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -31,6 +35,7 @@ from voice_agent.engine.base import (
     Conversation,
     Delta,
     Engine,
+    EngineStats,
     History,
     QueueTurnHandle,
     Timing,
@@ -44,6 +49,8 @@ from voice_agent.errors import Busy, EngineError, ModelLoadError
 logger = logging.getLogger("voice_agent.engine")
 
 _FAILED = "the model failed on this turn"
+STATS_INTERVAL = 1.0  # seconds between the worker's stats reports
+STATS_STALE = 5.0  # a worker silent for this long is not ready
 
 
 @dataclass
@@ -86,6 +93,10 @@ class ProcessEngine(Engine):
         self._tokenizer: Any = None
         self.restarts = 0
         self.info: dict[str, Any] = {}
+        # The worker's last stats report: figures, health, when it came.
+        self._stats = EngineStats()
+        self._healthy = False
+        self._stats_at = 0.0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -208,6 +219,12 @@ class ProcessEngine(Engine):
 
     def _dispatch(self, msg: tuple[Any, ...]) -> None:
         kind, tid = msg[0], msg[1]
+        if kind == "stats":
+            _, _, batch_size, kv_bytes, queued, healthy = msg
+            self._stats = EngineStats(batch_size, kv_bytes, queued)
+            self._healthy = bool(healthy)
+            self._stats_at = time.monotonic()
+            return
         f = self._turns.get(tid)
         if f is None:
             return
@@ -237,6 +254,27 @@ class ProcessEngine(Engine):
         m.clip_starts = snapshot["clip_starts"]
         f.conversation.turns = snapshot["turns"]
         f.conversation.audio_clips = len(m.clips)
+
+    def _fresh(self) -> bool:
+        return time.monotonic() - self._stats_at < STATS_STALE
+
+    def runtime_stats(self) -> EngineStats:
+        """The worker's last report (at most STATS_INTERVAL old); zeros when
+        it has not reported lately (restarting)."""
+        return self._stats if self._fresh() and not self._closed else EngineStats()
+
+    async def ready(self) -> bool:
+        """The worker process is alive, connected, and its last report (fresh)
+        said its engine is healthy."""
+        proc = self._proc
+        return (
+            not self._closed
+            and proc is not None
+            and proc.is_alive()
+            and self._conn is not None
+            and self._healthy
+            and self._fresh()
+        )
 
     # ------------------------------------------------------------- sessions
 
@@ -455,8 +493,30 @@ async def _serve(conn: Connection, engine: Any) -> None:
             if msg[0] == "stop":
                 return
 
+    async def report() -> None:
+        """Every STATS_INTERVAL: the engine's figures and health, to the parent."""
+        while not stop.is_set():
+            stats = engine.runtime_stats()
+            try:
+                send(
+                    (
+                        "stats",
+                        0,
+                        stats.batch_size,
+                        stats.kv_cache_bytes,
+                        stats.queued,
+                        engine.healthy(),
+                    )
+                )
+            except (OSError, ValueError):  # the parent is gone
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), STATS_INTERVAL)
+
     threading.Thread(target=read, name="engine-pipe", daemon=True).start()
+    reporter = loop.create_task(report())
     await stop.wait()
+    await asyncio.gather(reporter, return_exceptions=True)
     await engine.close()
     if tasks:
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -23,6 +23,7 @@ the real turn takes it over when its audio is the same samples.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import itertools
 import logging
@@ -47,6 +48,7 @@ from voice_agent.engine.base import (
     Conversation,
     Delta,
     Engine,
+    EngineStats,
     History,
     QueueTurnHandle,
     Timing,
@@ -141,6 +143,10 @@ class _Turn(_Prefill):
 class Qwen2AudioEngine(Engine):
     """Qwen2AudioForConditionalGeneration behind a single worker thread."""
 
+    # `ready()` is False once the worker has not come round its loop for this
+    # long (it comes round at least every 0.5 s when idle, every step when busy).
+    worker_stall_s = 60.0
+
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
@@ -210,6 +216,7 @@ class Qwen2AudioEngine(Engine):
         self._stopping = False
         self._closed = False
         self._ids = itertools.count(1)
+        self._beat = 0.0  # time.monotonic() of the worker's last loop iteration
 
     # ------------------------------------------------------------------ load
 
@@ -357,6 +364,7 @@ class Qwen2AudioEngine(Engine):
             if self._thread is not None and self._thread.is_alive():
                 return
             self._stopping = False
+            self._beat = time.monotonic()
             self._thread = threading.Thread(
                 target=self._worker, name="voice-agent-engine", daemon=True
             )
@@ -446,6 +454,42 @@ class Qwen2AudioEngine(Engine):
         if isinstance(st, _ConvState) and self._thread is not None and not self._closed:
             self._inbox.put(_SpecRequest(st, None))
 
+    def runtime_stats(self) -> EngineStats:
+        """Rows of the decode batch, KV cache bytes (the batch's slots, pads
+        included, plus every idle conversation's cache) and turns waiting.
+        Read from another thread while the worker runs: a figure may be one
+        step old; nothing here takes the worker's time."""
+        tokens = rows = 0
+        with contextlib.suppress(Exception):  # the worker changed the batch meanwhile
+            batch = self._batch
+            if batch is not None:
+                rows, tokens = len(batch.owners), batch.allocated_tokens
+        try:
+            refs = list(self._lru.values())
+        except RuntimeError:  # changed during the copy: the idle caches count next time
+            refs = []
+        for ref in refs:
+            st = ref()
+            cache = None if st is None else st.cache
+            if cache is not None:
+                with contextlib.suppress(Exception):
+                    tokens += int(cache.get_seq_length())
+        return EngineStats(rows, tokens * self._bytes_per_token, max(0, self._pending))
+
+    def healthy(self) -> bool:
+        """Loaded, started, and the worker thread alive and coming round its loop."""
+        thread = self._thread
+        return (
+            self.loaded
+            and not self._closed
+            and thread is not None
+            and thread.is_alive()
+            and time.monotonic() - self._beat < self.worker_stall_s
+        )
+
+    async def ready(self) -> bool:
+        return self.healthy()
+
     def snapshot(self, conversation: Conversation) -> History | None:
         st = conversation.state
         if not isinstance(st, _ConvState):
@@ -508,6 +552,7 @@ class Qwen2AudioEngine(Engine):
         self._batch = batch
         with torch.inference_mode():
             while True:
+                self._beat = time.monotonic()
                 block = not active and not waiting and not specs
                 try:
                     item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()

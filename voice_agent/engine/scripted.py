@@ -21,6 +21,7 @@ from voice_agent.engine.base import (
     Conversation,
     Delta,
     Engine,
+    EngineStats,
     History,
     QueueTurnHandle,
     Timing,
@@ -85,6 +86,13 @@ class ScriptedEngine(Engine):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.started = False
+
+    def runtime_stats(self) -> EngineStats:
+        """Turns submitted and not finished count as the batch; no KV cache."""
+        return EngineStats(batch_size=self._unfinished)
+
+    async def ready(self) -> bool:
+        return self.started
 
     def new_conversation(
         self, system_prompt: str | None = None, conversation_id: str | None = None

@@ -1,5 +1,5 @@
 """Transports: adapters that carry audio and events between clients and LiveSessions.
 
-websocket.py serves the page, /healthz, /metrics and /v1/realtime on one port;
+websocket.py serves the page, /healthz, /readyz, /metrics and /v1/realtime on one port;
 webrtc.py and mqtt.py follow. Each one drives `voice_agent.live.LiveSession`.
 """

@@ -41,6 +41,13 @@ Bounds and what happens when full:
 Each request runs one engine turn; requests of one device are answered in
 order, devices in parallel. Logs carry device and request ids, sizes and
 counts, never audio, text or the broker password.
+
+Metrics: the transport feeds the server's metrics.Metrics (its own when none
+is given): each turn's tokens and TTFT, turn latency (request received to
+reply published, transport="mqtt"), and at scrape time `stats` as
+voice_agent_mqtt_* counters (mqtt_requests_total,
+mqtt_commands_published_total, mqtt_commands_rejected_total, ...), whether
+it is connected, and the depths of the request queues and the outbox.
 """
 
 from __future__ import annotations
@@ -80,6 +87,7 @@ from voice_agent.errors import (
     to_wire,
 )
 from voice_agent.hub import CommandBus, load_devices
+from voice_agent.metrics import Metric, Metrics, counter, gauge
 from voice_agent.tts.speaker import Speech
 from voice_agent.tts.split import SentenceSplitter
 
@@ -311,6 +319,7 @@ class MqttTransport:
         reconnect_min: float = 0.5,
         reconnect_max: float = 30.0,
         speech: Speech | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if not config.mqtt:
             raise ConfigError("MQTT is not configured (--mqtt)")
@@ -344,6 +353,38 @@ class MqttTransport:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._starting = False  # start() is waiting for the first connection
+        # The server's metrics (one registry with the WebSocket side), else our own.
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._latency = self.metrics.turn_latency.labels("mqtt")
+        self.metrics.add_collector(self._metric_families)
+        self.metrics.add_queue("mqtt_requests", lambda: [len(q) for q in self._pending.values()])
+        self.metrics.add_queue("mqtt_outbox", lambda: (len(self._outbox),))
+
+    def _metric_families(self) -> list[Metric]:
+        """`stats` and the connection state, read at each /metrics scrape."""
+        st = self.stats
+        return [
+            counter("mqtt_requests", "MQTT requests accepted", st.requests),
+            counter("mqtt_replies", "MQTT replies published", st.replies),
+            counter("mqtt_errors", "MQTT error messages published", st.errors),
+            counter("mqtt_busy", "MQTT requests refused as busy", st.busy),
+            counter("mqtt_duplicates", "MQTT requests ignored as repeated ids", st.duplicates),
+            counter("mqtt_ignored", "MQTT messages on topics not served", st.ignored),
+            counter("mqtt_commands_published", "commands published on MQTT", st.commands),
+            counter(
+                "mqtt_commands_rejected",
+                "invalid commands dropped from MQTT replies",
+                st.commands_rejected,
+            ),
+            counter(
+                "mqtt_deltas_dropped", "reply deltas dropped while disconnected", st.deltas_dropped
+            ),
+            counter(
+                "mqtt_outbox_dropped", "messages dropped from a full outbox", st.outbox_dropped
+            ),
+            counter("mqtt_connections", "connections made to the broker", st.connections),
+            gauge("mqtt_connected", "1 while connected to the broker", float(self.connected)),
+        ]
 
     # -- lifecycle --------------------------------------------------------
 
@@ -669,6 +710,7 @@ class MqttTransport:
                     if self.speech is not None:
                         spoken += [self._say(s) for s in splitter.feed(delta.text)]
             result = handle.result
+            self.metrics.turn_result(result)
             if self.speech is not None and not result.cancelled:
                 spoken += [self._say(s) for s in splitter.flush()]
         except asyncio.CancelledError:
@@ -714,6 +756,7 @@ class MqttTransport:
         }
         self._out(self.topics.for_device(device, "reply"), _dumps(reply), 1)
         self.stats.replies += 1
+        self._latency.observe(timing["request_ms"] / 1000.0)
         if spoken:
             await self._publish_audio(device, rid, spoken)
         logger.info(
