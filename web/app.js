@@ -1,8 +1,10 @@
 // The page: wires the realtime client and the audio input to the DOM
-// (talk button, live state, level meter, conversation, typed turns).
+// (talk button, live state, level meter, conversation, typed turns) and plays
+// the spoken replies (reply-audio.js), with a mute toggle.
 
 import { RealtimeClient, realtimeUrl } from "./protocol.js";
 import { createAudioInput, iceServersFrom, Recorder, Player } from "./audio.js";
+import { ReplyAudio, storedMuted, storeMuted } from "./reply-audio.js";
 
 const params = new URLSearchParams(window.location.search);
 const byId = (id) => document.querySelector(`[data-testid="${id}"]`);
@@ -18,6 +20,8 @@ const ui = {
   errors: byId("errors"),
   transport: byId("transport"),
   sessionId: byId("session-id"),
+  mute: byId("mute-button"),
+  replyAudio: byId("reply-audio"),
 };
 
 const SESSION_KEY = "voice_agent.session_id";
@@ -78,12 +82,16 @@ const start = { device: params.get("device") || "browser" };
 // the browser never sends to the server in a request line or log.
 const fragment = new URLSearchParams(window.location.hash.slice(1));
 if (fragment.get("token")) start.token = fragment.get("token");
-if (params.get("speak") === "0") start.speak = false;
+// Spoken replies unless muted (remembered) or ?speak=0; a mute toggled later
+// silences the page at once and asks for text only from the next session.start.
+let muted = params.get("speak") === "0" || storedMuted();
+start.speak = !muted;
 
 const client = new RealtimeClient(realtimeUrl(params), start);
 client.sessionId = storedSessionId(); // a reload resumes the conversation
 const recorder = new Recorder();
-const player = new Player();
+const player = new Player(); // plays back recorded utterances
+const replyAudio = new ReplyAudio(ui.replyAudio, { muted });
 let input = null; // the audio input while the mic is on
 let starting = null; // the audio input being started (negotiating)
 let speaking = false; // between speech.started and speech.stopped
@@ -237,6 +245,7 @@ client.on("close", ({ code, reason }) => {
   const mic = audioInput();
   if (mic) mic.suspend();
   player.stop();
+  replyAudio.stop();
   setState(restingState());
   if (code === 1008) showError(`The server refused the connection: ${reason || "token or origin not allowed"}.`);
   else if (code === 1013) showError("The server is at its session limit; trying again shortly.");
@@ -267,6 +276,7 @@ client.on("session.started", (msg) => {
 
 client.on("speech.started", (msg) => {
   speaking = true;
+  replyAudio.stop(); // the user speaks over the reply: silence it now
   const t = addTurn("user", "You");
   t.meta.textContent = "speaking…";
   t.body.textContent = "Speaking…";
@@ -339,7 +349,7 @@ client.on("reply.cancelled", (msg) => {
   Object.assign(r.entry, { text: r.text, cancelled: true, reason: msg.reason || "client" });
   saveTranscript();
   replies.delete(msg.reply_id);
-  player.stop();
+  replyAudio.stop();
   setState(restingState());
 });
 
@@ -350,8 +360,12 @@ client.on("command", (msg) => {
   saveTranscript();
 });
 
-client.on("reply.audio.started", (msg) => player.begin(msg.sample_rate));
-client.on("audio", (buffer) => player.push(buffer));
+client.on("reply.audio.started", (msg) => {
+  mark("reply.audio.started", { reply_id: msg.reply_id });
+  replyAudio.begin(msg.reply_id, msg.sample_rate);
+});
+client.on("reply.audio.done", (msg) => replyAudio.end(msg.reply_id, msg.cancelled === true));
+client.on("audio", (buffer) => replyAudio.push(buffer));
 
 client.on("webrtc.answer", (msg) => {
   const mic = audioInput();
@@ -371,6 +385,7 @@ async function startMic() {
   ui.talk.disabled = true;
   const candidate = createAudioInput(TRANSPORT, client, (pcm) => recorder.append(pcm), {
     iceServers: iceServersFrom(params.get("ice")),
+    onRemoteAudio: (stream) => replyAudio.attachTrack(stream),
   });
   candidate.onchange = showTransport;
   starting = candidate;
@@ -403,10 +418,31 @@ function stopMic() {
   if (ui.state.dataset.state === "listening") setState("idle");
 }
 
-ui.talk.addEventListener("click", () => (input ? stopMic() : startMic()));
+ui.talk.addEventListener("click", () => {
+  replyAudio.unlock();
+  if (input) stopMic();
+  else startMic();
+});
+
+function showMute() {
+  ui.mute.setAttribute("aria-pressed", String(muted));
+  ui.mute.title = muted
+    ? "Spoken replies are muted: the server sends text only from the next connection"
+    : "Spoken replies are on";
+}
+
+ui.mute.addEventListener("click", () => {
+  muted = !muted;
+  storeMuted(muted);
+  start.speak = !muted; // the next session.start (reconnect or reload)
+  replyAudio.setMuted(muted);
+  replyAudio.unlock();
+  showMute();
+});
 
 ui.form.addEventListener("submit", (ev) => {
   ev.preventDefault();
+  replyAudio.unlock();
   const text = ui.text.value.trim();
   if (!text) return;
   if (!client.send({ type: "text", text })) {
@@ -434,6 +470,7 @@ window.addEventListener("pagehide", () => {
 
 setState("idle");
 showTransport("off");
+showMute();
 const earlier = loadTranscript();
 if (earlier && earlier.sessionId === client.sessionId) {
   restoreTurns(earlier.turns);

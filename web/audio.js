@@ -1,7 +1,8 @@
 // Audio in and out for the page: microphone capture (16 kHz PCM16 frames from
 // mic-worklet.js), the input transports (WebRTC by default, WebSocket PCM as
 // the fallback and with ?transport=ws), a recorder of what was sent, and PCM
-// playback.
+// playback of recorded utterances. The spoken replies are played by
+// reply-audio.js (WebRTC hands it the server's track through onRemoteAudio).
 
 export const RATE = 16000;
 
@@ -133,10 +134,11 @@ export function iceServersFrom(value) {
  * unanswered: then this input falls back to the WebSocket PCM path.
  */
 class WebRtcInput {
-  constructor(client, onSent, { iceServers = [] } = {}) {
+  constructor(client, onSent, { iceServers = [], onRemoteAudio = null } = {}) {
     this.client = client;
     this.onSent = onSent;
     this.iceServers = iceServers;
+    this.onRemoteAudio = onRemoteAudio; // (MediaStream | null) => void: the spoken replies
     this.mic = null;
     this.pc = null;
     this.level = 0;
@@ -146,7 +148,6 @@ class WebRtcInput {
     this.refused = typeof RTCPeerConnection !== "function"; // never try WebRTC again
     this.pending = null; // {resolve, reject} while an answer is awaited
     this.generation = 0; // bumped by every (re)negotiation and stop; stale ones give up
-    this.remote = null; // <audio> for the server's outgoing track (spoken replies)
   }
 
   async start() {
@@ -193,9 +194,16 @@ class WebRtcInput {
       if (this.pc !== pc) return;
       this.flowing = pc.connectionState === "connected";
     });
-    pc.addEventListener("track", (ev) => this.playRemote(ev.streams[0] || new MediaStream([ev.track])));
+    pc.addEventListener("track", (ev) => {
+      if (this.pc !== pc || ev.track.kind !== "audio" || !this.onRemoteAudio) return;
+      this.onRemoteAudio(ev.streams[0] || new MediaStream([ev.track]));
+    });
     try {
-      for (const track of this.mic.stream.getAudioTracks()) pc.addTrack(track, this.mic.stream);
+      // sendrecv: the microphone goes out, the spoken replies come back on the
+      // same m-line (the server answers recvonly when it does not speak).
+      for (const track of this.mic.stream.getAudioTracks()) {
+        pc.addTransceiver(track, { direction: "sendrecv", streams: [this.mic.stream] });
+      }
       await pc.setLocalDescription(await pc.createOffer());
       await iceGatheringComplete(pc, ICE_GATHER_TIMEOUT_MS);
       if (gen !== this.generation) return;
@@ -258,17 +266,6 @@ class WebRtcInput {
     this.setName("ws");
   }
 
-  playRemote(stream) {
-    if (!this.remote) {
-      this.remote = new Audio();
-      this.remote.autoplay = true;
-    }
-    this.remote.srcObject = stream;
-    this.remote.play().catch(() => {
-      /* autoplay may be blocked until the next click */
-    });
-  }
-
   closePeer() {
     this.flowing = false;
     if (this.pending) {
@@ -285,7 +282,7 @@ class WebRtcInput {
         /* already closed */
       }
     }
-    if (this.remote) this.remote.srcObject = null;
+    if (this.onRemoteAudio) this.onRemoteAudio(null);
   }
 
   /** The socket closed: the server dropped its end of the peer connection. */
@@ -307,7 +304,6 @@ class WebRtcInput {
     if (this.mic) this.mic.stop();
     this.mic = null;
     this.level = 0;
-    this.remote = null;
   }
 }
 
@@ -359,13 +355,11 @@ export class Recorder {
   }
 }
 
-/** Plays PCM16 mono: whole clips, and a reply's streamed speech chunk by chunk. */
+/** Plays whole PCM16 mono clips (the recorded utterances). */
 export class Player {
   constructor() {
     this.ctx = null;
     this.sources = new Set();
-    this.at = 0;
-    this.rate = RATE;
   }
 
   context() {
@@ -392,22 +386,6 @@ export class Player {
   play(pcm, rate = RATE) {
     this.stop();
     return this.schedule(pcm, rate, 0);
-  }
-
-  /** Streamed reply speech: begin(rate) then push(ArrayBuffer) per binary frame. */
-  begin(rate) {
-    this.stop();
-    this.rate = rate || RATE;
-    this.at = this.context().currentTime + 0.05;
-  }
-
-  push(buffer) {
-    if (buffer.byteLength < 2) return;
-    const pcm = new Int16Array(buffer, 0, buffer.byteLength >> 1);
-    const ctx = this.context();
-    this.at = Math.max(this.at, ctx.currentTime + 0.02);
-    this.schedule(pcm, this.rate, this.at);
-    this.at += pcm.length / this.rate;
   }
 
   stop() {

@@ -39,6 +39,9 @@ from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.errors import ConfigError
 from voice_agent.protocol import (
     ErrorEvent,
+    ReplyAudioDone,
+    ReplyAudioStarted,
+    ReplyCancelled,
     ReplyDone,
     SpeechStartedEvent,
     SpeechStoppedEvent,
@@ -57,6 +60,10 @@ from voice_agent.transports.webrtc import (
     rtc_configuration,
 )
 from voice_agent.transports.websocket import WebSocketServerApp, running_server
+from voice_agent.tts.espeak import EspeakTTS
+from voice_agent.tts.speaker import Speech
+
+from .speech_checks import voiced_fraction
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -342,7 +349,7 @@ async def test_speech_over_webrtc_gets_speech_events_and_a_reply(
 
         addresses = candidate_addresses(answer)
         assert addresses and all(a == "127.0.0.1" for a in addresses), addresses
-        assert "a=recvonly" in answer  # audio in only: nothing is sent back yet
+        assert "a=recvonly" in answer  # the server does not speak: audio in only
         assert "opus/48000/2" in answer
 
         speech_started = await client.wait_for(SpeechStartedEvent, 30)
@@ -555,6 +562,141 @@ async def test_input_converts_to_the_session_format(
     finally:
         await peer.close()
     assert peer.pc is None and all(t.done() for t in peer.tasks)
+
+
+# ---------------------------------------------------------- spoken replies
+
+SPOKEN = "Sure, the kitchen light is on now. Anything else I can do for you?"
+LONG_SPOKEN = " ".join(f"This is sentence number {n} of a very long answer." for n in range(60))
+
+
+def spoken_reply(turn: TurnInput) -> str:
+    return LONG_SPOKEN if turn.text == "talk" else SPOKEN
+
+
+@pytest.fixture
+async def speaking_app() -> AsyncIterator[WebSocketServerApp]:
+    """A server that speaks its replies with espeak-ng."""
+    speech_engine = Speech(EspeakTTS())
+    config = Config(host="127.0.0.1", port=0, ping_interval=5.0, db="none")
+    try:
+        async with running_server(
+            config, ScriptedEngine(spoken_reply, token_delay=0.01), speech=speech_engine
+        ) as server:
+            yield server
+    finally:
+        speech_engine.close()
+
+
+class TrackRecorder:
+    """Reads a received audio track to its end, as 16 kHz mono PCM16."""
+
+    def __init__(self, track: Any) -> None:
+        self.pcm = bytearray()
+        self.frames = 0
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=16000)
+        self.task = asyncio.create_task(self._run(track))
+
+    async def _run(self, track: Any) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            self.frames += 1
+            frame.pts = None
+            for f in self._resampler.resample(frame):
+                self.pcm += f.to_ndarray().tobytes()
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def speaking_peer(
+    client: RealtimeClient, peers: list[RTCPeerConnection]
+) -> tuple[list[TrackRecorder], str]:
+    """A connected client peer connection (in `peers`) with a silent microphone
+    that records what it receives: its recorders and the answer SDP."""
+    pc = await make_offer(PcmTrack(np.zeros(RATE, np.int16)))
+    peers.append(pc)
+    recorders: list[TrackRecorder] = []
+    pc.on("track", lambda track: recorders.append(TrackRecorder(track)))
+    answer = await negotiate(client, pc)
+    await wait_until(lambda: pc.connectionState == "connected" and bool(recorders))
+    return recorders, answer
+
+
+async def test_spoken_replies_go_out_on_the_peer_connections_track(
+    speaking_app: WebSocketServerApp, peers: list[RTCPeerConnection]
+) -> None:
+    async with RealtimeClient(speaking_app.url) as client:
+        sid = (await client.start()).session_id
+        recorders, answer = await speaking_peer(client, peers)
+        assert "a=sendrecv" in answer  # the microphone in, the spoken replies out
+        peer = speaking_app.peers[sid]
+        track = peer.reply_track
+        assert track is not None
+        await wait_until(lambda: peer.sending)
+        # the track is live before anything is said: silence frames arrive
+        await wait_until(lambda: recorders[0].frames >= 5)
+        assert not any(recorders[0].pcm)
+
+        await client.send_text("lights please")
+        started = await client.wait_for(ReplyAudioStarted, 30)
+        done = await client.wait_for(ReplyAudioDone, 30)
+        assert started.reply_id == done.reply_id == "r1"
+        assert not done.cancelled and done.duration_ms > 2000
+        await wait_until(lambda: track.buffered_ms == 0)  # all of it handed to aiortc
+        heard = len(recorders[0].pcm)
+        await wait_until(lambda: len(recorders[0].pcm) >= heard + 16000)  # and 0.5 s more
+        await recorders[0].stop()
+
+        # the events came on the WebSocket, the audio only on the track
+        assert client.audio_bytes == 0
+        assert track.audio_frames_sent * 20 >= done.duration_ms - 40
+        pcm = bytes(recorders[0].pcm)
+        assert voiced_fraction(pcm, 16000) > 0.2  # speech, decoded from Opus
+        level = np.abs(np.frombuffer(pcm, np.int16))
+        assert level.max() > 3000
+
+
+async def test_cancel_drops_what_the_track_holds(
+    speaking_app: WebSocketServerApp, peers: list[RTCPeerConnection]
+) -> None:
+    async with RealtimeClient(speaking_app.url) as client:
+        sid = (await client.start()).session_id
+        recorders, _ = await speaking_peer(client, peers)
+        track = speaking_app.peers[sid].reply_track
+        assert track is not None
+        await wait_until(lambda: speaking_app.peers[sid].sending)
+        await client.send_text("talk")  # about 60 sentences
+        await client.wait_for(ReplyAudioStarted, 30)
+        await wait_until(lambda: track.audio_frames_sent >= 25)  # half a second heard
+        assert track.buffered_ms > 0  # the speaker runs ahead of what is played
+
+        await client.cancel()
+        await client.wait_for(ReplyCancelled, 30)
+        done = await client.wait_for(ReplyAudioDone, 30)
+        assert done.cancelled
+        assert track.buffered_ms == 0 and track.cleared_ms > 0
+        sent, frames = track.audio_frames_sent, track.frames_sent
+        await wait_until(lambda: track.frames_sent >= frames + 25)  # the track goes on...
+        assert track.audio_frames_sent == sent  # ...with silence: no reply audio after it
+        assert client.audio_bytes == 0
+        await recorders[0].stop()
+
+
+async def test_a_session_that_does_not_speak_answers_recvonly(
+    speaking_app: WebSocketServerApp, peers: list[RTCPeerConnection]
+) -> None:
+    async with RealtimeClient(speaking_app.url) as client:
+        sid = (await client.start(speak=False)).session_id
+        pc = await make_offer(PcmTrack(np.zeros(RATE, np.int16)))
+        peers.append(pc)
+        answer = await negotiate(client, pc)
+        assert "a=recvonly" in answer and "a=sendrecv" not in answer
+        assert speaking_app.peers[sid].reply_track is None
 
 
 # ---------------------------------------------------------------- memory

@@ -17,9 +17,14 @@ a bounded queue (`MAX_QUEUED_FRAMES`, about 2 s of 20 ms frames); a feeder task
 awaits `live.feed_audio` for each. When the feeder falls behind, the oldest
 chunk is dropped and counted (`dropped_frames`, logged).
 
-No outgoing track yet: aiortc answers the client's audio m-line with a
-recvonly transceiver, which a later change can turn into sendrecv to speak the
-replies. Other m-lines (video, extra audio) are answered inactive.
+Spoken replies (`speak=True`, a session whose replies are spoken): when the
+offer's first audio m-line can receive (sendrecv or recvonly), the answer
+sends on it too, carrying a `ReplyTrack` (reply_track.py: paced 20 ms frames
+of 48 kHz mono, silence between replies); the transport writes the speaker's
+PCM into `reply_track` instead of sending binary frames. Otherwise (the
+session is silent, or the offer cannot receive) that m-line is answered
+recvonly and there is no track. Other m-lines (video, extra audio) are
+answered inactive.
 
 ICE host candidates follow the server's bind address. aioice, under aiortc,
 gathers host candidates from `aioice.ice.get_host_addresses`, which lists every
@@ -48,10 +53,11 @@ WebSocket stays open. When the client closes its side, or ICE/DTLS fails, the
 peer connection is released at once (the WebSocket stays open and may offer
 again).
 
-Teardown (`close`): cancel and await the reader and feeder, remove the event
-handlers, stop the track, await `pc.close()` (which stops the transceivers and
-the ICE/DTLS transports), and drop every reference: aiortc is known to keep
-memory alive after disconnects otherwise. When the client closes its side
+Teardown (`close`): stop the reply track, cancel and await the reader and
+feeder, remove the event handlers, stop the incoming track, await
+`pc.close()` (which stops the transceivers and the ICE/DTLS transports), and
+drop every reference: aiortc is known to keep memory alive after disconnects
+otherwise. When the client closes its side
 (or ICE/DTLS fails) the peer connection is closed first and the audio already
 received still reaches the session, then the open utterance is closed as by
 `audio.commit` (see `_close`); the session itself goes on.
@@ -79,6 +85,7 @@ from aiortc.sdp import SessionDescription
 
 from voice_agent.errors import BadMessage, ConfigError
 from voice_agent.live import LiveSession
+from voice_agent.transports.reply_track import ReplyTrack
 
 logger = logging.getLogger("voice_agent.transports.webrtc")
 
@@ -269,8 +276,12 @@ class WebRTCInput:
         ice_servers: Sequence[str] = (),
         host_addresses: tuple[str, ...] | None = None,
         max_queued_frames: int = MAX_QUEUED_FRAMES,
+        speak: bool = False,
     ) -> None:
         self.live = live
+        self.speak = speak  # answer with an outgoing track for the spoken replies
+        # The outgoing track, once an offer that can receive audio was answered.
+        self.reply_track: ReplyTrack | None = None
         self.session_id = live.session_id
         self.sample_rate = sample_rate  # what the session declared in session.start
         self.channels = channels
@@ -293,6 +304,17 @@ class WebRTCInput:
     @property
     def connection_state(self) -> str:
         return "closed" if self.pc is None else str(self.pc.connectionState)
+
+    @property
+    def sending(self) -> bool:
+        """Whether spoken replies go out on the reply track now (connected)."""
+        track = self.reply_track
+        return (
+            not self._closed
+            and track is not None
+            and track.readyState == "live"
+            and self.connection_state == "connected"
+        )
 
     async def accept(self, offer_sdp: str) -> str:
         """Apply the client's offer; the answer SDP once ICE gathering completed.
@@ -326,9 +348,16 @@ class WebRTCInput:
         except Exception as exc:
             raise self._refused(exc) from None
         audio_seen = False
+        can_receive = audio[0].direction in (None, "sendrecv", "recvonly")
         for transceiver in pc.getTransceivers():
             if transceiver.kind == "audio" and not audio_seen:
-                audio_seen = True  # recvonly now; room for the spoken replies later
+                audio_seen = True
+                if self.speak and can_receive:
+                    # sendrecv (sendonly when the offer is recvonly): the replies
+                    # go back on the same m-line the microphone comes in on.
+                    self.reply_track = ReplyTrack(session_id=self.session_id)
+                    transceiver.sender.replaceTrack(self.reply_track)
+                    transceiver.direction = "sendrecv"
             else:
                 transceiver.direction = "inactive"
         try:
@@ -410,6 +439,8 @@ class WebRTCInput:
         if self._queue.full():
             self._queue.get_nowait()  # drop the oldest
             self.dropped_frames += 1
+            if self.live.metrics is not None:
+                self.live.metrics.dropped_frames.inc()
             if self.dropped_frames == 1 or self.dropped_frames % 100 == 0:
                 logger.warning(
                     "webrtc audio dropped: the session is behind",
@@ -462,6 +493,8 @@ class WebRTCInput:
         pc, self.pc = self.pc, None
         if pc is not None:
             pc.remove_all_listeners()
+        if self.reply_track is not None:
+            self.reply_track.stop()  # reply audio writes return at once from now on
         if drain and pc is not None:
             await self._close_pc(pc)
             pc = None

@@ -1,9 +1,19 @@
-"""The WebSocket transport: one port serves the page, /healthz, /metrics and /v1/realtime.
+"""The WebSocket transport: the page, /healthz, /readyz, /metrics and /v1/realtime on one port.
 
 Built on the websockets asyncio server. Plain HTTP GETs are answered from
 `process_request` (static files from the web directory, health and metrics);
 `/v1/realtime` upgrades to a WebSocket whose messages follow PROTOCOL.md and
 drive one LiveSession each. Every session shares the one engine.
+
+Health and metrics: the port opens before the engine starts (an
+engine.deferred.DeferredEngine loads the model then). /healthz is 200 while
+the process serves; /readyz is 503 (JSON body saying why) while the engine
+loads, when `engine.ready()` says no or does not answer within
+READY_TIMEOUT seconds, and during shutdown, else 200. While the engine loads,
+realtime connections are closed at once with 1013 (try again later).
+/metrics is the Prometheus text format of metrics.py; the server registers
+its callbacks there (open sessions, send and turn queue depths, the engine's
+runtime_stats, the limit counters below), read only when scraped.
 
 Limits and their behaviour:
 - a frame over `max_message_bytes`: websockets closes the connection with 1009;
@@ -32,7 +42,9 @@ opened it. `tls_cert`/`tls_key` serve https:// and wss://.
 Persistence: with a `store` (store.py), every finished or cancelled turn saves
 the conversation (off the event loop, in order), as does the end of the
 session; a session_id that is not in memory is looked up in the store and
-rebuilt with `engine.restore`.
+rebuilt with `engine.restore`. With a shared store (PostgreSQL, gateway
+replicas) a conversation kept in memory is reloaded from the store when
+another replica has carried it on since.
 
 WebRTC (`webrtc.offer`, see transports/webrtc.py): when aiortc is installed,
 an offer on a started session gets a peer connection whose audio track feeds
@@ -47,9 +59,15 @@ a `command` event for each command MQTT extracted for the same device.
 
 Spoken replies: with a `speech` (tts/speaker.py) and unless session.start
 says `speak: false`, each reply is also spoken: `reply.audio.started`, binary
-PCM16 frames at `output_sample_rate`, `reply.audio.done`. Audio takes at most
+PCM16 frames at `output_sample_rate`, `reply.audio.done`, paced at real time
+at most `tts_lead_ms` ahead of the clock (tts/speaker.py). Audio takes at most
 half of the send queue (it waits for room; events never do). A `cancel` also
-stops the audio of a reply whose text is already done.
+stops the audio of a reply whose text is already done, as does a barge-in
+while that audio plays (Session's StopAudio). On a WebRTC session
+whose peer connection is connected when a reply's audio starts, that audio
+goes on the peer connection's reply track (transports/reply_track.py, paced
+in real time, what it buffers dropped at once by a cancel or
+`reply.cancelled`) instead of binary frames; the events stay on the socket.
 
 Shutdown (`shutdown`): stop accepting, close every WebRTC peer connection,
 cancel every reply in flight, close every connection with 1001, then close
@@ -102,12 +120,16 @@ from voice_agent.errors import (
 )
 from voice_agent.hub import CommandBus
 from voice_agent.limits import AudioPacer, MessageLimiter
-from voice_agent.live import LiveSession, Metrics, session_config
+from voice_agent.live import LiveSession, session_config
+from voice_agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from voice_agent.metrics import Metric, Metrics, counter
 from voice_agent.protocol import (
     AudioCommit,
     CancelReply,
     ClientEvent,
     Playback,
+    ReplyAudioDone,
+    ReplyAudioStarted,
     ReplyCancelled,
     ReplyDone,
     ServerEvent,
@@ -124,11 +146,25 @@ from voice_agent.tts.speaker import ReplySpeaker, Speech
 
 if TYPE_CHECKING:
     from voice_agent.store import Store, StoredSession
+    from voice_agent.transports.reply_track import ReplyTrack
     from voice_agent.transports.webrtc import WebRTCInput
 
 logger = logging.getLogger("voice_agent.transports.websocket")
 
 REALTIME_PATH = "/v1/realtime"
+READY_TIMEOUT = 2.0  # seconds /readyz waits for engine.ready()
+
+# What the limit counters count (exported as voice_agent_<name>).
+LIMIT_HELP = {
+    "auth_failures_total": "connections closed for a missing or wrong token",
+    "origin_refused_total": "handshakes refused for their Origin",
+    "client_limit_total": "connections refused: too many from one address",
+    "slow_consumer_closes_total": "connections closed for not reading their events",
+    "idle_closes_total": "connections closed after the idle timeout",
+    "throttled_seconds_total": "seconds readers waited to keep clients within the rate limits",
+    "sessions_restored_total": "conversations resumed from the store",
+    "store_errors_total": "conversations the store failed to save",
+}
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -308,8 +344,16 @@ class WebSocketServerApp:
         self.close_engine = close_engine
         # Commands between the sessions of a named device and MQTT (hub.py).
         self.bus = bus
-        self.metrics = Metrics()
         self.sessions: dict[str, LiveSession] = {}
+        # Prometheus metrics on a registry of this server's own (metrics.py).
+        self.metrics = Metrics()
+        self.metrics.sessions_open.set_function(lambda: len(self.sessions))
+        self.metrics.add_queue("send", lambda: [c.queued for c in self._live_connections])
+        self.metrics.add_queue("turns", lambda: [s.session.queued for s in self.sessions.values()])
+        self.metrics.watch_engine(engine)
+        self.metrics.add_collector(self._limit_families)
+        # "stopped" -> "loading" (listening, the engine starts) -> "started"
+        self.engine_state = "stopped"
         # Conversations whose connection ended, kept for resuming by session_id
         # (least recently detached dropped first, at most max_sessions of them).
         self.detached: OrderedDict[str, _Detached] = OrderedDict()
@@ -329,7 +373,10 @@ class WebSocketServerApp:
     # -- lifecycle --------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the engine and listen; `port` is known afterwards."""
+        """Listen, then start the engine (a DeferredEngine loads the model now:
+        /healthz answers and /readyz says 503 meanwhile); `port` is known as
+        soon as the port is open. Returns once the engine has started; when
+        that fails, the port is closed again and the error raised."""
         self.webrtc = _load_webrtc()
         if self.webrtc is not None:
             self.webrtc.parse_ice_servers(self.config.ice_servers)  # ConfigError early
@@ -340,7 +387,6 @@ class WebSocketServerApp:
                 "to the assistant; set --token or --tokens-file",
                 self.config.host,
             )
-        await self.engine.start()
         self._server = await ws_serve(
             self._handle,
             self.config.host,
@@ -356,6 +402,16 @@ class WebSocketServerApp:
             compression=None,
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
+        self.engine_state = "loading"
+        try:
+            await self.engine.start()
+        except BaseException:
+            self.engine_state = "stopped"
+            server, self._server = self._server, None
+            server.close()
+            await server.wait_closed()
+            raise
+        self.engine_state = "started"
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         cert, key = self.config.tls_cert, self.config.tls_key
@@ -527,7 +583,17 @@ class WebSocketServerApp:
         if detached is not None:
             if not hmac.compare_digest(detached.owner, owner):
                 return None
-            return self.detached.pop(session_id)
+            detached = self.detached.pop(session_id)
+            if self.store is None or not self.store.shared:
+                return detached
+            # A shared store (gateway replicas): another replica may have
+            # carried the conversation on since it was detached here.
+            if not await self._newer_in_store(self.store, session_id, detached):
+                return None if session_id in self.sessions else detached
+            logger.info(
+                "conversation carried on by another replica: reloading it",
+                extra={"session_id": session_id},
+            )
         if self.store is None:
             return None
         store = self.store
@@ -551,6 +617,18 @@ class WebSocketServerApp:
         self.limit_counters["sessions_restored_total"] += 1
         return _Detached(conversation, record.ids_used, owner, record.device)
 
+    async def _newer_in_store(self, store: Store, session_id: str, detached: _Detached) -> bool:
+        """Whether the store holds more turns of the conversation than `detached`."""
+        await self.wait_saved()  # this replica's own saves first
+        try:
+            turns = await asyncio.get_running_loop().run_in_executor(
+                self._saver, store.turns_of, session_id
+            )
+        except Exception:
+            logger.exception("reading a conversation failed", extra={"session_id": session_id})
+            return False
+        return turns is not None and turns > detached.conversation.turns
+
     # -- HTTP -------------------------------------------------------------
 
     async def _process_request(
@@ -567,18 +645,39 @@ class WebSocketServerApp:
                 "sessions": len(self.sessions),
             }
             return _response(200, json.dumps(body).encode(), "application/json")
+        if path == "/readyz":
+            status, body = await self.readiness()
+            return _response(status, json.dumps(body).encode(), "application/json")
         if path == "/metrics":
-            self.metrics.sessions_active = len(self.sessions)
-            text = self.metrics.render() + self._render_limits()
-            return _response(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+            return _response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
         return await asyncio.to_thread(self._static, path)
 
-    def _render_limits(self) -> str:
-        lines = []
-        for name, value in self.limit_counters.items():
-            full = f"voice_agent_{name}"
-            lines += [f"# TYPE {full} counter", f"{full} {value:g}"]
-        return "\n".join(lines) + "\n"
+    async def readiness(self) -> tuple[int, dict[str, object]]:
+        """/readyz: (200, ...) when the engine has started and answers, else
+        (503, ...) with the reason in "status": loading, not_ready, stopping."""
+        body: dict[str, object] = {"model": self.engine.model_name}
+        if self._shutting_down:
+            return 503, {"status": "stopping", **body}
+        if self.engine_state != "started":
+            loading = getattr(self.engine, "loading_seconds", None)
+            if callable(loading):
+                body["loading_s"] = round(float(loading()), 1)
+            return 503, {"status": "loading", **body}
+        try:
+            ready = await asyncio.wait_for(self.engine.ready(), READY_TIMEOUT)
+        except Exception as exc:  # a timeout or a failing check: not ready
+            logger.warning("engine readiness check failed: %s", type(exc).__name__)
+            ready = False
+        if not ready:
+            return 503, {"status": "not_ready", **body}
+        return 200, {"status": "ready", "demo_model": self.engine.demo_model, **body}
+
+    def _limit_families(self) -> list[Metric]:
+        """The limit counters (read at scrape time; the dict is the source)."""
+        return [
+            counter(name, LIMIT_HELP.get(name, name.replace("_", " ")), float(value))
+            for name, value in list(self.limit_counters.items())
+        ]
 
     def _static(self, path: str) -> Response:
         target = resolve_static(self.web_dir, path)
@@ -607,6 +706,9 @@ class WebSocketServerApp:
             self.limit_counters["origin_refused_total"] += 1
             logger.warning("origin not allowed", extra={"origin": headers.get("Origin", "")[:200]})
             await ws.close(CLOSE_POLICY, "origin not allowed")
+            return
+        if self.engine_state != "started":
+            await ws.close(CLOSE_TRY_AGAIN, "the model is loading, try again later")
             return
         if self._connections >= self.config.max_sessions:
             logger.warning("session limit reached", extra={"limit": self.config.max_sessions})
@@ -657,6 +759,9 @@ class _Connection:
         self.audio_format = (16000, 1)  # (sample_rate, channels) from session.start
         self.peer: WebRTCInput | None = None
         self.speaker: ReplySpeaker | None = None  # when this session's replies are spoken
+        # The reply whose audio goes out on the WebRTC track, and that track
+        # (chosen at reply.audio.started; None: binary frames).
+        self._reply_route: tuple[str, ReplyTrack] | None = None
         config = app.config
         # Outgoing events: bounded; one writer task sends them in order.
         self._out: asyncio.Queue[str | bytes] = asyncio.Queue(config.send_queue)
@@ -668,6 +773,11 @@ class _Connection:
         self._messages = MessageLimiter(config.max_messages_per_second, time.monotonic)
         self._pacer = AudioPacer(config.max_audio_speed, time.monotonic)
 
+    @property
+    def queued(self) -> int:
+        """Events and audio frames waiting to be written (the send queue)."""
+        return self._out.qsize()
+
     async def send(self, event: ServerEvent) -> None:
         """Queue one event; never blocks. A closed peer is not an error (run()
         sees it); a full queue means the client stopped reading: close 1008."""
@@ -675,6 +785,7 @@ class _Connection:
             return
         if self.speaker is not None:
             self.speaker.observe(event)  # a cancel stops the audio before it is queued
+            self._route_reply_audio(event)
         try:
             self._out.put_nowait(encode(event))
         except asyncio.QueueFull:
@@ -683,8 +794,38 @@ class _Connection:
         if isinstance(event, ReplyDone | ReplyCancelled):
             self.app.save(self)
 
+    def _route_reply_audio(self, event: ServerEvent) -> None:
+        """WebRTC: a reply's audio goes on the peer connection's track when it is
+        connected as the reply's audio starts; a cancel drops what it holds."""
+        if isinstance(event, ReplyAudioStarted):
+            peer = self.peer
+            track = peer.reply_track if peer is not None and peer.sending else None
+            self._reply_route = (event.reply_id, track) if track is not None else None
+        elif isinstance(event, ReplyAudioDone):
+            route = self._reply_route
+            if route is not None and route[0] == event.reply_id:
+                self._reply_route = None
+                if event.cancelled:
+                    route[1].clear()
+                else:
+                    route[1].flush()
+        elif isinstance(event, ReplyCancelled):
+            self._clear_reply_track()
+
+    def _clear_reply_track(self) -> None:
+        """Drop the reply audio buffered in the WebRTC track (a cancel, a barge-in)."""
+        self._reply_route = None
+        peer = self.peer
+        if peer is not None and peer.reply_track is not None:
+            peer.reply_track.clear()
+
     async def send_audio(self, pcm: bytes) -> None:
-        """Queue one binary frame of reply audio; waits while the queue is half full."""
+        """Queue one binary frame of reply audio; waits while the queue is half full.
+        A reply routed to the WebRTC track is written there instead (paced by it)."""
+        route = self._reply_route
+        if route is not None and self.speaker is not None:
+            await route[1].write(pcm, self.speaker.sample_rate)
+            return
         while not self._closing and self._out.qsize() >= max(1, self._out.maxsize // 2):
             self._room.clear()
             await self._room.wait()
@@ -727,7 +868,7 @@ class _Connection:
 
     async def _send_error(self, exc: BaseException) -> None:
         event = error_event(exc)
-        self.app.metrics.observe(event)
+        self.app.metrics.errors.labels(event.code).inc()
         await self.send(event)
 
     async def _watch_idle(self, idle: float) -> None:
@@ -814,7 +955,6 @@ class _Connection:
             del self.app.sessions[live.session_id]
         self.app.save(self)
         self.app.detach(live, self.owner)
-        self.app.metrics.sessions_active = len(self.app.sessions)
         store = self.app.store
         if store is not None and not self.app._shutting_down:
             future = asyncio.wrap_future(self.app._saver.submit(_prune, store))
@@ -852,6 +992,7 @@ class _Connection:
         elif isinstance(event, CancelReply):
             if self.speaker is not None:
                 self.speaker.stop()  # also the audio of a reply whose text is done
+                self._clear_reply_track()
             await live.cancel()
         elif isinstance(event, WebRTCOffer):
             await self._offer(live, event)
@@ -874,6 +1015,7 @@ class _Connection:
             channels=channels,
             ice_servers=config.ice_servers,
             host_addresses=webrtc.host_addresses_for_bind(config.host),
+            speak=self.speaker is not None,  # an outgoing track for the spoken replies
         )
         self.peer = peer
         self.app.peers[live.session_id] = peer
@@ -929,11 +1071,16 @@ class _Connection:
         self.audio_format = (start.sample_rate, start.channels)
         if app.speech is not None and start.speak is not False:
             self.speaker = ReplySpeaker(
-                app.speech, start.output_sample_rate, self.send, self.send_audio
+                app.speech,
+                start.output_sample_rate,
+                self.send,
+                self.send_audio,
+                lead_ms=app.config.tts_lead_ms,  # paced: at most this far ahead of real time
+                on_playback=live.playback,  # barge-in asks longer speech while it is heard
             )
+            live.stop_audio = self.speaker.stop  # a barge-in on a finished reply's audio
         app.sessions[session_id] = live
-        app.metrics.sessions_total += 1
-        app.metrics.sessions_active = len(app.sessions)
+        app.metrics.sessions.inc()
         logger.info(
             "session started",
             extra={
