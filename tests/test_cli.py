@@ -112,6 +112,13 @@ def test_client_without_file_or_mic_is_an_error(capsys: pytest.CaptureFixture[st
     assert "give an audio FILE or --mic" in capsys.readouterr().err
 
 
+def test_client_reply_audio_flags() -> None:
+    args = build_parser().parse_args(["client", "in.wav", "--save-reply", "out"])
+    assert (args.save_reply, args.no_play) == ("out", False)  # plays by default
+    args = build_parser().parse_args(["client", "--mic", "--no-play"])
+    assert (args.save_reply, args.no_play) == (None, True)
+
+
 def test_engine_flags_reach_the_engine_loader() -> None:
     from voice_agent.cli import _engine_kwargs
     from voice_agent.config import Config

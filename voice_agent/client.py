@@ -9,6 +9,17 @@
 (divided by `speed`; 0 sends as fast as possible) and prints the events as they
 arrive: one line per event, reply deltas inline as they stream. `run_client`
 is what `voice-agent client` calls.
+
+Spoken replies (`ReplyAudio`): the binary frames between reply.audio.started
+and reply.audio.done are played as they come through sounddevice (the `mic`
+extra) when `play` is set and an output device opens (otherwise one log line
+says why and nothing is played), and/or saved with `save_dir` as
+DIR/<reply_id>.wav (16-bit mono at the announced rate), written when the
+reply's audio ends; a reply whose audio was cut off (cancel, barge-in, the
+connection closing) is saved as DIR/<reply_id>.cancelled.wav with what
+arrived. Reply ids restart at r1 in each session, so a later session
+overwrites the files of an earlier one in the same DIR. A client that
+neither plays nor saves asks the server not to speak (`speak: false`).
 """
 
 from __future__ import annotations
@@ -16,11 +27,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import sys
+import threading
 import time
+import wave
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO, TypeVar
 
@@ -33,6 +48,8 @@ from voice_agent.audio import decode, float_to_pcm16, read_wav_pcm16
 from voice_agent.errors import VoiceAgentError
 from voice_agent.protocol import (
     ErrorEvent,
+    ReplyAudioDone,
+    ReplyAudioStarted,
     ReplyCancelled,
     ReplyDelta,
     ReplyDone,
@@ -47,6 +64,9 @@ from voice_agent.protocol import (
 
 E = TypeVar("E")
 EventCallback = Callable[[ServerEvent], object]
+AudioCallback = Callable[[bytes], object]
+
+logger = logging.getLogger("voice_agent.client")
 
 FRAME_MS = 20
 
@@ -69,9 +89,11 @@ class RealtimeClient:
         on_event: EventCallback | None = None,
         open_timeout: float = 10.0,
         max_size: int | None = 16 * 2**20,
+        on_audio: AudioCallback | None = None,
     ) -> None:
         self.url = url
         self.on_event = on_event
+        self.on_audio = on_audio  # each binary frame (reply audio), in order with the events
         self.open_timeout = open_timeout
         self.max_size = max_size
         self.received: list[ServerEvent] = []  # every event, in arrival order
@@ -132,6 +154,8 @@ class RealtimeClient:
             async for message in ws:
                 if isinstance(message, bytes):
                     self.audio_bytes += len(message)
+                    if self.on_audio is not None:
+                        self.on_audio(message)
                     continue
                 event = decode_server(message)
                 self.received.append(event)
@@ -336,6 +360,11 @@ class EventPrinter:
             return f"reply.done {event.reply_id} ({tokens} tokens, first after {ttft:.0f} ms)"
         if isinstance(event, ReplyCancelled):
             return f"reply.cancelled {event.reply_id} ({event.reason})"
+        if isinstance(event, ReplyAudioStarted):
+            return f"reply.audio.started {event.reply_id} ({event.sample_rate} Hz)"
+        if isinstance(event, ReplyAudioDone):
+            cut = ", cut off" if event.cancelled else ""
+            return f"reply.audio.done {event.reply_id} ({event.duration_ms} ms{cut})"
         if isinstance(event, ErrorEvent):
             return f"error {event.code}: {event.message}"
         return encode(event)
@@ -457,6 +486,166 @@ def _open_utterance(client: RealtimeClient) -> bool:
     return bool(opened)
 
 
+# ------------------------------------------------------------ spoken replies
+
+
+class AudioPlayer:
+    """Plays PCM16 mono through sounddevice's output as it arrives.
+
+    PortAudio pulls from a buffer on its own thread; an empty buffer plays
+    silence. The buffer holds at most `max_buffered_s` (the server paces its
+    audio, so it stays near its lead); beyond it the oldest audio is dropped.
+    `clear()` drops what is buffered (a cancelled reply stops at once).
+    """
+
+    def __init__(self, stream: Any, sample_rate: int, max_buffered_s: float = 30.0) -> None:
+        self.stream = stream
+        self.sample_rate = sample_rate
+        self._max_bytes = 2 * int(sample_rate * max_buffered_s)
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+        self.dropped_bytes = 0
+
+    @classmethod
+    def open(cls, sample_rate: int = 16000, device: int | str | None = None) -> AudioPlayer | None:
+        """A started player, or None (logged once) when sounddevice, PortAudio or
+        an output device is missing: the client then goes on without sound."""
+        try:
+            import sounddevice as sd
+        except (ImportError, OSError) as exc:
+            logger.warning(
+                "reply audio is not played: sounddevice/PortAudio unavailable (%s); "
+                "pip install 'voice-agent[mic]'",
+                type(exc).__name__,
+            )
+            return None
+        player: AudioPlayer | None = None
+
+        def callback(outdata: Any, frames: int, t: Any, status: Any) -> None:
+            assert player is not None
+            player._fill(outdata, frames)
+
+        try:
+            stream = sd.RawOutputStream(
+                samplerate=sample_rate,
+                channels=1,
+                dtype="int16",
+                blocksize=sample_rate * FRAME_MS // 1000,
+                device=device,
+                callback=callback,
+            )
+            player = cls(stream, sample_rate)
+            stream.start()
+        except Exception as exc:  # sd.PortAudioError, ValueError: no usable device
+            logger.warning("reply audio is not played: no audio output (%s)", exc)
+            return None
+        return player
+
+    def _fill(self, outdata: Any, frames: int) -> None:
+        want = 2 * frames
+        with self._lock:
+            chunk = bytes(self._buf[:want])
+            del self._buf[:want]
+        outdata[: len(chunk)] = chunk
+        if len(chunk) < want:
+            outdata[len(chunk) :] = bytes(want - len(chunk))
+
+    def write(self, pcm: bytes) -> None:
+        with self._lock:
+            self._buf += pcm
+            over = len(self._buf) - self._max_bytes
+            if over > 0:
+                over += over % 2
+                del self._buf[:over]
+                self.dropped_bytes += over
+
+    def clear(self) -> None:
+        with self._lock:
+            self._buf.clear()
+
+    @property
+    def buffered_ms(self) -> int:
+        with self._lock:
+            return len(self._buf) * 1000 // (2 * self.sample_rate)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stream.stop()
+            self.stream.close()
+
+
+class ReplyAudio:
+    """Each reply's spoken audio: played and/or saved (see the module doc).
+
+    Feed it every event (`event`) and binary frame (`frame`) in arrival order;
+    `close()` saves a reply whose audio never ended (as cut off).
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike[str] | None = None,
+        player: AudioPlayer | None = None,
+        *,
+        device: int | str | None = None,
+    ) -> None:
+        self.save_dir = Path(save_dir) if save_dir is not None else None
+        if self.save_dir is not None:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+        self.player = player
+        self.device = device
+        self.saved: list[Path] = []  # files written, in order
+        self._reply: str | None = None
+        self._rate = 16000
+        self._pcm = bytearray()
+
+    def event(self, event: ServerEvent) -> None:
+        if isinstance(event, ReplyAudioStarted):
+            self._finish(cancelled=True)  # a reply whose done never came
+            self._reply, self._rate = event.reply_id, event.sample_rate
+            self._pcm = bytearray()
+            if self.player is not None and self.player.sample_rate != event.sample_rate:
+                self.player.close()
+                self.player = AudioPlayer.open(event.sample_rate, self.device)
+        elif isinstance(event, ReplyAudioDone) and event.reply_id == self._reply:
+            if event.cancelled and self.player is not None:
+                self.player.clear()
+            self._finish(cancelled=event.cancelled)
+        elif (
+            isinstance(event, ReplyCancelled)
+            and event.reply_id == self._reply
+            and self.player is not None
+        ):
+            self.player.clear()  # what is buffered is not heard
+
+    def frame(self, pcm: bytes) -> None:
+        if self._reply is None:
+            return  # not between reply.audio.started and reply.audio.done
+        if self.save_dir is not None:
+            self._pcm += pcm
+        if self.player is not None:
+            self.player.write(pcm)
+
+    def close(self) -> None:
+        self._finish(cancelled=True)
+        if self.player is not None:
+            self.player.close()
+            self.player = None
+
+    def _finish(self, cancelled: bool) -> None:
+        reply, self._reply = self._reply, None
+        if reply is None or self.save_dir is None:
+            return
+        name = f"{reply}.cancelled.wav" if cancelled else f"{reply}.wav"
+        path = self.save_dir / name
+        with wave.open(str(path), "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(self._rate)
+            out.writeframes(bytes(self._pcm))
+        self._pcm = bytearray()
+        self.saved.append(path)
+
+
 # ----------------------------------------------------------------------- mic
 
 
@@ -517,22 +706,46 @@ async def run_client(
     system_prompt: str | None = None,
     out: TextIO | None = None,
     token: str | None = None,
+    play: bool = False,
+    save_reply: str | os.PathLike[str] | None = None,
+    output_sample_rate: int = 16000,
 ) -> int:
-    """`voice-agent client`: stream FILE or the microphone, print the events.
+    """`voice-agent client`: stream FILE or the microphone, print the events;
+    `play` the spoken replies (when an output device opens) and/or save them
+    under `save_reply` (see the module doc).
 
     0 when done; 1 when the server cannot be reached or closes the connection
     unexpectedly. BadAudio (an unreadable file) propagates.
     """
     printer = EventPrinter(out)
     audio = load_pcm(file) if file else None  # fail on a bad file before connecting
+    player = AudioPlayer.open(output_sample_rate) if play else None
+    spoken = ReplyAudio(save_reply, player) if player is not None or save_reply else None
+
+    def on_event(event: ServerEvent) -> None:
+        if spoken is not None:
+            spoken.event(event)
+        printer(event)
+
     try:
-        async with RealtimeClient(url, on_event=printer) as client:
-            await client.start(16000, 1, device=device, system_prompt=system_prompt, token=token)
+        async with RealtimeClient(
+            url, on_event=on_event, on_audio=spoken.frame if spoken is not None else None
+        ) as client:
+            await client.start(
+                16000,
+                1,
+                device=device,
+                system_prompt=system_prompt,
+                token=token,
+                speak=None if spoken is not None else False,
+                output_sample_rate=output_sample_rate if spoken is not None else None,
+            )
             if audio is not None:
                 await stream_pcm(client, audio, speed, 0.0, silence_after)
                 if not await client.wait_settled():
                     print("timed out waiting for the replies", file=sys.stderr)
                     return 1
+                await _wait_for_audio(client, spoken)
             elif mic:
                 await stream_mic(client)
     except (OSError, TimeoutError, InvalidURI, InvalidHandshake) as exc:
@@ -545,7 +758,31 @@ async def run_client(
         code = exc.rcvd.code if exc.rcvd is not None else None
         print(f"the server closed the connection (code {code})", file=sys.stderr)
         return 1
+    finally:
+        if spoken is not None:
+            spoken.close()
     return 0
+
+
+async def _wait_for_audio(
+    client: RealtimeClient, spoken: ReplyAudio | None, timeout: float = 120.0
+) -> None:
+    """After the last reply: wait for its audio to end (every reply.audio.started
+    answered by reply.audio.done) and, when playing, for the buffer to play out."""
+    if spoken is None:
+        return
+    deadline = time.monotonic() + timeout
+
+    def open_audio() -> bool:
+        started = {e.reply_id for e in client.of_type(ReplyAudioStarted)}
+        done = {e.reply_id for e in client.of_type(ReplyAudioDone)}
+        return bool(started - done)
+
+    while time.monotonic() < deadline and not client._eof:
+        player = spoken.player
+        if not open_audio() and (player is None or player.buffered_ms == 0):
+            return
+        await asyncio.sleep(0.05)
 
 
 def _name(kind: object) -> str:

@@ -248,7 +248,16 @@ class Config:
     mqtt_client_id: str | None = _f(
         None,
         "MQTT client id of the agent's persistent session (default: voice-agent-PREFIX); "
-        "requests sent with QoS 1 while the agent is away are kept for this id",
+        "requests sent with QoS 1 while the agent is away are kept for this id; with "
+        "--mqtt-share-group it must differ per replica (default: voice-agent-PREFIX-RANDOM)",
+    )
+    mqtt_share_group: str | None = _f(
+        None,
+        "several gateway replicas on one broker and prefix: take requests through the MQTT "
+        "shared subscription $share/GROUP/PREFIX/+/ask (mosquitto >= 1.6), so each request "
+        "is answered by one replica; the connection then uses a clean session and the "
+        "default client id gets a random suffix per process (see deploy/README.md); "
+        "unset or empty: the agent answers every request it sees",
     )
     mqtt_max_payload: int = _f(
         10 * 1024 * 1024, "largest MQTT request payload in bytes; larger ones get an error"
@@ -317,6 +326,8 @@ class Config:
             problems.append("event_loop must be auto, uvloop or asyncio")
         if not _valid_prefix(self.mqtt_prefix):
             problems.append("mqtt_prefix must be topic levels of [A-Za-z0-9_-] joined by '/'")
+        if self.mqtt_share_group and not _PREFIX_LEVEL.fullmatch(self.mqtt_share_group):
+            problems.append("mqtt_share_group must be 1 to 64 characters of [A-Za-z0-9_-]")
         if self.mqtt_max_payload < 1024:
             problems.append("mqtt_max_payload must be at least 1024")
         if self.max_utterance_ms > 30000 or self.max_utterance_ms < 1000:

@@ -12,6 +12,8 @@ the engine reports for each reply; it returns the actions to execute, in order:
     DetectTurn(utterance_id, check, audio)   ask the end-of-turn detector about
                                              `audio` (off the event loop) and
                                              report with on_turn_decision
+    StopAudio(reply_id, reason)              stop that reply's spoken audio (its
+                                             text is done; see Barge-in)
 
 End of turn: with `vad.turn_check` (the driver has a detector, see turn.py)
 the segmenter asks after `vad.min_silence_ms` of silence; a probability at or
@@ -42,6 +44,20 @@ tokens of the last sent delta, "barge_in") and
 reply.cancelled with the text sent so far. `barge_in_ms <= 0` turns barge-in
 off. Speech that was already going on when a reply was submitted never
 cancels it, nor does the continuation of an utterance split at max length.
+
+Barge-in while the assistant is heard: the driver reports the reply's audio
+with playback(reply_id, True) when reply.audio.started goes out and
+playback(reply_id, False) when the audio has finished playing (or stopped).
+In between, speech must last `barge_in_speaking_ms` (default 500, never less
+than barge_in_ms) to barge in, so echo of the assistant's own voice that the
+client's echo cancellation missed does not cut it off. Playback may outlast
+the reply's text: speech that long after reply.done, while the audio still
+plays, returns StopAudio(reply_id, "barge_in") (no reply.cancelled: the
+text reply has finished and stays whole in the history); it counts in
+`barge_ins`, and the interrupting utterance is answered when it closes.
+Playback reports for a reply that is no longer the newest, or that was
+cancelled or stopped, are ignored; a new reply, a cancel or StopAudio end
+playback for the Session at once.
 Turns that were waiting behind the barged-in reply stay queued in order, and
 nothing new is submitted until the interrupting utterance has closed; it then
 joins the queue behind them. A client `cancel` works the same way (reason
@@ -100,6 +116,8 @@ _WIRE_REASON = {"end_of_stream": "silence"}
 class SessionConfig:
     vad: VadConfig = field(default_factory=VadConfig)
     barge_in_ms: int = 300  # speech this long cancels the running reply; <= 0: never
+    # ... while the reply's audio plays: speech this long (at least barge_in_ms)
+    barge_in_speaking_ms: int = 500
     max_queued_utterances: int = 4  # waiting turns; beyond it the oldest is dropped
     max_text_chars: int = 4000  # longer `text` -> BadMessage
     system_prompt: str | None = None  # for the driver, when it opens the engine Conversation
@@ -149,7 +167,15 @@ class DetectTurn:
     audio: AudioArray
 
 
-Action = Send | SubmitTurn | CancelTurn | Speculate | DetectTurn
+@dataclass(frozen=True)
+class StopAudio:
+    """Stop the spoken audio of `reply_id`, whose text is already done."""
+
+    reply_id: str
+    reason: str  # "barge_in"
+
+
+Action = Send | SubmitTurn | CancelTurn | Speculate | DetectTurn | StopAudio
 
 
 @dataclass(frozen=True)
@@ -207,6 +233,9 @@ class Session:
         self._continuation: int | None = None  # open utterance continuing a max-length split
         self._split_at_ms: int | None = None
         self._hold: int | None = None  # interrupting utterance: submit nothing until it closes
+        # (reply_id, last_started) of the newest reply while its audio may still play
+        self._audio: tuple[str, int] | None = None
+        self._playing = False  # that audio is playing (playback reports)
         self._ended = False
         self.history: list[HistoryEntry] = []
         self.dropped_utterances = 0
@@ -236,6 +265,11 @@ class Session:
     def queued(self) -> int:
         """Turns waiting for the running reply to end."""
         return len(self._queue)
+
+    @property
+    def playing(self) -> str | None:
+        """The reply whose spoken audio is playing now, if any."""
+        return self._audio[0] if self._audio is not None and self._playing else None
 
     @property
     def dropped_noise(self) -> int:
@@ -280,6 +314,15 @@ class Session:
             return []
         complete = probability >= self.config.turn_threshold
         return self._segments(self._seg.turn_decision(utterance_id, check, probability, complete))
+
+    def playback(self, reply_id: str, playing: bool) -> list[Action]:
+        """The reply's audio started (True) or finished (False) playing; see
+        the module doc. Stale reports are ignored."""
+        if self._audio is not None and self._audio[0] == reply_id:
+            self._playing = playing
+            if not playing:
+                self._audio = None
+        return []
 
     def end_of_stream(self) -> list[Action]:
         """No more audio: close any open utterance (it is still answered)."""
@@ -358,25 +401,42 @@ class Session:
             eot = None if ev.eot_probability is None else round(ev.eot_probability, 3)
             actions.append(Send(SpeechStoppedEvent(uid, ev.start_ms, ev.end_ms, reason, eot)))
             # A whole utterance that went by within one chunk may still barge in.
-            if self._may_barge(ev.utterance_id, ev.voiced_ms):
-                actions += self._cancel("barge_in", hold=ev.utterance_id)
+            actions += self._barge_in(ev.utterance_id, ev.voiced_ms)
             self._continuation = None
             if self._hold == ev.utterance_id:
                 self._hold = None
             turn = _Turn(uid, TurnInput(audio=ev.audio), duration_ms(ev.audio))
             actions += self._enqueue(turn)
-        if self._open is not None and self._may_barge(self._open, self._seg.voiced_ms):
-            actions += self._cancel("barge_in", hold=self._open)
+        if self._open is not None:
+            actions += self._barge_in(self._open, self._seg.voiced_ms)
         return actions
 
-    def _may_barge(self, utterance: int, voiced_ms: int) -> bool:
+    def _barge_in(self, utterance: int, voiced_ms: int) -> list[Action]:
+        """Cancel the running reply, or stop the audio of a finished one still
+        playing, when this utterance has barged in (see the module doc)."""
         r = self._reply
+        if r is not None:
+            if self._may_barge(utterance, voiced_ms, r.last_started):
+                return self._cancel("barge_in", hold=utterance)
+            return []
+        audio = self._audio
+        if audio is None or not self._playing:
+            return []
+        if not self._may_barge(utterance, voiced_ms, audio[1]):
+            return []
+        self._audio = None
+        self._playing = False
+        self.barge_ins += 1
+        return [StopAudio(audio[0], "barge_in")]
+
+    def _may_barge(self, utterance: int, voiced_ms: int, last_started: int) -> bool:
         limit = self.config.barge_in_ms
+        if self._playing:  # the assistant is heard: echo must not cut it off
+            limit = max(limit, self.config.barge_in_speaking_ms)
         return (
-            r is not None
-            and limit > 0
+            self.config.barge_in_ms > 0
             and voiced_ms >= limit
-            and utterance > r.last_started
+            and utterance > last_started
             and utterance != self._continuation
         )
 
@@ -384,6 +444,9 @@ class Session:
         r = self._reply
         assert r is not None
         self._reply = None
+        if self._audio is not None and self._audio[0] == r.reply_id:
+            self._audio = None  # reply.cancelled stops its audio
+            self._playing = False
         if reason == "barge_in":
             self.barge_ins += 1
             self._hold = hold
@@ -421,6 +484,8 @@ class Session:
         reply_id = reply_wire_id(self._next_reply)
         self._next_reply += 1
         self._reply = _Reply(reply_id, t, self._last_started)
+        self._audio = (reply_id, self._last_started)  # a new reply stops the old one's audio
+        self._playing = False
         return [
             Send(ReplyStarted(reply_id, t.utterance_id)),
             SubmitTurn(reply_id, t.utterance_id, t.turn),

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import soundfile
 from websockets.asyncio.client import ClientConnection, connect
 
 from voice_agent.config import Config
@@ -194,3 +196,39 @@ async def test_a_new_reply_stops_the_old_ones_audio(config: Config, speech: Spee
         ("reply.audio.started", "r2"),
         ("reply.audio.done", "r2"),
     ]
+
+
+async def test_speech_over_a_finished_reply_stops_its_audio(
+    config: Config, speech: Speech, audio_dir: Path
+) -> None:
+    """The text is done but the audio still plays (paced): speech longer than
+    barge_in_speaking_ms stops it (reply.audio.done cancelled, no
+    reply.cancelled), and the utterance is answered."""
+    engine = ScriptedEngine([LONG, "Yes."], token_delay=0.0005)
+    pcm = speech_pcm(audio_dir / "ldc93s1-16k-mono.wav")
+    async with running_server(config, engine, speech=speech) as app, connect(app.url) as ws:
+        await start(ws)
+        await ws.send(json.dumps({"type": "text", "text": "talk"}))
+        before = await collect(ws, "reply.done")  # the text is done ...
+        assert index(before, "reply.audio.started") >= 0  # ... and its audio plays
+        frame = 640  # 20 ms
+        for i in range(0, len(pcm), frame):
+            await ws.send(pcm[i : i + frame])
+        after = await collect(ws, "reply.started")
+    types = [m["type"] for m in after if isinstance(m, dict)]
+    assert "reply.cancelled" not in types
+    done = after[index(after, "reply.audio.done")]
+    assert isinstance(done, dict) and done["reply_id"] == "r1" and done["cancelled"] is True
+    assert types.index("reply.audio.done") < types.index("speech.stopped")  # while talking
+    started = after[-1]
+    assert isinstance(started, dict) and started["reply_id"] == "r2"
+    spoken = len(audio_of(before + after)) // 2 * 1000 // 16000
+    assert spoken < 20000  # LONG (over a minute) was cut short
+
+
+def speech_pcm(path: Path) -> bytes:
+    """A recording as 16 kHz mono PCM16, with silence around it."""
+    data, rate = soundfile.read(str(path), dtype="int16")
+    assert rate == 16000 and data.ndim == 1
+    gap = bytes(2 * 16000)
+    return gap + data.astype("<i2").tobytes() + gap

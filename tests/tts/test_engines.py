@@ -55,6 +55,17 @@ def test_piper_takes_a_voice_file_and_refuses_a_missing_one(tmp_path: Path) -> N
         load_tts("piper", str(tmp_path / "nope.onnx"))
 
 
+def test_piper_runs_on_the_threads_it_is_given() -> None:
+    from voice_agent.tts.piper import PiperTTS
+
+    one = PiperTTS()  # the default: one CPU thread
+    assert one._voice.session.get_session_options().intra_op_num_threads == 1
+    two = PiperTTS(threads=2)
+    assert two._voice.session.get_session_options().intra_op_num_threads == 2
+    audio, rate = one.synthesize(SENTENCE)
+    check_speech(audio, rate)
+
+
 def test_loader_choices() -> None:
     assert load_tts("none") is None
     espeak = load_tts("espeak")

@@ -46,11 +46,66 @@ def test_a_sentence_is_released_once_the_next_character_decides() -> None:
 
 def test_clauses_cut_only_when_long_enough() -> None:
     short = "Well, yes, I think so and that is fine."
-    assert split_all(short) == [short]
+    assert split_all(short, first_words=0) == [short]
     long = "When the morning light came over the hills and the valley, we went out, and ran."
-    assert split_all(long, clause_chars=40) == [
+    assert split_all(long, clause_chars=40, first_words=0) == [
         "When the morning light came over the hills and the valley,",
         "we went out, and ran.",
+    ]
+    # later pieces keep the rule when the first one is cut early
+    assert split_all("So. " + short) == ["So.", short]
+
+
+def test_the_first_piece_ends_at_a_clause_mark_or_after_a_few_words() -> None:
+    assert split_all("Sure, I switched on the kitchen light. The hall stays dark, as asked.") == [
+        "Sure,",
+        "I switched on the kitchen light.",
+        "The hall stays dark, as asked.",
+    ]
+    assert split_all("I switched on the kitchen light for you. It is bright.") == [
+        "I switched on the",
+        "kitchen light for you.",
+        "It is bright.",
+    ]
+    assert split_all("Yes! It is on, and bright.") == ["Yes!", "It is on, and bright."]
+    # numbers and abbreviations are words, not ends: "3,5" and "Dr." do not cut
+    assert split_all("Dr. Smith paid 3,5 dollars today.") == [
+        "Dr. Smith paid 3,5",
+        "dollars today.",
+    ]
+    assert split_all("Hi there", first_words=2) == ["Hi there"]  # no boundary yet: at flush
+    assert split_all("One two three four five six.", first_words=2) == [
+        "One two",
+        "three four five six.",
+    ]
+
+
+def test_long_words_cut_the_first_piece_by_its_characters() -> None:
+    # synthesis time follows the text's length: 24 characters end it at a word boundary
+    assert split_all("Supercalifragilistic expialidocious words are long ones.") == [
+        "Supercalifragilistic expialidocious",
+        "words are long ones.",
+    ]
+    assert split_all("Antidisestablishmentarianism is long.") == [
+        "Antidisestablishmentarianism",
+        "is long.",
+    ]
+    assert split_all("Alpha beta gamma", first_chars=10) == ["Alpha beta", "gamma"]
+
+
+def test_the_first_word_cut_waits_for_the_boundary() -> None:
+    splitter = SentenceSplitter()
+    assert splitter.feed("I switched on the") == []  # "the" may go on ("there")
+    assert splitter.feed("re") == []
+    assert splitter.feed(" kitchen") == ["I switched on there"]
+    assert splitter.feed(" light, now") == []  # later pieces: whole sentences
+    assert splitter.flush() == ["kitchen light, now"]
+
+
+def test_unspeakable_openings_do_not_count_as_the_first_piece() -> None:
+    assert split_all("... Sure, fine, I will do that now.") == [
+        "Sure,",
+        "fine, I will do that now.",
     ]
 
 

