@@ -316,6 +316,8 @@ class LiveSession:
             elif isinstance(action, StopAudio):
                 if self.stop_audio is not None:
                     self.stop_audio(action.reply_id)
+                if action.reason == "barge_in" and self.metrics is not None:
+                    self.metrics.barge_ins.inc()  # the text was done; its audio was cut
             else:  # pragma: no cover - a Session action this driver does not know
                 logger.error(
                     "unknown session action %s",

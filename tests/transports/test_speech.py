@@ -215,6 +215,7 @@ async def test_speech_over_a_finished_reply_stops_its_audio(
         for i in range(0, len(pcm), frame):
             await ws.send(pcm[i : i + frame])
         after = await collect(ws, "reply.started")
+        barge_ins = app.metrics.barge_ins_total  # counted although no reply.cancelled
     types = [m["type"] for m in after if isinstance(m, dict)]
     assert "reply.cancelled" not in types
     done = after[index(after, "reply.audio.done")]
@@ -224,6 +225,7 @@ async def test_speech_over_a_finished_reply_stops_its_audio(
     assert isinstance(started, dict) and started["reply_id"] == "r2"
     spoken = len(audio_of(before + after)) // 2 * 1000 // 16000
     assert spoken < 20000  # LONG (over a minute) was cut short
+    assert barge_ins == 1
 
 
 def speech_pcm(path: Path) -> bytes:
