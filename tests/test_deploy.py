@@ -372,6 +372,8 @@ def test_k8s_gateway_config_and_secret_exist(k8s: dict[tuple[str, str], Any]) ->
     config_obj = Config.from_sources(None, env=config)
     assert config_obj.engine == "openai"
     assert config_obj.engine_url == f"http://voice-agent-model:{MODEL_PORT}/v1"
+    # several replicas on one broker: each MQTT request goes to one of them
+    assert config_obj.mqtt_share_group == "gateways" and config_obj.mqtt_client_id is None
     fields = {"VOICE_AGENT_" + name.upper() for name in Config.__dataclass_fields__}
     assert set(config) <= fields
     # the Secret is generated from secret.env, whose committed example holds no values

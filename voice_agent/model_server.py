@@ -11,6 +11,11 @@ message is the new turn. A client that disconnects mid-stream cancels its turn.
 Sampling (temperature, top_p) is the engine's, set at start; `max_tokens`
 (or `max_completion_tokens`) caps a reply below --max-new-tokens.
 
+GET /health answers 200 while the engine is ready (`engine.ready()` within a
+few seconds) and 503 otherwise, with no API key needed: the probe of vLLM's
+OpenAI server, so one Kubernetes manifest (deploy/k8s/model-deployment.yaml)
+fits both. The port opens once the model is loaded.
+
 Errors are OpenAI-style JSON: {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -41,6 +46,8 @@ from voice_agent.errors import BadAudio, Busy, VoiceAgentError
 logger = logging.getLogger("voice_agent.model_server")
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a long conversation re-sends all its audio
+HEALTH_TIMEOUT = 5.0  # seconds GET /health waits for engine.ready()
+HEALTH_PATH = "/health"  # vLLM's; probes send no API key
 
 
 class ApiError(Exception):
@@ -227,6 +234,7 @@ class ModelServer:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
+        app.router.add_get(HEALTH_PATH, self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
         return app
@@ -234,7 +242,7 @@ class ModelServer:
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         try:
-            if self._api_key is not None:
+            if self._api_key is not None and request.path != HEALTH_PATH:
                 given = request.headers.get("Authorization", "")
                 if not hmac.compare_digest(given.encode(), f"Bearer {self._api_key}".encode()):
                     raise ApiError(
@@ -253,6 +261,20 @@ class ModelServer:
             logger.exception("chat request failed")
             body = error_body("internal server error", "server_error")
             return web.json_response(body, status=500)
+
+    async def health(self, request: web.Request) -> web.Response:
+        """200 while the engine answers `ready()`, 503 otherwise (or too slow)."""
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT):
+                ready = await self.engine.ready()
+        except TimeoutError:
+            ready = False
+        except Exception:
+            logger.exception("engine.ready() failed")
+            ready = False
+        if ready:
+            return web.Response(text="ok\n")
+        return web.Response(status=503, text="engine not ready\n")
 
     async def models(self, request: web.Request) -> web.Response:
         entry = {

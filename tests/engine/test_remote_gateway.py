@@ -1,18 +1,30 @@
 """The gateway (WebSocket server) on the remote engine, the model behind serve-model:
-the deployment of deploy/README.md on loopback, tiny model."""
+the deployment of deploy/README.md on loopback, tiny model; in one process, and as
+the two `voice-agent` processes of the deployment (with the gateway's /metrics)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
+from typing import IO
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect as ws_connect
 
+from voice_agent.client import RealtimeClient
 from voice_agent.config import Config
 from voice_agent.engine.loader import remote_engine
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
 from voice_agent.model_server import serving
+from voice_agent.protocol import ReplyDone
 from voice_agent.transports.websocket import running_server
 
 pytestmark = pytest.mark.timeout(300)
@@ -51,3 +63,123 @@ async def test_gateway_conversation_through_serve_model(tiny_model_dir: Path) ->
     first, second = (r["usage"] for r in replies)
     # The second turn's prompt carries the first turn (sent again by the gateway).
     assert second["prompt_tokens"] > first["prompt_tokens"] + first["completion_tokens"]
+
+
+# ------------------------------------- the issue's "done when", two processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cli(*args: str, log: IO[str]) -> subprocess.Popen[str]:
+    """`voice-agent ARGS` as a process (the console script's module)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOICE_AGENT_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "voice_agent.cli", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
+
+
+async def _until_200(
+    http: aiohttp.ClientSession, url: str, proc: subprocess.Popen[str], tries: int = 240
+) -> None:
+    """Poll `url` every 0.5 s until it answers 200 (bounded: `tries`)."""
+    for _ in range(tries):
+        assert proc.poll() is None, f"{proc.args} exited with {proc.returncode}"
+        try:
+            async with http.get(url) as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            pass
+        await asyncio.sleep(0.5)
+    pytest.fail(f"{url} did not answer 200")
+
+
+def _stop(proc: subprocess.Popen[str]) -> int:
+    """SIGTERM, then SIGKILL if it does not exit within 60 s; the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait(timeout=30)
+
+
+async def test_serve_model_and_gateway_processes_converse_and_count(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`voice-agent serve-model --model DIR --port P` plus `voice-agent serve
+    --engine openai --engine-url http://127.0.0.1:P/v1`: a realtime client's
+    text turn gets a reply, and the gateway's /metrics counts it."""
+    model_port, gateway_port = _free_port(), _free_port()
+    model_log = (tmp_path / "serve-model.log").open("w+")
+    gateway_log = (tmp_path / "serve.log").open("w+")
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        model = _cli(
+            "serve-model",
+            "--model",
+            str(tiny_model_dir),
+            "--port",
+            str(model_port),
+            "--max-new-tokens",
+            "6",
+            log=model_log,
+        )
+        procs.append(model)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            await _until_200(http, f"http://127.0.0.1:{model_port}/health", model)
+            gateway = _cli(
+                "serve",
+                "--engine",
+                "openai",
+                "--engine-url",
+                f"http://127.0.0.1:{model_port}/v1",
+                "--port",
+                str(gateway_port),
+                "--db",
+                "none",
+                "--tts",
+                "none",
+                log=gateway_log,
+            )
+            procs.append(gateway)
+            gateway_url = f"http://127.0.0.1:{gateway_port}"
+            await _until_200(http, f"{gateway_url}/readyz", gateway)
+
+            async with RealtimeClient(f"ws://127.0.0.1:{gateway_port}/v1/realtime") as client:
+                await client.start()
+                await client.send_text("hello")
+                done = await client.wait_for(ReplyDone, timeout=120)
+            assert done.text.strip()
+
+            async with http.get(f"{gateway_url}/metrics") as resp:
+                assert resp.status == 200
+                exposition = await resp.text()
+        samples = {
+            s.name: s.value
+            for family in text_string_to_metric_families(exposition)
+            for s in family.samples
+            if not s.labels
+        }
+        assert samples["voice_agent_turns_total"] >= 1
+        assert samples["voice_agent_ttft_seconds_count"] >= 1
+        assert samples["voice_agent_tokens_generated_total"] >= 1
+        assert [_stop(p) for p in reversed(procs)] == [0, 0]  # both stop cleanly
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        for log in (model_log, gateway_log):
+            log.seek(0)
+            print(log.name, log.read()[-3000:])  # shown when the test fails
+            log.close()

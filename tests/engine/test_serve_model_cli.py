@@ -13,9 +13,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from voice_agent import model_server
 from voice_agent.cli import build_parser
 from voice_agent.engine.base import TurnInput
 from voice_agent.engine.openai import OpenAIEngine
+from voice_agent.engine.scripted import ScriptedEngine
+from voice_agent.model_server import serving
 
 from .helpers import collect
 
@@ -31,6 +34,45 @@ def test_serve_model_flags_parse() -> None:
         ["serve", "--engine", "openai", "--engine-url", "http://h:8000/v1"]
     )
     assert serve.engine == "openai" and serve.engine_url == "http://h:8000/v1"
+
+
+class _Readiness(ScriptedEngine):
+    """A ScriptedEngine whose ready() the test sets: True, False or "hang"."""
+
+    state: bool | str = True
+
+    async def ready(self) -> bool:
+        if self.state == "hang":
+            await asyncio.sleep(3600)
+        return self.state is True
+
+
+async def test_health_follows_the_engine_and_needs_no_api_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GET /health (the probe of deploy/k8s/model-deployment.yaml, as vLLM's):
+    200 while engine.ready(), 503 when not or when it does not answer."""
+    monkeypatch.setattr(model_server, "HEALTH_TIMEOUT", 0.2)
+    engine = _Readiness(["hi"])
+    async with (
+        serving(engine, api_key="sk-health") as (_, port),
+        aiohttp.ClientSession() as http,
+    ):
+        base = f"http://127.0.0.1:{port}"
+
+        async def status(path: str) -> int:
+            async with http.get(base + path) as resp:
+                return resp.status
+
+        assert await status("/health") == 200  # no Authorization header
+        assert await status("/v1/models") == 401  # the API itself still needs the key
+        engine.state = False
+        assert await status("/health") == 503
+        engine.state = "hang"
+        assert await status("/health") == 503
+        engine.state = True
+        assert await status("/health") == 200
+    await engine.close()
 
 
 async def test_serve_model_process_answers_the_remote_engine(
@@ -66,17 +108,19 @@ async def test_serve_model_process_answers_the_remote_engine(
             for _ in range(240):  # the model loads first: up to about 2 minutes
                 assert proc.poll() is None, "serve-model exited early"
                 try:
-                    async with http.get(
-                        f"{url}/models", headers={"Authorization": "Bearer sk-cli-secret"}
-                    ) as resp:
+                    async with http.get(f"http://127.0.0.1:{port}/health") as resp:  # no key
                         if resp.status == 200:
-                            assert [m["id"] for m in (await resp.json())["data"]] == ["tiny-qwen"]
                             break
                 except aiohttp.ClientConnectionError:
                     pass
                 await asyncio.sleep(0.5)
             else:
-                pytest.fail("serve-model did not answer /v1/models")
+                pytest.fail("serve-model did not answer /health")
+            async with http.get(
+                f"{url}/models", headers={"Authorization": "Bearer sk-cli-secret"}
+            ) as resp:
+                assert resp.status == 200
+                assert [m["id"] for m in (await resp.json())["data"]] == ["tiny-qwen"]
         engine = OpenAIEngine(url, None, "sk-cli-secret")
         try:
             conv = engine.new_conversation()

@@ -35,7 +35,7 @@ from voice_agent.config import Config
 from voice_agent.engine.base import TurnInput
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
 from voice_agent.engine.scripted import ScriptedEngine
-from voice_agent.errors import BrokerAuthError
+from voice_agent.errors import BrokerAuthError, ConfigError
 from voice_agent.hub import CommandBus, load_devices
 from voice_agent.protocol import CommandEvent, ErrorEvent, ReplyDone
 from voice_agent.server import running
@@ -44,6 +44,7 @@ from voice_agent.transports.mqtt import (
     MqttTransport,
     RequestError,
     Topics,
+    default_client_id,
     parse_broker_url,
     parse_request,
     running_mqtt,
@@ -933,3 +934,101 @@ async def test_mqtt_feeds_the_servers_metrics(broker: Broker, devices_file: Path
     assert m['voice_agent_queue_depth{queue="mqtt_requests"}'] == 0
     assert 'voice_agent_queue_depth{queue="mqtt_outbox"}' in m
     assert m["voice_agent_sessions_total"] == 0  # the WebSocket side, same registry
+
+
+# ------------------------------------------ several gateways: a share group
+
+
+def test_share_group_topics_client_ids_and_config() -> None:
+    t = Topics("home/voice", share_group="gw")
+    assert t.ask == "$share/gw/home/voice/+/ask"
+    assert t.ask_audio == "$share/gw/home/voice/+/ask/audio"
+    assert t.status == "home/voice/status"  # published topics stay plain
+    assert t.parse("home/voice/kitchen/ask") == ("kitchen", "ask")  # as messages arrive
+    assert Topics("home/voice").ask == "home/voice/+/ask"
+    assert default_client_id("voice_agent", None) == "voice-agent-voice_agent"
+    a, b = default_client_id("voice_agent", "gw"), default_client_id("voice_agent", "gw")
+    assert a != b and a.startswith("voice-agent-voice_agent-")
+    assert len(default_client_id("x" * 200, "gw")) <= 64
+    for bad in ("a/b", "#", "+", "a b", "x" * 65):
+        with pytest.raises(ConfigError, match="mqtt_share_group"):
+            Config(mqtt_share_group=bad)
+    assert Config(mqtt_share_group="").mqtt_share_group == ""  # empty: off
+
+
+async def _ask_many(client: Listener, n: int) -> list[str]:
+    ids = [f"r-{i}" for i in range(n)]
+    for i, rid in enumerate(ids):
+        await client.ask(f"dev-{i % 3}", {"id": rid, "text": f"question {i}"})
+    return ids
+
+
+def _replies(client: Listener) -> list[str]:
+    return [
+        m.json()["id"]
+        for m in client.messages
+        if m.topic.startswith("voice_agent/dev-") and m.topic.endswith("/reply")
+    ]
+
+
+async def test_share_group_answers_each_request_once(broker: Broker) -> None:
+    n = 12
+    config = cfg(broker, mqtt_share_group="gateways")
+    e1, e2 = ScriptedEngine(echo), ScriptedEngine(echo)
+    async with (
+        agent(config, e1) as one,
+        agent(config, e2) as two,
+        Listener(broker) as client,
+    ):
+        assert one.client_id != two.client_id
+        ids = await _ask_many(client, n)
+        await client.wait_for(lambda m: set(ids) <= set(_replies(client)))
+        await asyncio.sleep(0.5)  # room for a second answer, were there one
+        replies = _replies(client)
+        assert sorted(replies) == sorted(ids)  # N replies in all, each request once
+        assert one.stats.requests + two.stats.requests == n
+        assert one.stats.requests > 0 and two.stats.requests > 0  # both took a share
+        assert len(e1.submitted) + len(e2.submitted) == n
+
+
+async def test_without_a_share_group_every_gateway_answers(broker: Broker) -> None:
+    n = 6
+    e1, e2 = ScriptedEngine(echo), ScriptedEngine(echo)
+    async with (
+        agent(cfg(broker, mqtt_client_id="gw-1"), e1) as one,
+        agent(cfg(broker, mqtt_client_id="gw-2"), e2) as two,
+        Listener(broker) as client,
+    ):
+        ids = await _ask_many(client, n)
+        await client.wait_for(lambda m: len(_replies(client)) >= 2 * n)
+        assert sorted(_replies(client)) == sorted(ids * 2)  # every request answered twice
+        assert one.stats.requests == two.stats.requests == n
+
+
+async def test_share_group_replica_leaving(broker: Broker) -> None:
+    """A replica that leaves: the others take every request and keep the
+    retained status `online`; the last one to leave sets it `offline`."""
+    config = cfg(broker, mqtt_share_group="gateways")
+    engine = ScriptedEngine(echo)
+    await engine.start()
+    try:
+        async with agent(config, ScriptedEngine(echo)) as stays:
+            async with Listener(broker, ["voice_agent/status"]) as status:
+                leaving = MqttTransport(config, engine, reconnect_min=0.05)
+                await leaving.start()
+                await leaving.wait_connected(WAIT)
+                await leaving.close()  # publishes `offline`; `stays` answers `online`
+                await status.wait_for(lambda m: m.payload == b"offline")
+                await until(lambda: stays.stats.status_restored >= 1)
+            async with Listener(broker, ["voice_agent/status"]) as late:
+                m = await late.wait_for(lambda m: m.topic == "voice_agent/status")
+                assert (m.payload, m.retain) == (b"online", True)
+            async with Listener(broker) as client:
+                ids = await _ask_many(client, 6)
+                await client.wait_for(lambda m: set(ids) <= set(_replies(client)))
+                assert stays.stats.requests == 6  # none went to the replica that left
+        async with Listener(broker, ["voice_agent/status"]) as after:
+            m = await after.wait_for(lambda m: m.topic == "voice_agent/status")
+            assert (m.payload, m.retain) == (b"offline", True)
+    finally:
+        await engine.close()

@@ -26,6 +26,22 @@ leaves Nagle on, which held each small publish for the broker's delayed ACK).
 `close()` cancels the replies in flight, publishes what is waiting and then
 `offline` (retained), and disconnects.
 
+Several gateway replicas on one broker and prefix (`--mqtt-share-group GROUP`):
+requests are taken through the shared subscriptions $share/GROUP/PREFIX/+/ask
+and .../ask/audio, so the broker hands each request to one replica (messages
+arrive with their plain topic). Each replica still publishes the commands of
+its own WebSocket sessions. The connection uses a clean session: a replica that
+leaves drops out of the group at once (mosquitto would keep handing an offline
+persistent member its share of the requests); requests published while no
+replica is connected are not kept. The default client id gets a random suffix
+per process; an explicit --mqtt-client-id must differ per replica. Every
+replica publishes the retained `online`; when one leaves (its will or a clean
+close sets `offline`), the others, subscribed to PREFIX/status, publish
+`online` again. MQTT conversations live in the memory of the replica that
+answered (they are not in the --db store), and the broker spreads one device's
+requests over the replicas: each replica knows only the turns it answered, and
+one device's requests may be answered out of order (deploy/README.md).
+
 Bounds and what happens when full:
 - requests waiting per device: `max_queued_utterances`; overall: `max_queue`;
   beyond either the request gets an error with code `busy` (its id is not
@@ -135,13 +151,18 @@ def parse_broker_url(url: str) -> BrokerUrl:
 
 
 class Topics:
-    """Every topic the agent uses; built from the prefix and fixed suffixes only."""
+    """Every topic the agent uses; built from the prefix and fixed suffixes only.
 
-    def __init__(self, prefix: str) -> None:
+    `ask` and `ask_audio` are the subscription filters: with a share group,
+    `$share/GROUP/...` shared subscriptions. Messages received through them
+    carry the plain topic (PREFIX/DEVICE/ask), which `parse` reads."""
+
+    def __init__(self, prefix: str, share_group: str | None = None) -> None:
         self.prefix = prefix
         self.status = f"{prefix}/status"
-        self.ask = f"{prefix}/+/ask"
-        self.ask_audio = f"{prefix}/+/ask/audio"
+        share = f"$share/{share_group}/" if share_group else ""
+        self.ask = f"{share}{prefix}/+/ask"
+        self.ask_audio = f"{share}{prefix}/+/ask/audio"
         node = re.sub(r"[^A-Za-z0-9_-]", "_", prefix)
         self.node = node
         self.discovery = f"homeassistant/binary_sensor/{node}/status/config"
@@ -274,6 +295,25 @@ def _no_delay(client: aiomqtt.Client) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def default_client_id(node: str, share_group: str | None) -> str:
+    """voice-agent-NODE; with a share group, a random suffix per process, since
+    replicas started from one configuration must not share a client id (the
+    broker would disconnect one whenever the other connects)."""
+    base = f"voice-agent-{node}"
+    if not share_group:
+        return base[:64]
+    return f"{base[:55]}-{uuid.uuid4().hex[:8]}"
+
+
+def _refused(code: object) -> bool:
+    """A SUBACK failure: a paho ReasonCode that says so, or a code >= 0x80."""
+    failure = getattr(code, "is_failure", None)
+    if isinstance(failure, bool):
+        return failure
+    value = getattr(code, "value", code)
+    return isinstance(value, int) and value >= 0x80
+
+
 def _auth_refused(exc: aiomqtt.MqttError) -> bool:
     rc = getattr(exc, "rc", None)
     value = getattr(rc, "value", rc)
@@ -296,6 +336,7 @@ class MqttStats:
     deltas_dropped: int = 0
     outbox_dropped: int = 0
     connections: int = 0
+    status_restored: int = 0  # share group: `online` published again after a replica left
 
 
 @dataclass(frozen=True)
@@ -330,8 +371,11 @@ class MqttTransport:
         # the allowlist: given, or the --devices file (None: replies carry no commands)
         self.devices = devices if devices is not None else load_devices(config.devices)
         self.url = parse_broker_url(config.mqtt)
-        self.topics = Topics(config.mqtt_prefix)
-        self.client_id = config.mqtt_client_id or f"voice-agent-{self.topics.node}"[:64]
+        self.share_group = config.mqtt_share_group or None
+        self.topics = Topics(config.mqtt_prefix, self.share_group)
+        self.client_id = config.mqtt_client_id or default_client_id(
+            self.topics.node, self.share_group
+        )
         base = config.system_prompt
         self.system_prompt = prompt_text(self.devices, base) if self.devices else base
         self.stats = MqttStats()
@@ -463,7 +507,11 @@ class MqttTransport:
             username=self.url.username,
             password=self.url.password,
             identifier=self.client_id,
-            clean_session=False,
+            # Alone: a persistent session keeps requests while the agent is away. In a
+            # share group: a clean one, so that a replica that leaves drops out of the
+            # group at once (mosquitto goes on handing a persistent member its share of
+            # the requests while it is offline; they would wait for it to come back).
+            clean_session=self.share_group is not None,
             will=aiomqtt.Will(self.topics.status, b"offline", qos=1, retain=True),
             keepalive=15,
             timeout=10,
@@ -511,7 +559,18 @@ class MqttTransport:
 
     async def _online(self, client: aiomqtt.Client) -> None:
         _no_delay(client)
-        await client.subscribe([(self.topics.ask, 1), (self.topics.ask_audio, 1)])
+        topics = [(self.topics.ask, 1), (self.topics.ask_audio, 1)]
+        if self.share_group:
+            # Every replica publishes PREFIX/status; one that leaves (its will, or a
+            # clean close) sets it to `offline`: the others hear it and say `online`.
+            topics.append((self.topics.status, 1))
+        granted = await client.subscribe(topics)
+        refused = [t for (t, _), code in zip(topics, granted, strict=False) if _refused(code)]
+        if refused:  # a broker ACL that refuses, e.g., $share filters: say so, go on
+            logger.error(
+                "the MQTT broker refused subscriptions (check its ACL)",
+                extra={"topics": ",".join(refused), "client_id": self.client_id},
+            )
         await client.publish(self.topics.status, b"online", qos=1, retain=True)
         await client.publish(self.topics.discovery, self._discovery(), qos=1, retain=True)
         self.stats.connections += 1
@@ -525,6 +584,7 @@ class MqttTransport:
                 "port": self.url.port,
                 "client_id": self.client_id,
                 "prefix": self.topics.prefix,
+                "share_group": self.share_group or "",
                 "connections": self.stats.connections,
             },
         )
@@ -596,7 +656,11 @@ class MqttTransport:
     # -- requests ---------------------------------------------------------
 
     def _on_message(self, message: aiomqtt.Message) -> None:
-        parsed = self.topics.parse(str(message.topic))
+        topic = str(message.topic)  # the plain topic, also through a $share subscription
+        if topic == self.topics.status:
+            self._on_status(message.payload)
+            return
+        parsed = self.topics.parse(topic)
         if parsed is None or not valid_device(parsed[0]):
             self.stats.ignored += 1
             logger.debug("ignored a message on an unexpected topic")
@@ -648,6 +712,17 @@ class MqttTransport:
         )
         if device not in self._workers:
             self._workers[device] = asyncio.create_task(self._drain(device), name=f"mqtt-{device}")
+
+    def _on_status(self, payload: Any) -> None:
+        """Share group: another replica left (its will or its clean close said
+        `offline`): this one is still serving, so the status is `online` again."""
+        if self.share_group is None or self._closing or not self.connected:
+            return
+        if payload not in (b"offline", "offline"):
+            return
+        self.stats.status_restored += 1
+        logger.info("another replica went offline: status set online again")
+        self._out(self.topics.status, b"online", 1, retain=True)
 
     async def _drain(self, device: str) -> None:
         """Answer one device's requests in order; ends when its queue is empty."""
