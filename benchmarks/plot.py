@@ -3,6 +3,9 @@
     python benchmarks/engine.py > engine.json
     python benchmarks/plot.py engine.json --out docs/benchmarks
 
+Given benchmarks/turns.py's JSON instead it writes turns.png (false cut-offs
+against end-of-turn delay; turns.py writes it too).
+
 Writes ttft_by_turn.png (TTFT by turn with and without KV reuse),
 decode_throughput.png (aggregate tokens/s by concurrent conversations) and
 speculative_prefill.png (end of speech to first token with and without).
@@ -98,6 +101,101 @@ def speculative(data: dict[str, Any], out: Path) -> Path | None:
     return path
 
 
+def turns_chart(data: dict[str, Any], path: Path) -> Path:
+    """benchmarks/turns.py: false cut-offs against mean end-of-turn delay, for
+    the silence hangover (a line over its lengths), every model policy swept
+    and the named ones; left per case, right per pause (no pause counted
+    twice). The goal is the green box."""
+    results, sweep = data["results"], data.get("sweep", {})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    panels = (("false_cutoff_rate", "per case"), ("per_pause_rate", "per pause"))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        ax.add_patch(plt.Rectangle((0, 0), 400, 0.05, color="tab:green", alpha=0.25, label="goal"))
+        sil = sorted(
+            (r["mean_delay_ms"], r[key], name)
+            for name, r in results.items()
+            if name[:7] == "silence"
+        )
+        ax.plot(
+            [x for x, _, _ in sil],
+            [y for _, y, _ in sil],
+            "o-",
+            color="tab:blue",
+            label="silence hangover",
+        )
+        for x, y, name in sil:
+            ax.annotate(
+                name.split()[1],
+                (x, y),
+                textcoords="offset points",
+                xytext=(3, 4),
+                fontsize=7,
+                color="tab:blue",
+            )
+        for kind, color in (
+            ("one check", "tab:orange"),
+            ("every", "tab:red"),
+            ("falling", "tab:purple"),
+        ):
+            pts = [(r["mean_delay_ms"], r[key]) for n, r in sweep.items() if n.startswith(kind)]
+            if pts:
+                ax.scatter(
+                    *zip(*pts, strict=True),
+                    s=12,
+                    color=color,
+                    alpha=0.6,
+                    label=f"model: {kind}{' 200 ms' if kind == 'every' else ''}",
+                )
+        for name, r in results.items():
+            if name.startswith("model"):
+                star = "picked" in name
+                ax.scatter(
+                    [r["mean_delay_ms"]],
+                    [r[key]],
+                    marker="*" if star else "D",
+                    s=120 if star else 30,
+                    color="black",
+                    zorder=5,
+                )
+                label = "picked (in-sample)" if star else name.replace("model ", "")
+                ax.annotate(
+                    label,
+                    (r["mean_delay_ms"], r[key]),
+                    textcoords="offset points",
+                    xytext=(-60, 12) if star else (4, -10),
+                    fontsize=7,
+                )
+        loo = data.get("leave_one_recording_out", {}).get("pooled", {})
+        if loo.get(key) is not None and loo.get("mean_delay_ms") is not None:
+            ax.scatter(
+                [loo["mean_delay_ms"]],
+                [loo[key]],
+                marker="*",
+                s=120,
+                facecolors="none",
+                edgecolors="black",
+                zorder=5,
+                label="picked, held-out recordings",
+            )
+        ax.set(xlabel="mean end-of-turn delay (ms)", title=f"False cut-offs {title}")
+        ax.set_xlim(0, 1700)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("false cut-off rate")
+    axes[1].legend(loc="upper right", fontsize=7)
+    n = data.get("cases", {})
+    fig.suptitle(
+        f"End of turn on {len(data.get('recordings', []))} real recordings "
+        f"({n.get('whole', '?')} whole, {n.get('cut', '?')} cut): silence vs "
+        f"{data.get('model', 'model')} ({data.get('model_call_ms', '?')} ms a call)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("json", help="output of benchmarks/engine.py ('-' for stdin)")
@@ -107,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     data = json.loads(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if "sweep" in data:  # benchmarks/turns.py
+        print(turns_chart(data, out / "turns.png"))
+        return 0
     for path in (ttft_by_turn(data, out), decode_throughput(data, out), speculative(data, out)):
         if path is not None:
             print(path)

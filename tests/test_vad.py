@@ -16,6 +16,7 @@ from voice_agent.vad import (
     SpeechPaused,
     SpeechStarted,
     SpeechStopped,
+    TurnCheck,
     VadConfig,
 )
 
@@ -383,3 +384,65 @@ def test_silero_hears_no_speech_in_music_or_breaking_glass() -> None:
 def test_unknown_vad_is_rejected() -> None:
     with pytest.raises(ValueError):
         Segmenter(VadConfig(vad="nope"))
+
+
+# ---------------------------------------------------------------- end-of-turn checks
+
+
+def turn_events(pcm: bytes, config: VadConfig) -> list[SegmenterEvent]:
+    seg = Segmenter(config)
+    return seg.feed(pcm) + seg.flush()
+
+
+def test_turn_checks_come_at_min_silence_and_at_each_recheck() -> None:
+    pcm, _, _ = load_pcm("ldc93s1-16k-mono.wav", pad_s=2.0)
+    cfg = VadConfig(turn_check=True, min_silence_ms=200, recheck_ms=(400, 800), max_silence_ms=1500)
+    events = turn_events(pcm, cfg)
+    checks = [e for e in events if isinstance(e, TurnCheck)]
+    assert [c.silence_ms for c in checks] == [200, 400, 800]
+    assert len({(c.utterance_id, c.check) for c in checks}) == 1  # one pause, asked three times
+    # each carries the utterance so far, the silence heard until then included
+    assert len(checks[1].audio) - len(checks[0].audio) == 200 * 16
+    assert len(checks[2].audio) - len(checks[1].audio) == 400 * 16
+    [stop] = stops(events)  # nobody answered: closed at max_silence
+    assert stop.reason == "silence" and stop.end_ms == (checks[0].check + 1) * 20
+    order = [id(e) for e in events]
+    assert order.index(id(checks[-1])) < order.index(id(stop))
+
+
+def test_an_answer_to_a_recheck_closes_the_turn() -> None:
+    pcm, _, _ = load_pcm("ldc93s1-16k-mono.wav", pad_s=2.0)
+    cfg = VadConfig(turn_check=True, min_silence_ms=200, recheck_ms=(400,), max_silence_ms=1500)
+    seg = Segmenter(cfg)
+    events: list[SegmenterEvent] = []
+    closed_at = 0
+    for i in range(0, len(pcm), 640):
+        got = seg.feed(pcm[i : i + 640])
+        for c in [e for e in got if isinstance(e, TurnCheck)]:
+            complete = c.silence_ms == 400  # "unfinished" at 200 ms, "finished" at 400 ms
+            got += seg.turn_decision(c.utterance_id, c.check, c.silence_ms / 1000, complete)
+        if stops(got):
+            closed_at = seg.position_ms
+        events += got
+    [stop] = stops(events)
+    assert stop.reason == "end_of_turn" and stop.eot_probability == 0.4
+    assert 400 <= closed_at - stop.end_ms <= 420  # at the recheck, long before max_silence
+
+
+def test_speech_resuming_ends_the_rechecks_of_that_pause() -> None:
+    clip, rate, _ = load_pcm("ldc93s1-16k-mono.wav")
+    speech = clip[2 * rate * 200 // 1000 : 2 * rate * 2780 // 1000]
+    gap = bytes(2 * rate * 500 // 1000)  # 500 ms: past the 400 ms recheck, not the 800 ms one
+    pcm = bytes(2 * rate) + speech + gap + speech + bytes(2 * rate * 2)
+    cfg = VadConfig(turn_check=True, min_silence_ms=200, recheck_ms=(400, 800), max_silence_ms=1500)
+    checks = [e for e in turn_events(pcm, cfg) if isinstance(e, TurnCheck)]
+    first = [c.silence_ms for c in checks if c.check == checks[0].check]
+    later = [c.silence_ms for c in checks if c.check != checks[0].check]
+    assert first == [200, 400] and later == [200, 400, 800]
+
+
+@pytest.mark.parametrize("recheck", [200, 100, 1500, 2000])
+def test_rechecks_outside_the_pause_window_are_rejected(recheck: int) -> None:
+    cfg = VadConfig(turn_check=True, min_silence_ms=200, recheck_ms=(recheck,), max_silence_ms=1500)
+    with pytest.raises(ValueError):
+        Segmenter(cfg)

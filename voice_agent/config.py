@@ -202,9 +202,18 @@ class Config:
         "(default: smart-turn-v3.2 bundled in the pipecat-ai wheel of voice-agent[turn])",
     )
     turn_threshold: float = _f(
-        0.5, "end-of-turn probability at or above which the model closes the turn"
+        0.97,
+        "end-of-turn probability at or above which the model closes the turn at min_silence_ms "
+        "(0.97: the fewest-cut-offs setting of benchmarks/turns.py, picked on held-out "
+        "recordings; lower answers sooner and cuts people off more)",
     )
     min_silence_ms: int = _f(200, "with the model: silence after which it judges the turn")
+    turn_rechecks: str = _f(
+        "",
+        "with the model: later checks of the same pause as SILENCE_MS:THRESHOLD pairs, e.g. "
+        "400:0.8,800:0.6 (the model judges again after that much silence and closes the turn "
+        "at or above that threshold); empty: one check, at min_silence_ms",
+    )
     max_silence_ms: int = _f(
         1500, "with the model: silence that ends a turn the model judged unfinished"
     )
@@ -288,6 +297,7 @@ class Config:
             problems.append("turn_threshold must be 0..1")
         if not 0 < self.min_silence_ms < self.max_silence_ms:
             problems.append("need 0 < min_silence_ms < max_silence_ms")
+        problems += _recheck_problems(self.turn_rechecks, self.min_silence_ms, self.max_silence_ms)
         if self.max_message_bytes < 1024:
             problems.append("max_message_bytes must be at least 1024")
         for name in ("max_sessions", "max_queue", "max_new_tokens", "max_text_chars", "max_batch"):
@@ -356,6 +366,18 @@ class Config:
 
 
 _PREFIX_LEVEL = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _recheck_problems(text: str, min_silence_ms: int, max_silence_ms: int) -> list[str]:
+    from voice_agent.turn import parse_rechecks  # numpy; only when checking the config
+
+    try:
+        rechecks = parse_rechecks(text)
+    except ValueError as exc:
+        return [str(exc)]
+    if any(not min_silence_ms < ms < max_silence_ms for ms, _ in rechecks):
+        return ["turn_rechecks silences must lie between min_silence_ms and max_silence_ms"]
+    return []
 
 
 def _valid_prefix(prefix: str) -> bool:

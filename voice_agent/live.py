@@ -65,7 +65,7 @@ from voice_agent.session import (
     StopAudio,
     SubmitTurn,
 )
-from voice_agent.turn import TurnBatcher, describe, load_detector
+from voice_agent.turn import TurnBatcher, describe, load_detector, parse_rechecks
 from voice_agent.vad import VadConfig, silero_model
 
 logger = logging.getLogger("voice_agent.live")
@@ -87,6 +87,7 @@ def session_config(
     if devices is not None:
         prompt = prompt_text(devices, prompt)
     detector = load_detector(config.turn_detection, config.turn_model)  # one per process
+    rechecks = parse_rechecks(config.turn_rechecks) if detector is not None else ()
     return SessionConfig(
         vad=VadConfig(
             aggressiveness=config.vad_aggressiveness,
@@ -98,6 +99,7 @@ def session_config(
             turn_check=detector is not None,
             min_silence_ms=config.min_silence_ms,
             max_silence_ms=config.max_silence_ms,
+            recheck_ms=tuple(ms for ms, _ in rechecks),
         ),
         barge_in_ms=config.barge_in_ms,
         barge_in_speaking_ms=config.barge_in_speaking_ms,
@@ -106,6 +108,7 @@ def session_config(
         system_prompt=prompt,
         devices=devices,
         turn_threshold=config.turn_threshold,
+        turn_rechecks=rechecks,
         turn_detector=detector,
     )
 
@@ -332,7 +335,11 @@ class LiveSession:
         if detector is not None:
             probability = await TurnBatcher.shared(detector).probability(action.audio)
         await self._call(
-            self.session.on_turn_decision, action.utterance_id, action.check, probability
+            self.session.on_turn_decision,
+            action.utterance_id,
+            action.check,
+            probability,
+            action.silence_ms,
         )
 
     async def _forward(self, event: CommandEvent) -> None:

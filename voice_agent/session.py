@@ -16,11 +16,14 @@ the engine reports for each reply; it returns the actions to execute, in order:
                                              text is done; see Barge-in)
 
 End of turn: with `vad.turn_check` (the driver has a detector, see turn.py)
-the segmenter asks after `vad.min_silence_ms` of silence; a probability at or
-above `turn_threshold` closes the utterance at once (speech.stopped reason
-"end_of_turn"), a lower one keeps it open until `vad.max_silence_ms` of
-silence (reason "silence") or more speech. speech.stopped carries the
-probability of the pause it closed on as `eot_probability`.
+the segmenter asks after `vad.min_silence_ms` of silence, and again at each
+`vad.recheck_ms` point while the silence lasts; a probability at or above the
+threshold of that check (`turn_threshold` at the first, then the
+`turn_rechecks` schedule, see turn.threshold_at) closes the utterance at once
+(speech.stopped reason "end_of_turn"), a lower one keeps it open until
+`vad.max_silence_ms` of silence (reason "silence") or more speech.
+speech.stopped carries the probability of the pause it closed on as
+`eot_probability` (the latest check's).
 
 A Send(ReplyStarted) always comes right before its SubmitTurn. If submitting
 fails at once (errors.Busy), the driver calls on_failed for that reply id.
@@ -97,6 +100,7 @@ from voice_agent.protocol import (
     reply_wire_id,
     utterance_wire_id,
 )
+from voice_agent.turn import threshold_at
 from voice_agent.vad import (
     Segmenter,
     SegmenterEvent,
@@ -123,7 +127,9 @@ class SessionConfig:
     system_prompt: str | None = None  # for the driver, when it opens the engine Conversation
     devices: DeviceList | None = None  # command allowlist; None: replies carry no commands
     speculative_prefill: bool = True  # Speculate actions while the hangover runs
-    turn_threshold: float = 0.5  # end-of-turn probability that closes the utterance
+    turn_threshold: float = 0.97  # end-of-turn probability that closes the utterance
+    # thresholds of the later checks: (silence_ms, threshold) at vad.recheck_ms
+    turn_rechecks: tuple[tuple[int, float], ...] = ()
     # The end-of-turn detector (turn.TurnDetector) the driver runs for DetectTurn;
     # the Session never calls it. vad.turn_check says whether checks are made.
     turn_detector: Any = None
@@ -160,11 +166,13 @@ class Speculate:
 @dataclass(frozen=True)
 class DetectTurn:
     """Run the end-of-turn detector on `audio` (the utterance so far, at most
-    8 s, silence included) and call on_turn_decision(utterance_id, check, p)."""
+    8 s, silence included) and call on_turn_decision(utterance_id, check, p,
+    silence_ms)."""
 
     utterance_id: int
     check: int
     audio: AudioArray
+    silence_ms: int = 0  # silence at the end of `audio` (which threshold applies)
 
 
 @dataclass(frozen=True)
@@ -306,13 +314,15 @@ class Session:
         return [] if self._reply is None else self._cancel("client")
 
     def on_turn_decision(
-        self, utterance_id: int, check: int, probability: float | None
+        self, utterance_id: int, check: int, probability: float | None, silence_ms: int = 0
     ) -> list[Action]:
         """The detector's answer to DetectTurn (None: no answer; the utterance
-        then ends on max_silence_ms). Stale answers are ignored."""
+        then ends on max_silence_ms). Stale answers are ignored. `silence_ms`:
+        the DetectTurn's, which picks the threshold (0: the first check's)."""
         if self._ended or probability is None:
             return []
-        complete = probability >= self.config.turn_threshold
+        cfg = self.config
+        complete = probability >= threshold_at(silence_ms, cfg.turn_threshold, cfg.turn_rechecks)
         return self._segments(self._seg.turn_decision(utterance_id, check, probability, complete))
 
     def playback(self, reply_id: str, playing: bool) -> list[Action]:
@@ -386,7 +396,7 @@ class Session:
                     actions.append(Speculate(ev.audio))
                 continue
             if isinstance(ev, TurnCheck):
-                actions.append(DetectTurn(ev.utterance_id, ev.check, ev.audio))
+                actions.append(DetectTurn(ev.utterance_id, ev.check, ev.audio, ev.silence_ms))
                 continue
             if isinstance(ev, SpeechStarted):
                 self._open = self._last_started = ev.utterance_id

@@ -15,9 +15,11 @@ frame (so crowd noise or a fan after the last word does not stretch the end).
 With `turn_check` (an end-of-turn detector is present, see turn.py) the
 hangover is replaced by two steps:
 
-    check     min_silence_ms without speech -> TurnCheck(audio so far); the
-              driver answers with turn_decision(): complete closes the
-              utterance at once ("end_of_turn")
+    check     min_silence_ms without speech -> TurnCheck(audio so far,
+              silence included); the driver answers with turn_decision():
+              complete closes the utterance at once ("end_of_turn"); again at
+              each recheck_ms point while the silence lasts (the schedule
+              that decides is the driver's, see turn.threshold_at)
     stopped   max_silence_ms without speech and no complete decision ->
               SpeechStopped("silence"); more speech first makes the check stale
 
@@ -85,6 +87,9 @@ class VadConfig:
     turn_check: bool = False  # TurnCheck at min_silence_ms, close at max_silence_ms
     min_silence_ms: int = 200  # with turn_check: silence before the detector is asked
     max_silence_ms: int = 1500  # with turn_check: silence that closes an unfinished turn
+    # with turn_check: later silence points (ms, each above min_silence_ms and
+    # below max_silence_ms) where the detector is asked again
+    recheck_ms: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,13 +111,16 @@ class SpeechPaused:
 
 @dataclass(frozen=True)
 class TurnCheck:
-    """min_silence_ms of silence (emitted only with `turn_check`): is the turn
-    over? Answer with Segmenter.turn_decision(utterance_id, check, ...);
-    `check` (the last speech frame) makes an answer stale once speech resumes."""
+    """min_silence_ms (then each recheck_ms) of silence, emitted only with
+    `turn_check`: is the turn over? Answer with Segmenter.turn_decision(
+    utterance_id, check, ...); `check` (the last speech frame) makes an answer
+    stale once speech resumes. Checks of one pause share `check` and differ in
+    `silence_ms`."""
 
     utterance_id: int
     check: int
     audio: AudioArray  # the utterance so far, silence included, at most the last 8 s
+    silence_ms: int = 0  # silence after the last speech frame, included at the end of `audio`
 
 
 @dataclass(frozen=True)
@@ -299,9 +307,14 @@ class Segmenter:
         self._preroll = max(0, config.preroll_ms // FRAME_MS)
         self._drop_after = max(1, -(-config.hangover_ms // FRAME_MS))
         self._check: int | None = None
+        self._checks: frozenset[int] = frozenset()  # silent frames at which to ask
         if config.turn_check:
             self._check = max(1, -(-config.min_silence_ms // FRAME_MS))
             self._hangover = max(self._check + 1, -(-config.max_silence_ms // FRAME_MS))
+            later = {-(-ms // FRAME_MS) for ms in config.recheck_ms}
+            if any(not self._check < k < self._hangover for k in later):
+                raise ValueError("recheck_ms must lie between min_silence_ms and max_silence_ms")
+            self._checks = frozenset({self._check, *later})
         else:
             self._hangover = self._drop_after
         self._min_speech = max(1, -(-config.min_speech_ms // FRAME_MS))
@@ -409,8 +422,12 @@ class Segmenter:
         if not whole:
             return []
         samples = np.frombuffer(data[:whole], dtype="<i2").astype(np.float64)
-        power = np.square(samples).reshape(-1, _FRAME_SAMPLES).mean(axis=1)
-        for i, p in enumerate(power.tolist()):
+        if whole == _FRAME_BYTES:  # the usual 20 ms frame: one dot product
+            powers = [float(samples.dot(samples)) / _FRAME_SAMPLES]
+        else:  # per-frame mean square, without np.mean's per-call overhead
+            rows = samples.reshape(-1, _FRAME_SAMPLES)
+            powers = (np.einsum("ij,ij->i", rows, rows) / _FRAME_SAMPLES).tolist()
+        for i, p in enumerate(powers):
             frame = data[i * _FRAME_BYTES : (i + 1) * _FRAME_BYTES]
             self._unscored.append((frame, 10.0 * math.log10(p / 1073741824.0 + 1e-12)))
         events: list[SegmenterEvent] = []
@@ -465,9 +482,9 @@ class Segmenter:
         if silent == _TAIL_FRAMES and u.started and self._pause_events:
             keep = u.last_speech + 1 + _TAIL_FRAMES - u.audio_start  # as _close("silence")
             events.append(SpeechPaused(u.utterance_id, _to_float(b"".join(u.frames[:keep]))))
-        if silent == self._check and u.started:
+        if silent in self._checks and u.started:
             audio = _to_float(b"".join(u.frames[-_TURN_WINDOW_FRAMES:]))
-            events.append(TurnCheck(u.utterance_id, u.last_speech, audio))
+            events.append(TurnCheck(u.utterance_id, u.last_speech, audio, silent * FRAME_MS))
         if not u.started and silent >= self._drop_after:
             self._drop(u)
         elif silent >= self._hangover:
