@@ -8,7 +8,7 @@ intra-op thread, espeak-ng is a single-threaded subprocess):
 - first_audio: what TTS adds to the first sound of a reply. `speaker`: a
   ReplySpeaker (the server's code path) is shown the reply text as deltas the
   way the model streams it; the time from the delta that completes the first
-  piece (split.py's early cut: a clause mark or four words) to the first audio
+  piece (split.py's early cut: a clause mark, three words or 18 characters) to the first audio
   frame handed to the transport. `synthesis`: the synthesis and resampling
   of that first piece alone, wall clock and CPU time (`cpu`: the synthesizing
   thread's, plus espeak-ng's own process; on a machine shared with other

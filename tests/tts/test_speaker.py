@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(30)
 
 RATE = 16000
 FRAME_MS = 40
-# Four pieces (the first cut after four words), one second of audio each.
+# Four pieces (the first cut after three words), one second of audio each.
 TEXT = "One two three four five six. Seven eight nine ten. Eleven twelve thirteen."
 PIECES = 4
 
@@ -245,8 +245,8 @@ async def test_the_first_piece_is_cut_early(speech: Speech) -> None:
     await until(lambda: len(out.events) == 2)
     assert isinstance(speech.tts, ToneTTS)
     assert speech.tts.texts == [
-        "One two three four",
-        "five six.",
+        "One two three",
+        "four five six.",
         "Seven eight nine ten.",
         "Eleven twelve thirteen.",
     ]
