@@ -79,24 +79,29 @@ SERVER = textwrap.dedent(
     from voice_agent.transports import websocket
 
     port, stats_path = int(sys.argv[1]), sys.argv[2]
+    # per frame: (start, seconds) on perf_counter (cheap: the probe's own
+    # cost counts in the server's CPU), moved to the monotonic clock on dump
     frames, lags = [], []
+    shift = time.monotonic() - time.perf_counter()
     original = websocket._Connection._on_message
+    clock = time.perf_counter
 
     async def timed(self, message):
-        if not isinstance(message, bytes):
+        if message.__class__ is not bytes:
             return await original(self, message)
-        start = time.perf_counter()
+        start = clock()
         try:
             return await original(self, message)
         finally:
-            frames.append((time.monotonic(), time.perf_counter() - start))
+            frames.append((start, clock() - start))
 
     websocket._Connection._on_message = timed
 
     def dump(*_):
         global frames, lags
+        out = [(at + shift, seconds) for at, seconds in frames]
         with open(stats_path + ".tmp", "w") as f:
-            json.dump({"frames": frames, "lags": lags}, f)
+            json.dump({"frames": out, "lags": lags}, f)
         os.replace(stats_path + ".tmp", stats_path)
         frames, lags = [], []
 

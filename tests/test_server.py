@@ -41,3 +41,17 @@ def test_without_uvloop_auto_falls_back_and_uvloop_is_an_error(
 def test_config_rejects_an_unknown_event_loop() -> None:
     with pytest.raises(ConfigError, match="event_loop"):
         Config(event_loop="trio")
+
+
+def test_startup_heap_is_frozen_out_of_full_collections() -> None:
+    import gc
+
+    from voice_agent.server import freeze_startup_heap
+
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 1000  # the imported modules at least
+    finally:
+        gc.unfreeze()

@@ -446,3 +446,28 @@ def test_rechecks_outside_the_pause_window_are_rejected(recheck: int) -> None:
     cfg = VadConfig(turn_check=True, min_silence_ms=200, recheck_ms=(recheck,), max_silence_ms=1500)
     with pytest.raises(ValueError):
         Segmenter(cfg)
+
+
+def test_one_frame_fast_path_matches_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """20 ms frames (what clients send) take _one_frame; bigger chunks take
+    the general path: the same webrtcvad calls, so the same events."""
+    pcm, rate, ch = load_pcm("jfk.wav", 1.0)
+    general, _ = run(pcm, rate, ch, chunk=64000)
+    calls = 0
+    original = Segmenter._one_frame
+
+    def counted(self: Segmenter, frame: bytes) -> list[SegmenterEvent]:
+        nonlocal calls
+        calls += 1
+        return original(self, frame)
+
+    monkeypatch.setattr(Segmenter, "_one_frame", counted)
+    fast, _ = run(pcm, rate, ch, chunk=640)
+    assert calls == len(pcm) // 640
+    assert [(type(e), e.utterance_id, e.start_ms) for e in fast] == [
+        (type(e), e.utterance_id, e.start_ms) for e in general
+    ]
+    assert [(e.end_ms, e.reason) for e in stops(fast)] == [
+        (e.end_ms, e.reason) for e in stops(general)
+    ]
+    assert len(stops(general)) >= 1

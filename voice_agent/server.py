@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -165,6 +166,7 @@ async def serve_until_signal(config: Config, engine: Engine) -> None:
     try:
         async with running(config, engine, speech=speech) as services:
             serving = True
+            freeze_startup_heap()
             app = services.app
             if engine.demo_model:
                 logger.warning("serving the DEMO model: replies are random noise")
@@ -191,6 +193,15 @@ async def serve_until_signal(config: Config, engine: Engine) -> None:
         if speech is not None:
             speech.close()
         logger.info("server stopped")
+
+
+def freeze_startup_heap() -> None:
+    """Move everything allocated so far (modules, the model's Python objects)
+    out of the garbage collector's view (gc.freeze). The heap the sessions
+    allocate is small; without this every full collection walks the whole
+    start-up heap on the event loop, a stall of 100 ms and more under load."""
+    gc.collect()
+    gc.freeze()
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -64,6 +65,8 @@ class DeferredEngine(Engine):
     async def start(self) -> None:
         if self.inner is None:
             inner = await self._load_on_thread()
+            gc.collect()  # as server.freeze_startup_heap: the model's objects
+            gc.freeze()  # stay out of every later full collection
             self.inner = inner
             self.model_name = inner.model_name
             self.demo_model = inner.demo_model

@@ -895,9 +895,8 @@ class _Connection:
         if isinstance(message, bytes) and self.live is not None:
             rate, channels = self.audio_format
             wait = max(wait, self._pacer.audio(len(message) / (2 * channels * rate)))
-            self.app.limit_counters["throttled_seconds_total"] = self.app.limit_counters[
-                "throttled_seconds_total"
-            ] + max(0.0, wait)
+            if wait > 0:  # (nothing to count for the usual frame: no dict update)
+                self.app.limit_counters["throttled_seconds_total"] += wait
         if wait > 0:
             await asyncio.sleep(wait)
 
