@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transports.speech_checks import as_pcm16, voiced_fraction  # tests/ is on sys.path
 
 import voice_agent
 from voice_agent.config import Config
@@ -14,8 +15,6 @@ from voice_agent.tts import load_tts, piper_installed
 from voice_agent.tts.espeak import EspeakTTS
 from voice_agent.tts.piper import bundled_voice
 from voice_agent.tts.speaker import Speech
-
-from .helpers import as_pcm16, voiced_fraction
 
 SENTENCE = "The kitchen light is now switched on."
 
