@@ -36,7 +36,7 @@ import torch
 
 from voice_agent.audio import decode
 from voice_agent.engine.base import AudioArray, TurnInput
-from voice_agent.engine.kv import cache_bytes
+from voice_agent.engine.kv import cache_bytes, new_cache
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine, _ConvState
 from voice_agent.engine.tiny import make_tiny_model
 
@@ -47,11 +47,13 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def build_7b(tiny_dir: Path) -> tuple[Any, Any]:
+def build_7b(tiny_dir: Path, layers: int = 32) -> tuple[Any, Any]:
     """Random weights in the 7B-Instruct shape, bf16 on CUDA, never saved or loaded.
 
     The processor (tokenizer, feature extractor, template) is the tiny model's:
     its ids are a subset of the big vocabulary, and audio_token_id follows it.
+    `layers` below 32 (encoder and decoder alike) is for a smoke test of this
+    path on a CPU; figures are only meaningful with all 32.
     """
     tf: Any = importlib.import_module("transformers")  # partially typed: treat as Any
     processor = tf.AutoProcessor.from_pretrained(tiny_dir)
@@ -60,7 +62,7 @@ def build_7b(tiny_dir: Path) -> tuple[Any, Any]:
         audio_config={
             "model_type": "qwen2_audio_encoder",
             "num_mel_bins": 128,
-            "encoder_layers": 32,
+            "encoder_layers": layers,
             "encoder_attention_heads": 20,
             "encoder_ffn_dim": 5120,
             "d_model": 1280,
@@ -71,7 +73,7 @@ def build_7b(tiny_dir: Path) -> tuple[Any, Any]:
             "vocab_size": 156032,
             "hidden_size": 4096,
             "intermediate_size": 11008,
-            "num_hidden_layers": 32,
+            "num_hidden_layers": layers,
             "num_attention_heads": 32,
             "num_key_value_heads": 32,
             "max_position_embeddings": 8192,
@@ -82,19 +84,63 @@ def build_7b(tiny_dir: Path) -> tuple[Any, Any]:
         },
         audio_token_id=tok.convert_tokens_to_ids("<|AUDIO|>"),
     )
-    if not torch.cuda.is_available():
-        raise SystemExit("--config 7b needs a CUDA GPU")
+    if torch.cuda.is_available():
+        where = "cuda"
+    elif layers < 32:
+        where = "cpu"  # smoke test of the 7B path, not a measurement
+    else:
+        raise SystemExit("--config 7b needs a CUDA GPU (or --layers N for a CPU smoke test)")
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
+        with torch.device(where):
             model = tf.Qwen2AudioForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
     model.to(dtype=torch.bfloat16)
     model.eval()
+    # Random weights pick ids all over the 156k vocabulary, and the tiny
+    # tokenizer decodes almost none of them to text, so no reply delta (and no
+    # time to first token) would ever be seen. Zero the output rows of ids the
+    # tokenizer does not know, of its special tokens and of byte pieces that do
+    # not decode to text alone: the random logits of its ordinary tokens then
+    # always win under greedy decoding, every step shows as a text delta, and
+    # replies run to max_new_tokens.
+    specials = set(tok.all_special_ids) | {
+        tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|AUDIO|>")
+    }
+    for i in range(len(tok)):
+        piece = tok.decode([i], skip_special_tokens=True)
+        if not piece.strip() or "\ufffd" in piece:
+            specials.add(i)
+    with torch.no_grad():
+        weight = model.lm_head.weight
+        weight[len(tok) :] = 0
+        weight[sorted(i for i in specials if 0 <= i < weight.shape[0])] = 0
     return model, processor
+
+
+def model_step_ms(model: Any, vocab: int, batch: int, context: int, steps: int) -> float:
+    """Median time of one bare decode step of the model (transformers' forward
+    plus lm_head and argmax, read back each step as the engine does), with a
+    `context`-token cache per row: the floor under the engine's own step."""
+    dev = next(model.parameters()).device
+    cache = new_cache(model.config)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, context), generator=gen).to(dev)
+    times = []
+    with torch.inference_mode():
+        out = model.model(input_ids=ids, cache=cache, use_cache=True)
+        nxt = model.lm_head(out.last_hidden_state[:, -1, :]).argmax(-1, keepdim=True)
+        nxt.tolist()
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            out = model.model(input_ids=nxt, cache=cache, use_cache=True)
+            nxt = model.lm_head(out.last_hidden_state[:, -1, :]).argmax(-1, keepdim=True)
+            nxt.tolist()
+            times.append(time.perf_counter() - t0)
+    return round(float(np.median(times)) * 1000.0, 2)
 
 
 async def run_turn(engine: Qwen2AudioEngine, conv: Any, turn: TurnInput, **kw: Any) -> Any:
@@ -202,11 +248,15 @@ async def main() -> int:
     ap.add_argument("--hangover-ms", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--audio-dir", type=Path, default=AUDIO, help="folder with the test recordings")
+    ap.add_argument(
+        "--layers", type=int, default=32, help="--config 7b: layers (under 32: a smoke test only)"
+    )
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    full = decode(AUDIO / "librispeech-1272-128104-0000.flac")
+    full = decode(args.audio_dir / "librispeech-1272-128104-0000.flac")
     audio = np.ascontiguousarray(full[: 5 * 16000])
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,7 +279,7 @@ async def main() -> int:
         if args.config == "7b":
             log("building random 7B-Instruct-shaped weights on CUDA (bf16)")
             t0 = time.perf_counter()
-            model, processor = build_7b(tiny_dir)
+            model, processor = build_7b(tiny_dir, args.layers)
             log(f"built in {time.perf_counter() - t0:.1f} s")
 
         e = engine(True, args.max_new_tokens)
@@ -262,6 +312,13 @@ async def main() -> int:
             log(f"decode throughput, {n} concurrent conversation(s)")
             by_n[str(n)] = await throughput(e, audio, n, args.throughput_tokens)
             log(f"  {by_n[str(n)]['tokens_per_s']} tokens/s")
+        log("bare model decode step (no engine), batch 1 and the largest level")
+        bare = {
+            str(n): model_step_ms(e.model, len(e.processor.tokenizer), n, 300, 20)
+            for n in sorted({1, max(levels)})
+        }
+        for v in by_n.values():
+            v["engine_step_ms"] = round(v["seconds"] * 1000.0 / max(1, v["decode_steps"]), 2)
         await e.close()
 
         log("end of speech to first token, with and without speculative prefill")
@@ -282,7 +339,11 @@ async def main() -> int:
         one = by_n.get("1", {}).get("tokens_per_s", 0.0)
         result = {
             "benchmark": "engine",
-            "model": "random-7b-shape" if args.config == "7b" else (args.model or "tiny"),
+            "model": (
+                (f"random-7b-shape-{args.layers}-layers" if args.layers < 32 else "random-7b-shape")
+                if args.config == "7b"
+                else (args.model or "tiny")
+            ),
             "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cpu": platform.processor() or platform.machine(),
@@ -301,6 +362,7 @@ async def main() -> int:
             "decode_throughput": {
                 "max_new_tokens": args.throughput_tokens,
                 "by_concurrency": by_n,
+                "bare_model_step_ms_by_batch": bare,
                 "speedup_over_one": {
                     k: round(v["tokens_per_s"] / one, 2) if one else None for k, v in by_n.items()
                 },

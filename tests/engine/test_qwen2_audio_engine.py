@@ -412,3 +412,22 @@ async def test_runtime_stats_and_readiness(
     assert engine.runtime_stats().kv_cache_bytes == 0
     await engine.close()
     assert not await engine.ready()
+
+
+def test_cuda_engine_turns_off_cudnn_attention() -> None:
+    """cuDNN attention plans anew for every query/key length (every decode step);
+    an engine on CUDA turns it off, one on the CPU leaves the setting alone."""
+    import torch
+
+    from voice_agent.engine.qwen2_audio import _tune_backends
+
+    enabled: Any = torch.backends.cuda.cudnn_sdp_enabled  # untyped in torch
+    before = enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        _tune_backends(torch.device("cpu"))
+        assert enabled()
+        _tune_backends(torch.device("cuda"))
+        assert not enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
