@@ -32,8 +32,10 @@ class TokenBucket:
         self._level = burst  # units available now
         self._at = clock()
 
-    def take(self, n: float) -> float:
-        now = self._clock()
+    def take(self, n: float, now: float | None = None) -> float:
+        """Spend n units at `now` (default: the clock's time)."""
+        if now is None:
+            now = self._clock()
         elapsed = max(0.0, now - self._at)
         self._at = now
         self._level = min(self.burst, self._level + elapsed * self.rate) - n
@@ -52,8 +54,8 @@ class MessageLimiter(TokenBucket):
     def __init__(self, per_second: float, clock: Clock) -> None:
         super().__init__(per_second, max(1.0, per_second), clock)
 
-    def message(self) -> float:
-        return self.take(1.0)
+    def message(self, now: float | None = None) -> float:
+        return self.take(1.0, now)
 
 
 class AudioPacer(TokenBucket):
@@ -64,8 +66,8 @@ class AudioPacer(TokenBucket):
         super().__init__(speed, burst_s, clock)
         self.throttled_s = 0.0  # total wait imposed so far
 
-    def audio(self, seconds: float) -> float:
-        wait = self.take(seconds)
+    def audio(self, seconds: float, now: float | None = None) -> float:
+        wait = self.take(seconds, now)
         if wait > 0 and math.isfinite(wait):
             self.throttled_s += wait
         return wait

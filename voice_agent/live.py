@@ -204,6 +204,38 @@ class LiveSession:
         """Interleaved PCM16 at the session's rate; BadAudio on an odd length."""
         await self._call(self.session.feed_audio, pcm)
 
+    def feed_audio_now(self, pcm: bytes) -> bool:
+        """Feed a frame without yielding, for a synchronous caller (the
+        WebSocket fast path). False, with nothing fed, while the lock is held
+        or wanted: call `feed_audio` then, which keeps the order. Actions the
+        frame causes run in a task that holds the lock, so input that comes
+        after them waits for them."""
+        if self._closed:
+            return True
+        if self._lock_users:
+            return False
+        actions = self.session.feed_audio(pcm)
+        if actions:
+            self._lock_users += 1  # before anything else can run: later input queues
+            task = asyncio.get_running_loop().create_task(
+                self._execute_locked(actions), name="frame-actions"
+            )
+            self._detections.add(task)
+            task.add_done_callback(self._detections.discard)
+        return True
+
+    async def _execute_locked(self, actions: list[Action]) -> None:
+        """Run a fast-path frame's actions under the lock (_lock_users was
+        counted by the caller). A failure loses these actions only."""
+        try:
+            async with self._lock:
+                await self._execute(actions)
+                self._note_rejected()
+        except Exception:
+            logger.exception("frame actions failed", extra={"session_id": self.session_id})
+        finally:
+            self._lock_users -= 1
+
     async def text(self, text: str) -> None:
         await self._call(self.session.text, text)
 
@@ -280,7 +312,7 @@ class LiveSession:
             # is taken below without yielding, so nothing can come between.
             actions = method(*args)
             if not actions:
-                self._note_rejected()
+                # (no _note_rejected: commands are only rejected by actions)
                 return
         self._lock_users += 1
         try:

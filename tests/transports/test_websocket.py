@@ -841,3 +841,69 @@ async def test_client_leaving_mid_reply_cancels_its_generation(config: Config) -
         conversation = engine.submitted[0][0]
         assert 0 < engine.history_text(conversation).count("w") < 1000  # not all 5000
         await client.close()
+
+
+def _server_connections(app: WebSocketServerApp) -> list[object]:
+    return [conn.ws for conn in app._live_connections]
+
+
+async def test_audio_frames_take_the_fast_path_and_keep_their_order(
+    app: WebSocketServerApp, audio_dir: Path
+) -> None:
+    """Binary frames that arrive while the handler waits are fed at once by the
+    protocol (no queue or task switch); the session's events and the text
+    that follows the audio come out as on the normal path."""
+    from voice_agent.client import load_pcm, send_paced
+    from voice_agent.protocol import SpeechStartedEvent, SpeechStoppedEvent
+    from voice_agent.transports.websocket import _FastConnection
+
+    audio = load_pcm(audio_dir / "ldc93s1-16k-mono.wav")
+    async with RealtimeClient(app.url) as client:
+        # session.start and audio right behind it, not waiting for the answer:
+        # the frames must not overtake the start (no not_started error)
+        await client.send_json({"type": "session.start"})
+        for _ in range(5):
+            await client.send_audio(bytes(640))
+        await send_paced(client, audio, speed=2.0)
+        await send_paced(client, audio, audio.silence(1.5), speed=2.0)
+        await client.send_text("after the audio")
+        first = await client.wait_for(ReplyDone, 30)
+        second = await client.wait_for(ReplyDone, 30)
+        assert (first.text, second.text) == ("heard audio", "echo after the audio")
+        kinds = [type(e) for e in client.received]
+        assert kinds.index(SpeechStartedEvent) < kinds.index(SpeechStoppedEvent)
+        assert not client.of_type(ErrorEvent)
+        (ws,) = _server_connections(app)
+        assert isinstance(ws, _FastConnection)
+        # most of the ~250 frames went the fast way (some race the handler)
+        assert ws.fast_frames > 100
+
+
+async def test_a_frame_that_fails_on_the_fast_path_gets_internal_and_the_session_lives(
+    app: WebSocketServerApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from voice_agent.session import Session
+
+    original = Session.feed_audio
+
+    def feed(self: Session, pcm: bytes) -> object:
+        if len(pcm) == 642:
+            raise RuntimeError("boom")
+        return original(self, pcm)
+
+    monkeypatch.setattr(Session, "feed_audio", feed)
+    async with RealtimeClient(app.url) as client:
+        await client.start()
+        for _ in range(10):
+            await client.send_audio(bytes(640))
+            await asyncio.sleep(0.005)
+        await client.send_audio(bytes(642))
+        error = await client.wait_for(ErrorEvent, 10)
+        assert error.code == "internal"
+        await client.send_audio(bytes(640))
+        await client.send_text("still here")
+        assert (await client.wait_for(ReplyDone, 20)).text == "echo still here"
+        assert client.close_code is None
+        (ws,) = _server_connections(app)
+        # the ten frames and the failing one (the handler was idle for each)
+        assert ws.fast_frames >= 11  # type: ignore[attr-defined]
