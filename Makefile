@@ -12,7 +12,7 @@ PORT   ?= 8765
 TORCH_SPEC := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; \
                 then echo 'torch>=2.4'; else echo 'torch==2.13.0'; fi)
 
-.PHONY: venv run test lint format clean bench
+.PHONY: venv run test lint format clean bench bench-all
 
 venv: $(STAMP)
 
@@ -42,6 +42,16 @@ bench: $(STAMP)
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/tts.py
+
+# The slow ones too (about 20 minutes; run on a quiet machine): real servers,
+# mosquitto, Chromium, many streams. Each prints one JSON object.
+bench-all: bench
+	$(PY) benchmarks/load.py --set tts=none
+	$(PY) benchmarks/voice.py
+	$(PY) benchmarks/mqtt.py
+	$(PY) benchmarks/webrtc.py
+	$(PY) benchmarks/browser.py
+	$(PY) benchmarks/turns.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
