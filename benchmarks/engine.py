@@ -6,7 +6,8 @@
   (continuous batching: one batched model step for all decoding turns);
 - KV cache memory per cached conversation;
 - end-of-speech to first token with and without speculative prefill (the
-  utterance prefilled during the VAD hangover).
+  utterance prefilled during the VAD hangover);
+- time to first token when 1, 4 and 16 voice turns arrive at the same moment.
 
 `python benchmarks/plot.py RESULT.json` draws the charts.
 
@@ -208,6 +209,23 @@ async def throughput(
     }
 
 
+async def burst(engine: Qwen2AudioEngine, audio: AudioArray, n: int) -> dict[str, float]:
+    """n new conversations whose first 5 s voice turn arrives at the same
+    moment: each one's time to first token. The engine prefills one turn per
+    step, between the decode steps of the turns already running."""
+    convs = [engine.new_conversation() for _ in range(n)]
+    results = await asyncio.gather(
+        *(run_turn(engine, c, TurnInput(audio=audio), max_new_tokens=8) for c in convs)
+    )
+    ttfts = sorted(r.timing.ttft_ms for r in results)
+    return {
+        "conversations": n,
+        "ttft_ms_first": round(ttfts[0], 2),
+        "ttft_ms_p50": round(float(np.median(ttfts)), 2),
+        "ttft_ms_last": round(ttfts[-1], 2),
+    }
+
+
 async def speculative(
     engine: Qwen2AudioEngine, audio: AudioArray, hangover_s: float, reps: int
 ) -> dict[str, float]:
@@ -319,6 +337,11 @@ async def main() -> int:
         }
         for v in by_n.values():
             v["engine_step_ms"] = round(v["seconds"] * 1000.0 / max(1, v["decode_steps"]), 2)
+        bursts: dict[str, dict[str, float]] = {}
+        for n in levels:
+            log(f"{n} voice turns arriving at once")
+            bursts[str(n)] = await burst(e, audio, n)
+            log(f"  last first token after {bursts[str(n)]['ttft_ms_last']} ms")
         await e.close()
 
         log("end of speech to first token, with and without speculative prefill")
@@ -372,6 +395,7 @@ async def main() -> int:
                 "cached_conversation": memory,
             },
             "speculative_prefill": spec,
+            "simultaneous_turns": bursts,
         }
     print(json.dumps(result, indent=2))
     return 0
