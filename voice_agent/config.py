@@ -251,7 +251,11 @@ class Config:
         None, "MQTT broker URL, mqtt://[user:pass@]host:port or mqtts://...; off when unset"
     )
     mqtt_prefix: str = _f("voice_agent", "MQTT topic prefix")
-    mqtt_ca: str | None = _f(None, "CA certificate file for mqtts://")
+    mqtt_ca: str | None = _f(
+        None,
+        "CA certificate file (PEM) that signed the broker's certificate, for mqtts:// "
+        "(default: the system's CAs)",
+    )
     mqtt_cert: str | None = _f(None, "client certificate file for mqtts://")
     mqtt_key: str | None = _f(None, "client key file for mqtts://")
     mqtt_client_id: str | None = _f(

@@ -15,7 +15,8 @@ PostgreSQL shared by gateway replicas; `none` turns it off): each finished
 turn is saved, SIGTERM lets replies in flight finish for up to
 `--drain-timeout` seconds and saves every conversation before the
 connections close, and a restarted server (or, with PostgreSQL, any replica)
-resumes a conversation by its session_id. The store is pruned
+resumes a conversation by its session_id. MQTT conversations are kept in the
+same store, one per device and `session` ("mqtt:DEVICE[:SESSION]"). The store is pruned
 (`--retention-days`, `--max-stored-sessions`) at start-up.
 
 `running(config, engine)` is the same wiring as an async context manager (used
@@ -98,6 +99,7 @@ async def running(
                 devices=devices,
                 speech=speech,
                 metrics=app.metrics,  # one /metrics for both transports
+                store=store,  # MQTT conversations are kept too ("mqtt:DEVICE")
                 **mqtt_kwargs,
             )
             await mqtt.start()

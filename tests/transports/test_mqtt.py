@@ -12,10 +12,12 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,7 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import pytest
@@ -39,6 +41,7 @@ from voice_agent.errors import BrokerAuthError, ConfigError
 from voice_agent.hub import CommandBus, load_devices
 from voice_agent.protocol import CommandEvent, ErrorEvent, ReplyDone
 from voice_agent.server import running
+from voice_agent.store import Store
 from voice_agent.transports.mqtt import (
     AnsweredIds,
     MqttTransport,
@@ -49,6 +52,9 @@ from voice_agent.transports.mqtt import (
     parse_request,
     running_mqtt,
 )
+
+if TYPE_CHECKING:
+    from conftest import PostgresServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -79,19 +85,29 @@ def free_port() -> int:
 
 
 class Broker:
-    """A mosquitto process on 127.0.0.1:port with persistence in `directory`."""
+    """A mosquitto process on 127.0.0.1:port with persistence in `directory`;
+    with `tls` (CA, certificate, key files) the listener speaks TLS only."""
 
-    def __init__(self, directory: Path, users: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        users: dict[str, str] | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         if not Path(MOSQUITTO).exists():
             pytest.fail("mosquitto is not installed (Debian package `mosquitto`)")
         self.dir = directory
         self.port = free_port()
+        self.tls = tls is not None
         self.proc: subprocess.Popen[bytes] | None = None
         lines = [
             f"listener {self.port} 127.0.0.1",
             f"persistence true\npersistence_location {directory}/",
             f"log_dest file {directory}/mosquitto.log",
         ]
+        if tls is not None:
+            ca, cert, key = tls
+            lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
         if os.geteuid() == 0:
             lines.append("user root")  # keep root: the directory is not the mosquitto user's
         if users:
@@ -111,7 +127,8 @@ class Broker:
         self.conf.write_text("\n".join(lines) + "\n")
 
     def url(self, userinfo: str = "") -> str:
-        return f"mqtt://{userinfo + '@' if userinfo else ''}127.0.0.1:{self.port}"
+        scheme = "mqtts" if self.tls else "mqtt"
+        return f"{scheme}://{userinfo + '@' if userinfo else ''}127.0.0.1:{self.port}"
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -163,9 +180,17 @@ class Msg:
 class Listener:
     """An MQTT client that records every message of `topics`, for assertions."""
 
-    def __init__(self, broker: Broker, topics: Sequence[str] = ("voice_agent/#",)) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        topics: Sequence[str] = ("voice_agent/#",),
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.client = aiomqtt.Client(
-            "127.0.0.1", broker.port, identifier=f"test-{uuid.uuid4().hex[:8]}"
+            "127.0.0.1",
+            broker.port,
+            identifier=f"test-{uuid.uuid4().hex[:8]}",
+            tls_context=tls,
         )
         self.topics = topics
         self.messages: list[Msg] = []
@@ -1031,4 +1056,214 @@ async def test_share_group_replica_leaving(broker: Broker) -> None:
             m = await after.wait_for(lambda m: m.topic == "voice_agent/status")
             assert (m.payload, m.retain) == (b"offline", True)
     finally:
+        await engine.close()
+
+
+# ------------------------------------------- conversations in the --db store
+
+
+def turns_seen(engine: ScriptedEngine) -> Callable[[TurnInput], str]:
+    """Replies that say how many turns of history the conversation had."""
+    return lambda turn: f"I had {engine.submitted[-1][0].turns} turns"
+
+
+async def test_a_device_conversation_survives_a_restart(broker: Broker, tmp_path: Path) -> None:
+    db = tmp_path / "conversations.db"
+    config = Config(host="127.0.0.1", port=0, mqtt=broker.url(), db=str(db))
+    async with Listener(broker) as client:
+        for i in range(2):  # two runs of the server on one database
+            engine = ScriptedEngine()
+            engine.replies = turns_seen(engine)
+            async with running(config, engine, reconnect_min=0.05) as services:
+                assert services.mqtt is not None
+                await services.mqtt.wait_connected(WAIT)
+                await client.ask("kitchen", {"id": f"q{i}", "text": f"question {i}"})
+                reply = await client.reply("kitchen", f"q{i}")
+                assert reply["text"] == f"I had {i} turns"
+                if i == 1:
+                    assert services.mqtt.stats.conversations_loaded == 1
+                    conv = engine.submitted[-1][0]
+                    assert "question 0" in engine.history_text(conv)
+                    # Owned by "mqtt": a WebSocket client cannot resume it.
+                    async with RealtimeClient(services.app.url) as ws:
+                        started = await ws.start(session_id="mqtt:kitchen")
+                        assert started.session_id != "mqtt:kitchen"
+    store = Store(db)
+    try:
+        record = store.load("mqtt:kitchen")
+        assert record is not None
+        assert (record.owner, record.device, record.history.turns) == ("mqtt", "kitchen", 2)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_share_group_keeps_one_history_per_device(
+    broker: Broker, tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Two gateways of one share group on one store: the broker hands a device's
+    requests to both in turn, and each turn sees every earlier one."""
+    if backend == "sqlite":
+        target = str(tmp_path / "conversations.db")
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        target = server.create_database()
+    config = cfg(broker, mqtt_share_group="gateways")
+    stores = [Store(target), Store(target)]
+    e1, e2 = ScriptedEngine(), ScriptedEngine()
+    e1.replies, e2.replies = turns_seen(e1), turns_seen(e2)
+    n = 6
+    try:
+        async with (
+            agent(config, e1, store=stores[0]) as one,
+            agent(config, e2, store=stores[1]) as two,
+            Listener(broker) as client,
+        ):
+            for i in range(n):
+                await client.ask("kitchen", {"id": f"q{i}", "text": f"question {i}"})
+                reply = await client.reply("kitchen", f"q{i}")
+                assert reply["text"] == f"I had {i} turns"
+            assert one.stats.requests > 0 and two.stats.requests > 0  # both answered
+            assert one.stats.requests + two.stats.requests == n
+            assert one.stats.conversations_loaded + two.stats.conversations_loaded >= 1
+            last = max(e1.submitted + e2.submitted, key=lambda s: s[0].turns)[0]
+            history = (e1 if any(c is last for c, _ in e1.submitted) else e2).history_text(last)
+            assert all(f"question {i}" in history for i in range(n))
+        assert stores[0].turns_of("mqtt:kitchen") == n
+    finally:
+        for store in stores:
+            store.close()
+
+
+# ------------------------------------------------------------------ mqtts://
+
+
+def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it:
+    (CA certificate, server certificate, server key) as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"test CA {uuid.uuid4().hex}")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path, tls=make_tls_files(tmp_path / "tls"))
+    b.start()
+    yield b
+    b.stop()
+
+
+async def test_mqtts_request_and_reply(tls_broker: Broker) -> None:
+    ca = tls_broker.dir / "tls" / "ca.pem"
+    config = Config(mqtt=tls_broker.url(), mqtt_ca=str(ca))
+    assert config.mqtt is not None and config.mqtt.startswith("mqtts://")
+    tls = ssl.create_default_context(cafile=str(ca))
+    async with (
+        agent(config, ScriptedEngine(echo)) as transport,
+        Listener(tls_broker, tls=tls) as client,
+    ):
+        assert transport.url.tls
+        await client.ask("kitchen", {"id": "tls-1", "text": "over tls"})
+        reply = await client.reply("kitchen", "tls-1")
+        assert reply["text"] == "you said over tls"
+
+
+async def test_mqtts_wrong_ca_is_a_logged_error_and_retried(
+    tls_broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = tls_broker.url()
+    with pytest.raises(ConfigError, match="--mqtt-ca"):
+        MqttTransport(Config(mqtt=url, mqtt_ca=str(tmp_path / "missing.pem")), ScriptedEngine())
+    other_ca = make_tls_files(tmp_path / "other")[0]  # a CA that did not sign the broker's
+    caplog.set_level(logging.INFO, logger="voice_agent.mqtt")
+    engine = ScriptedEngine()
+    await engine.start()
+    transport = MqttTransport(
+        Config(mqtt=url, mqtt_ca=str(other_ca)), engine, reconnect_min=0.05, reconnect_max=0.2
+    )
+
+    def untrusted() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "not trusted" in r.getMessage()]
+
+    try:
+        await transport.start(first_connect_timeout=1.0)  # does not raise: retries
+        await until(lambda: len(untrusted()) >= 3)
+        assert not transport.connected and transport.stats.connections == 0
+        assert transport._task is not None and not transport._task.done()  # still trying
+        records = untrusted()
+        assert all(r.levelno == logging.ERROR and r.exc_info is None for r in records)
+        assert "--mqtt-ca" in records[0].getMessage()
+        assert "CERTIFICATE_VERIFY_FAILED" in getattr(records[0], "reason", "")
+        assert not any(r.exc_info for r in caplog.records if r.name == "voice_agent.mqtt")
+    finally:
+        await transport.close()
         await engine.close()

@@ -37,10 +37,29 @@ replica is connected are not kept. The default client id gets a random suffix
 per process; an explicit --mqtt-client-id must differ per replica. Every
 replica publishes the retained `online`; when one leaves (its will or a clean
 close sets `offline`), the others, subscribed to PREFIX/status, publish
-`online` again. MQTT conversations live in the memory of the replica that
-answered (they are not in the --db store), and the broker spreads one device's
-requests over the replicas: each replica knows only the turns it answered, and
-one device's requests may be answered out of order (deploy/README.md).
+`online` again. The broker spreads one device's requests over the replicas;
+the --db store carries the conversation between them (below). Two requests of
+one device sent without waiting for the first reply may be answered in
+parallel by two replicas, out of order (deploy/README.md).
+
+Conversations and the --db store (`store`): each (device, session) pair is one
+conversation, kept in the store as session_id `mqtt:DEVICE[:SESSION]` with the
+owner "mqtt" (so no WebSocket client can resume it). Before a turn, a
+conversation that is not in memory is loaded from the store (a restart, an LRU
+release); with a share group or a shared store (PostgreSQL) the store is asked
+before every turn and a copy holding more turns than the one in memory
+replaces it (another replica answered since). After each reply the
+conversation is saved (audio clips only with --store-audio); loads and saves
+run in order on one thread, off the event loop. With a share group the reply
+is published once the save is done, so the device's next request finds it on
+any replica; alone, the save runs behind the reply. A failed load or save is
+logged and counted (`stats.store_errors`); the turn goes on from memory.
+
+TLS (mqtts://): the broker's certificate is checked against --mqtt-ca (the
+system's CAs when unset) and the host name of --mqtt; --mqtt-cert/--mqtt-key
+give a client certificate. Unreadable files are a ConfigError at start. A
+certificate that fails verification is logged as an error on each attempt and
+retried with the usual backoff (the process stays up: no restart loop).
 
 Bounds and what happens when full:
 - requests waiting per device: `max_queued_utterances`; overall: `max_queue`;
@@ -48,7 +67,8 @@ Bounds and what happens when full:
   remembered, so it may be sent again);
 - answered ids: the last 256 per device, 1024 devices (LRU); a repeated id is
   ignored (counted in `stats.duplicates`);
-- conversations: 1024 (device, session) pairs, least recently used released;
+- conversations: 1024 (device, session) pairs in memory, least recently used
+  released (with a store, loaded again at the device's next request);
 - outgoing messages: 4096 waiting; when full the oldest is dropped (counted);
   deltas (QoS 0) produced while disconnected are dropped, replies, commands and
   errors wait for the reconnection;
@@ -71,12 +91,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import contextlib
 import io
 import json
 import logging
 import re
 import socket
+import ssl
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -104,6 +126,7 @@ from voice_agent.errors import (
 )
 from voice_agent.hub import CommandBus, load_devices
 from voice_agent.metrics import Metric, Metrics, counter, gauge
+from voice_agent.store import Store, StoredSession
 from voice_agent.tts.speaker import Speech
 from voice_agent.tts.split import SentenceSplitter
 
@@ -117,6 +140,9 @@ MAX_OUTBOX = 4096
 WAV_RATE = 22050  # PREFIX/DEVICE/reply/audio: the rate of Piper's voices
 MAX_INCOMING = 1024
 _SESSION = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# The owner of MQTT conversations in the store: never "" (no tokens) nor a token
+# hash (32 hex digits), so a WebSocket client cannot resume one.
+STORE_OWNER = "mqtt"
 # CONNACK refusals that mean "wrong or missing credentials" (MQTT 3.1.1 and 5)
 _AUTH_CODES = {4, 5, 134, 135}
 
@@ -320,6 +346,39 @@ def _auth_refused(exc: aiomqtt.MqttError) -> bool:
     return isinstance(value, int) and value in _AUTH_CODES
 
 
+def _untrusted(exc: aiomqtt.MqttError) -> bool:
+    """The broker's TLS certificate failed verification (wrong CA, wrong host
+    name, expired). aiomqtt keeps only the message of the ssl error."""
+    text = str(exc)
+    return "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text
+
+
+def tls_context(config: Config) -> ssl.SSLContext:
+    """The TLS context of mqtts://: the broker is verified against --mqtt-ca (the
+    system's CAs when unset), host name included; --mqtt-cert/--mqtt-key are the
+    client certificate. Built once, so unreadable files are a ConfigError at start."""
+    if config.mqtt_key and not config.mqtt_cert:
+        raise ConfigError("--mqtt-key needs --mqtt-cert")
+    try:
+        context = ssl.create_default_context(cafile=config.mqtt_ca or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--mqtt-ca {config.mqtt_ca}: cannot load it ({exc})") from None
+    if config.mqtt_cert:
+        try:
+            context.load_cert_chain(config.mqtt_cert, config.mqtt_key or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"--mqtt-cert {config.mqtt_cert}: cannot load the client certificate ({exc})"
+            ) from None
+    return context
+
+
+def store_id(device: str, session: str | None) -> str:
+    """The store's session_id of a device's conversation: `mqtt:DEVICE` or
+    `mqtt:DEVICE:SESSION`. WebSocket sessions are hex uuids, so never collide."""
+    return f"mqtt:{device}" + (f":{session}" if session else "")
+
+
 # --------------------------------------------------------------------- transport
 
 
@@ -337,6 +396,8 @@ class MqttStats:
     outbox_dropped: int = 0
     connections: int = 0
     status_restored: int = 0  # share group: `online` published again after a replica left
+    conversations_loaded: int = 0  # from the store: after a restart, or newer than ours
+    store_errors: int = 0  # loads and saves that failed
 
 
 @dataclass(frozen=True)
@@ -361,16 +422,27 @@ class MqttTransport:
         reconnect_max: float = 30.0,
         speech: Speech | None = None,
         metrics: Metrics | None = None,
+        store: Store | None = None,
     ) -> None:
         if not config.mqtt:
             raise ConfigError("MQTT is not configured (--mqtt)")
         self.config = config
         self.engine = engine
         self.bus = bus
+        # The --db store (None: conversations live in memory only). Loads and saves
+        # run in order on one thread of their own, off the event loop.
+        self.store = store
+        self._saver = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mqtt-store")
+            if store is not None
+            else None
+        )
+        self._saves: set[asyncio.Future[None]] = set()
         self.speech = speech  # None: replies are text only
         # the allowlist: given, or the --devices file (None: replies carry no commands)
         self.devices = devices if devices is not None else load_devices(config.devices)
         self.url = parse_broker_url(config.mqtt)
+        self._tls = tls_context(config) if self.url.tls else None
         self.share_group = config.mqtt_share_group or None
         self.topics = Topics(config.mqtt_prefix, self.share_group)
         self.client_id = config.mqtt_client_id or default_client_id(
@@ -427,6 +499,16 @@ class MqttTransport:
                 "mqtt_outbox_dropped", "messages dropped from a full outbox", st.outbox_dropped
             ),
             counter("mqtt_connections", "connections made to the broker", st.connections),
+            counter(
+                "mqtt_conversations_loaded",
+                "MQTT conversations loaded from the store (restart, or carried on elsewhere)",
+                st.conversations_loaded,
+            ),
+            counter(
+                "mqtt_store_errors",
+                "MQTT conversation loads and saves that failed",
+                st.store_errors,
+            ),
             gauge("mqtt_connected", "1 while connected to the broker", float(self.connected)),
         ]
 
@@ -474,6 +556,9 @@ class MqttTransport:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
         self._workers.clear()
+        await self.wait_saved()  # before the caller closes the store
+        if self._saver is not None:
+            self._saver.shutdown(wait=False)
         if self.connected:
             self._out(self.topics.status, b"offline", 1, retain=True)
             with contextlib.suppress(TimeoutError):
@@ -494,13 +579,6 @@ class MqttTransport:
     # -- connection -------------------------------------------------------
 
     def _new_client(self) -> aiomqtt.Client:
-        tls: aiomqtt.TLSParameters | None = None
-        if self.url.tls:
-            tls = aiomqtt.TLSParameters(
-                ca_certs=self.config.mqtt_ca,
-                certfile=self.config.mqtt_cert,
-                keyfile=self.config.mqtt_key,
-            )
         return aiomqtt.Client(
             self.url.host,
             self.url.port,
@@ -515,7 +593,7 @@ class MqttTransport:
             will=aiomqtt.Will(self.topics.status, b"offline", qos=1, retain=True),
             keepalive=15,
             timeout=10,
-            tls_params=tls,
+            tls_context=self._tls,
             max_queued_incoming_messages=MAX_INCOMING,
             logger=logging.getLogger("voice_agent.mqtt.client"),
         )
@@ -541,6 +619,15 @@ class MqttTransport:
                         self._first.set_exception(error)
                         return
                     logger.error("MQTT broker refused the credentials; retrying")
+                elif _untrusted(exc):
+                    # A configuration problem, but not fatal: the process stays up
+                    # (no restart loop) and retries with backoff (a renewed cert).
+                    logger.error(
+                        "the MQTT broker's TLS certificate is not trusted (check --mqtt-ca "
+                        "and the host name in --mqtt); retrying in %.1f s",
+                        backoff,
+                        extra={"host": self.url.host, "port": self.url.port, "reason": str(exc)},
+                    )
                 else:
                     logger.warning(
                         "MQTT connection failed or lost: %s",
@@ -746,18 +833,101 @@ class MqttTransport:
         finally:
             self._workers.pop(device, None)
 
-    def _conversation(self, device: str, session: str | None) -> Conversation:
+    async def _conversation(self, device: str, session: str | None) -> Conversation:
+        """The conversation of (device, session): the one in memory, unless the
+        store holds more turns of it (this process restarted, or another gateway
+        of the share group answered since), else a new one."""
         key = (device, session)
         conv = self._conversations.get(key)
+        if self.store is not None and (conv is None or self.share_group or self.store.shared):
+            loaded = await self._load_newer(device, store_id(device, session), conv)
+            if loaded is not None:
+                if conv is not None:
+                    self.engine.release(conv)
+                conv = self._conversations[key] = loaded
         if conv is None:
-            cid = f"mqtt:{device}" + (f":{session}" if session else "")
+            cid = store_id(device, session)
             conv = self.engine.new_conversation(self.system_prompt, conversation_id=cid)
             self._conversations[key] = conv
-            while len(self._conversations) > MAX_CONVERSATIONS:
-                _, old = self._conversations.popitem(last=False)
-                self.engine.release(old)
         self._conversations.move_to_end(key)
+        while len(self._conversations) > MAX_CONVERSATIONS:
+            _, old = self._conversations.popitem(last=False)
+            self.engine.release(old)
         return conv
+
+    async def _load_newer(
+        self, device: str, sid: str, conv: Conversation | None
+    ) -> Conversation | None:
+        """The stored conversation `sid` rebuilt, when the store holds more turns
+        than `conv` (None: not in memory); else None. Failures are logged and the
+        turn goes on with what is in memory."""
+        store, saver = self.store, self._saver
+        assert store is not None and saver is not None
+        have = conv.turns if conv is not None else 0
+        loop = asyncio.get_running_loop()
+        try:
+            # On the store's thread, so after this gateway's own saves.
+            if conv is not None:
+                turns = await loop.run_in_executor(saver, store.turns_of, sid)
+                if turns is None or turns <= have:
+                    return None
+            record = await loop.run_in_executor(saver, store.load, sid)
+        except Exception:
+            self.stats.store_errors += 1
+            logger.exception("loading a conversation failed", extra={"device": device})
+            return None
+        if record is None or record.history.turns <= have:
+            return None
+        try:
+            restored = self.engine.restore(sid, record.system_prompt, record.history)
+        except Exception:
+            self.stats.store_errors += 1
+            logger.exception("restoring a conversation failed", extra={"device": device})
+            return None
+        self.stats.conversations_loaded += 1
+        logger.info(
+            "conversation loaded from the store",
+            extra={"device": device, "session_id": sid, "turns": restored.turns, "had": have},
+        )
+        return restored
+
+    def _save(self, device: str, conv: Conversation) -> asyncio.Future[None] | None:
+        """Queue a save of the conversation (in order, off the loop); None when
+        there is no store or the engine has no settled history to give now."""
+        store, saver = self.store, self._saver
+        if store is None or saver is None:
+            return None
+        try:
+            history = self.engine.snapshot(conv)
+        except Exception:
+            logger.exception("snapshot failed", extra={"device": device})
+            return None
+        if history is None:
+            return None
+        record = StoredSession(
+            session_id=conv.conversation_id,
+            owner=STORE_OWNER,
+            device=device,
+            system_prompt=conv.system_prompt,
+            history=history,
+        )
+        future = asyncio.wrap_future(saver.submit(self._save_now, store, record))
+        self._saves.add(future)
+        future.add_done_callback(self._saves.discard)
+        return future
+
+    def _save_now(self, store: Store, record: StoredSession) -> None:
+        try:
+            store.save(record)
+        except Exception:
+            self.stats.store_errors += 1
+            logger.exception("saving a conversation failed", extra={"device": record.device})
+
+    async def wait_saved(self) -> None:
+        """Wait until every queued save is done."""
+        while self._saves:
+            await asyncio.gather(*list(self._saves), return_exceptions=True)
+            self._saves = {f for f in self._saves if not f.done()}
 
     async def _answer(self, req: Request) -> None:
         device, rid = req.device, req.id
@@ -767,9 +937,8 @@ class MqttTransport:
                 max_s = self.config.max_utterance_ms / 1000.0
                 audio = await asyncio.to_thread(decode, req.audio, max_s)
             turn = TurnInput(audio=audio, text=req.text)
-            handle = self.engine.submit(
-                self._conversation(device, req.session), turn, self.config.max_new_tokens
-            )
+            conv = await self._conversation(device, req.session)
+            handle = self.engine.submit(conv, turn, self.config.max_new_tokens)
         except VoiceAgentError as exc:
             self._error(device, rid, exc)
             return
@@ -817,6 +986,11 @@ class MqttTransport:
             self._publish_command(device, rid, command)
             if self.bus is not None:
                 await self.bus.deliver(device, command)
+        saved = self._save(device, conv)
+        if saved is not None and self.share_group:
+            # The device's next request may go to another gateway: that one must
+            # find this turn in the store, so the reply waits for the save.
+            await asyncio.shield(saved)
         timing = {
             "queue_ms": round(result.timing.queue_ms, 1),
             "ttft_ms": round(result.timing.ttft_ms, 1),
