@@ -217,3 +217,24 @@ def test_the_core_does_not_import_psycopg(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_statements_have_a_timeout(url: str) -> None:
+    """A statement stuck on a lock or a slow disk fails after the timeout
+    (10 s by default) instead of holding the store's thread forever; the URL's
+    own options win."""
+    from voice_agent.store import STATEMENT_TIMEOUT_MS
+
+    store = Store(url)
+    try:
+        row = store._backend.execute("SHOW statement_timeout").fetchone()  # type: ignore[attr-defined]
+        assert row is not None and row[0] == f"{STATEMENT_TIMEOUT_MS // 1000}s"
+    finally:
+        store.close()
+    sep = "&" if "?" in url else "?"
+    short = Store(f"{url}{sep}options=-c%20statement_timeout%3D300")
+    try:
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            short._backend.execute("SELECT pg_sleep(2)")  # type: ignore[attr-defined]
+    finally:
+        short.close()

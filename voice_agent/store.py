@@ -299,6 +299,12 @@ class _Postgres(_Backend):
             self._params["connect_timeout"] = 10
         if "application_name" not in given:
             self._params["application_name"] = "voice_agent"
+        if "options" not in given:
+            # A stuck statement (a lock held elsewhere, a failing disk) fails
+            # that save or load after this long instead of holding the store's
+            # thread forever; `options=-c statement_timeout=...` in the URL
+            # sets another.
+            self._params["options"] = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
         self._url = url
         self._conn = self._connect()
 
@@ -337,6 +343,9 @@ class _Postgres(_Backend):
 
     def close(self) -> None:
         self._conn.close()
+
+
+STATEMENT_TIMEOUT_MS = 10_000  # PostgreSQL: per statement, unless the URL sets options
 
 
 def _open_backend(target: str | Path) -> _Backend:
