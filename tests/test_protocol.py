@@ -26,6 +26,7 @@ from voice_agent.protocol import (
     ServerEvent,
     SessionStart,
     SessionStarted,
+    SessionUpdate,
     SpeechStartedEvent,
     SpeechStoppedEvent,
     TextTurn,
@@ -58,6 +59,7 @@ CLIENT_SAMPLES: list[ClientEvent] = [
     CancelReply(),
     WebRTCOffer("v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\n"),
     Playback("r3", 1520),
+    SessionUpdate(speak=False),
 ]
 
 SERVER_SAMPLES: list[ServerEvent] = [
@@ -93,6 +95,7 @@ def test_every_wire_type_has_a_class() -> None:
         "cancel",
         "webrtc.offer",
         "playback",
+        "session.update",
     }
     assert set(SERVER_EVENTS) == {
         "session.started",
@@ -203,6 +206,8 @@ MALFORMED: Malformed = [
     ("unknown format", '{"type":"session.start","format":"opus"}', BadMessage, "format"),
     ("format null", '{"type":"session.start","format":null}', BadMessage, "format"),
     ("sdp missing", '{"type":"webrtc.offer"}', BadMessage, "sdp"),
+    ("speak missing", '{"type":"session.update"}', BadMessage, "speak"),
+    ("speak a string", '{"type":"session.update","speak":"no"}', BadMessage, "speak"),
     ("played_ms bool", '{"type":"playback","reply_id":"r1","played_ms":false}', BadMessage, "ms"),
     ("played_ms NaN", '{"type":"playback","reply_id":"r1","played_ms":NaN}', BadMessage, "ms"),
     ("played_ms < 0", '{"type":"playback","reply_id":"r1","played_ms":-1}', BadMessage, "ms"),

@@ -11,7 +11,8 @@ and leaves out optional fields that are None (`reply.started` always carries
 per session: utterances "u1", "u2"...; replies "r1", "r2"...
 
 Additions to PROTOCOL.md (additive, optional): `error` may carry `reply_id`
-when the error ends that reply (the turn failed or was dropped).
+when the error ends that reply (the turn failed or was dropped); the client
+message `session.update` (`speak`: spoken replies on or off mid-session).
 """
 
 from __future__ import annotations
@@ -88,7 +89,18 @@ class Playback:
     played_ms: int  # a JSON float is accepted and rounded (browsers measure in float ms)
 
 
-ClientEvent = SessionStart | TextTurn | AudioCommit | CancelReply | WebRTCOffer | Playback
+@dataclass(frozen=True)
+class SessionUpdate:
+    """Change a started session's settings; today only `speak` (spoken replies
+    on or off from now on: off also stops the audio of the reply speaking)."""
+
+    type: ClassVar[str] = "session.update"
+    speak: bool
+
+
+ClientEvent = (
+    SessionStart | TextTurn | AudioCommit | CancelReply | WebRTCOffer | Playback | SessionUpdate
+)
 
 # --------------------------------------------------------------- server -> client
 
@@ -212,7 +224,16 @@ ServerEvent = (
 )
 
 CLIENT_EVENTS: dict[str, type[ClientEvent]] = {
-    c.type: c for c in (SessionStart, TextTurn, AudioCommit, CancelReply, WebRTCOffer, Playback)
+    c.type: c
+    for c in (
+        SessionStart,
+        TextTurn,
+        AudioCommit,
+        CancelReply,
+        WebRTCOffer,
+        Playback,
+        SessionUpdate,
+    )
 }
 SERVER_EVENTS: dict[str, type[ServerEvent]] = {
     c.type: c

@@ -82,8 +82,9 @@ const start = { device: params.get("device") || "browser" };
 // the browser never sends to the server in a request line or log.
 const fragment = new URLSearchParams(window.location.hash.slice(1));
 if (fragment.get("token")) start.token = fragment.get("token");
-// Spoken replies unless muted (remembered) or ?speak=0; a mute toggled later
-// silences the page at once and asks for text only from the next session.start.
+// Spoken replies unless muted (remembered) or ?speak=0; toggling the mute
+// silences the page at once and tells the server (session.update), which stops
+// synthesizing; the next session.start asks for what the toggle says.
 let muted = params.get("speak") === "0" || storedMuted();
 start.speak = !muted;
 
@@ -426,15 +427,14 @@ ui.talk.addEventListener("click", () => {
 
 function showMute() {
   ui.mute.setAttribute("aria-pressed", String(muted));
-  ui.mute.title = muted
-    ? "Spoken replies are muted: the server sends text only from the next connection"
-    : "Spoken replies are on";
+  ui.mute.title = muted ? "Spoken replies are muted: the server sends text only" : "Spoken replies are on";
 }
 
 ui.mute.addEventListener("click", () => {
   muted = !muted;
   storeMuted(muted);
   start.speak = !muted; // the next session.start (reconnect or reload)
+  client.send({ type: "session.update", speak: !muted }); // this session, now (when started)
   replyAudio.setMuted(muted);
   replyAudio.unlock();
   showMute();

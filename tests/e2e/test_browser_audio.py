@@ -7,8 +7,9 @@ that speaks with espeak-ng (the scripted engine writes the replies).
 - WebSocket (?transport=ws): the AudioWorklet player receives the binary
   frames and plays them (its counters on window.__voiceAgentPlayback).
 - Speaking over a spoken reply stops its playback at once.
-- The mute toggle (keyboard, aria-pressed, remembered) silences the page and
-  makes session.start ask for text only.
+- The mute toggle (keyboard, aria-pressed, remembered) silences the page,
+  tells the server at once (session.update) and makes session.start ask for
+  text only.
 
 No timings are asserted; every wait is bounded (WAIT_MS).
 """
@@ -304,12 +305,13 @@ async def test_the_mute_toggle_silences_the_page_and_asks_for_text_only(
         assert stored == "1"
         assert await page.get_attribute(tid("reply-audio"), "data-muted") == "true"
 
-        # this session still speaks (it asked for audio), but the page plays nothing
+        # the server is told at once (session.update): this session's replies
+        # come as text only, and the page plays nothing
+        sent = await page.evaluate("() => window.__sent")
+        assert {"type": "session.update", "speak": False} in sent
         await type_turn(page, "Lights, please.")
         await wait_reply_done(page, "r1")
-        await page.wait_for_function(
-            "() => window.__voiceAgentPlayback.replies >= 1", timeout=WAIT_MS
-        )
+        assert (await playback(page))["replies"] == 0  # no reply.audio.started
         assert (await playback(page))["samplesPlayed"] == 0
 
         # the next session.start asks for text only: the server sends no audio

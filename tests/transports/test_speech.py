@@ -234,3 +234,60 @@ def speech_pcm(path: Path) -> bytes:
     assert rate == 16000 and data.ndim == 1
     gap = bytes(2 * 16000)
     return gap + data.astype("<i2").tobytes() + gap
+
+
+async def test_session_update_mutes_and_unmutes_mid_session(config: Config, speech: Speech) -> None:
+    """speak:false stops the reply being spoken at once (no frame after
+    reply.audio.done) and keeps later replies silent; speak:true brings the
+    audio back from the next reply. The text never stops."""
+    engine = ScriptedEngine([LONG, REPLY, REPLY], token_delay=0.02)
+    async with running_server(config, engine, speech=speech) as app, connect(app.url) as ws:
+        await start(ws)
+        await ws.send(json.dumps({"type": "text", "text": "talk"}))
+        before: list[Message] = []
+        async with asyncio.timeout(30):
+            while not any(isinstance(m, bytes) for m in before):
+                raw = await ws.recv()
+                before.append(raw if isinstance(raw, bytes) else json.loads(raw))
+        await ws.send(json.dumps({"type": "session.update", "speak": False}))
+        muted = await collect(ws, "reply.audio.done")
+        done = muted[-1]
+        assert isinstance(done, dict) and done["cancelled"] is True
+        rest = await collect(ws, "reply.done", timeout=60)  # the text goes on to its end
+        assert not [m for m in rest if isinstance(m, bytes)]
+
+        await ws.send(json.dumps({"type": "text", "text": "and now?"}))
+        second = await collect(ws, "reply.done") + await quiet(ws, 1.5)
+        assert not [m for m in second if isinstance(m, bytes)]
+        events = [m["type"] for m in second if isinstance(m, dict)]
+        assert not [t for t in events if t.startswith("reply.audio")]
+
+        await ws.send(json.dumps({"type": "session.update", "speak": True}))
+        await ws.send(json.dumps({"type": "text", "text": "and again?"}))
+        third = await collect(ws, "reply.audio.done")
+    assert voiced_fraction(audio_of(third), 16000) > 0.4
+
+
+async def test_session_update_turns_speech_on_in_a_session_started_without(
+    config: Config, speech: Speech
+) -> None:
+    engine = ScriptedEngine([REPLY], token_delay=0.01)
+    async with running_server(config, engine, speech=speech) as app, connect(app.url) as ws:
+        await start(ws, speak=False, output_sample_rate=24000)
+        await ws.send(json.dumps({"type": "session.update", "speak": True}))
+        await ws.send(json.dumps({"type": "text", "text": "lights please"}))
+        messages = await collect(ws, "reply.audio.done")
+    started = messages[index(messages, "reply.audio.started")]
+    assert isinstance(started, dict) and started["sample_rate"] == 24000  # the start's rate
+    assert voiced_fraction(audio_of(messages), 24000) > 0.4
+
+
+async def test_session_update_is_ignored_by_a_server_that_does_not_speak(config: Config) -> None:
+    engine = ScriptedEngine([REPLY], token_delay=0.01)
+    async with running_server(config, engine) as app, connect(app.url) as ws:
+        await start(ws)
+        await ws.send(json.dumps({"type": "session.update", "speak": True}))
+        await ws.send(json.dumps({"type": "text", "text": "lights please"}))
+        messages = await collect(ws, "reply.done") + await quiet(ws, 1.0)
+    assert not [m for m in messages if isinstance(m, bytes)]
+    assert not [m for m in messages if isinstance(m, dict) and m["type"] == "error"]

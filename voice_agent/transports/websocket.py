@@ -137,6 +137,7 @@ from voice_agent.protocol import (
     ServerEvent,
     SessionStart,
     SessionStarted,
+    SessionUpdate,
     TextTurn,
     WebRTCAnswer,
     WebRTCOffer,
@@ -806,6 +807,7 @@ class _Connection:
         self.session_id: str | None = None
         self.owner = ""  # hash of the token this session was opened with
         self.audio_format = (16000, 1)  # (sample_rate, channels) from session.start
+        self.output_rate = 16000  # the spoken replies' rate, from session.start
         self.peer: WebRTCInput | None = None
         self.speaker: ReplySpeaker | None = None  # when this session's replies are spoken
         # The reply whose audio goes out on the WebRTC track, and that track
@@ -1099,8 +1101,34 @@ class _Connection:
             await self._offer(live, event)
         elif isinstance(event, Playback):
             pass  # accepted; what was heard is not used yet
+        elif isinstance(event, SessionUpdate):
+            self._speak(live, event.speak)
         else:  # a second session.start
             raise BadMessage("the session has already started")
+
+    def _speak(self, live: LiveSession, on: bool) -> None:
+        """Spoken replies on or off (session.start, session.update). Off mutes
+        the speaker: the reply speaking stops now, later ones are not
+        synthesized. On in a session started without them makes the speaker:
+        its audio then goes as binary frames (no WebRTC track was negotiated).
+        A server that does not speak ignores it."""
+        speaker = self.speaker
+        if speaker is not None:
+            if not on:
+                self._clear_reply_track()
+            speaker.set_muted(not on)
+            return
+        if not on or self.app.speech is None:
+            return
+        self.speaker = ReplySpeaker(
+            self.app.speech,
+            self.output_rate,
+            self.send,
+            self.send_audio,
+            lead_ms=self.app.config.tts_lead_ms,  # paced: at most this far ahead of real time
+            on_playback=live.playback,  # barge-in asks longer speech while it is heard
+        )
+        live.stop_audio = self.speaker.stop  # a barge-in on a finished reply's audio
 
     async def _offer(self, live: LiveSession, offer: WebRTCOffer) -> None:
         """Answer a WebRTC offer; a previous peer connection is closed first."""
@@ -1170,16 +1198,9 @@ class _Connection:
         self.live = live
         self.session_id = session_id
         self.audio_format = (start.sample_rate, start.channels)
-        if app.speech is not None and start.speak is not False:
-            self.speaker = ReplySpeaker(
-                app.speech,
-                start.output_sample_rate,
-                self.send,
-                self.send_audio,
-                lead_ms=app.config.tts_lead_ms,  # paced: at most this far ahead of real time
-                on_playback=live.playback,  # barge-in asks longer speech while it is heard
-            )
-            live.stop_audio = self.speaker.stop  # a barge-in on a finished reply's audio
+        self.output_rate = start.output_sample_rate
+        if start.speak is not False:
+            self._speak(live, True)
         app.sessions[session_id] = live
         app.metrics.sessions.inc()
         logger.info(

@@ -162,9 +162,18 @@ class ReplySpeaker:
         self._sleep = sleep
         self._reply: _Reply | None = None
         self._closed = False
+        self.muted = False  # set_muted(True): no reply is spoken until unmuted
+
+    def set_muted(self, muted: bool) -> None:
+        """Muted: the reply speaking stops now and later replies are not
+        synthesized (no CPU spent on them) until unmuted; unmuting takes effect
+        from the next reply."""
+        self.muted = muted
+        if muted:
+            self.stop()
 
     def observe(self, event: ServerEvent) -> None:
-        if self._closed:
+        if self._closed or self.muted:
             return
         reply = self._reply
         if isinstance(event, ReplyStarted):
