@@ -75,6 +75,16 @@ async def quiet(ws: ClientConnection, seconds: float) -> list[Message]:
         return out
 
 
+async def until_audio(ws: ClientConnection, timeout: float = 30.0) -> list[Message]:
+    """Every message up to and including the first audio frame."""
+    out: list[Message] = []
+    async with asyncio.timeout(timeout):
+        while not any(isinstance(m, bytes) for m in out):
+            raw = await ws.recv()
+            out.append(raw if isinstance(raw, bytes) else json.loads(raw))
+    return out
+
+
 def index(messages: list[Message], kind: str) -> int:
     return next(i for i, m in enumerate(messages) if isinstance(m, dict) and m["type"] == kind)
 
@@ -153,11 +163,7 @@ async def test_cancel_stops_the_audio(config: Config, speech: Speech) -> None:
     async with running_server(config, engine, speech=speech) as app, connect(app.url) as ws:
         await start(ws)
         await ws.send(json.dumps({"type": "text", "text": "talk"}))
-        before: list[Message] = []
-        async with asyncio.timeout(30):
-            while not any(isinstance(m, bytes) for m in before):
-                raw = await ws.recv()
-                before.append(raw if isinstance(raw, bytes) else json.loads(raw))
+        before = await until_audio(ws)
         await ws.send(json.dumps({"type": "cancel"}))
         after = await collect(ws, "reply.audio.done")
         late = await quiet(ws, 2.0)
@@ -244,11 +250,7 @@ async def test_session_update_mutes_and_unmutes_mid_session(config: Config, spee
     async with running_server(config, engine, speech=speech) as app, connect(app.url) as ws:
         await start(ws)
         await ws.send(json.dumps({"type": "text", "text": "talk"}))
-        before: list[Message] = []
-        async with asyncio.timeout(30):
-            while not any(isinstance(m, bytes) for m in before):
-                raw = await ws.recv()
-                before.append(raw if isinstance(raw, bytes) else json.loads(raw))
+        await until_audio(ws)
         await ws.send(json.dumps({"type": "session.update", "speak": False}))
         muted = await collect(ws, "reply.audio.done")
         done = muted[-1]

@@ -37,6 +37,8 @@ from voice_agent.transports.websocket import (
     serve,
 )
 
+from .tls_files import make_tls_files
+
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -563,55 +565,14 @@ async def test_origin_allowlist_at_the_handshake(config: Config) -> None:
         assert (await scrape(app.port))["voice_agent_origin_refused_total"] == 2
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    import ipaddress
-
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 async def test_tls_serves_https_and_wss(config: Config, tmp_path: Path) -> None:
     import ssl
 
-    cert, key = _self_signed(tmp_path)
+    ca, cert, key = make_tls_files(tmp_path)
     cfg = replace(config, tls_cert=str(cert), tls_key=str(key), token="t0k")
     async with running_server(cfg, ScriptedEngine(echo, token_delay=0.001)) as app:
         assert app.url.startswith("wss://127.0.0.1:") and app.http_url.startswith("https://")
-        context = ssl.create_default_context(cafile=str(cert))
+        context = ssl.create_default_context(cafile=str(ca))
         reader, writer = await asyncio.open_connection("127.0.0.1", app.port, ssl=context)
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         await writer.drain()
