@@ -9,6 +9,12 @@ real-time pace, one utterance per turn, and measures on its own clock:
 - voice_to_voice: `speech.stopped` arriving to the first reply audio arriving
   (WebSocket: the first binary frame; WebRTC: the first non-silent frame of
   the peer connection's reply track, after Opus and aiortc's jitter buffer);
+- voice_to_voice_arrival (WebRTC): the same, up to the arrival of the RTP
+  packet that carried that frame. aiortc's receiver holds every audio packet
+  until 4 more have come (JitterBuffer prefetch=4: 80 ms of 20 ms frames), a
+  fixed delay of this test client; a browser's jitter buffer (NetEq) adapts
+  its delay to the jitter it sees instead, so what a browser user waits lies
+  between the two figures;
 - end_of_speech_to_audio (WebSocket): from the moment the client sent the
   last speech sample (`speech.stopped`'s end_ms) instead, so it includes the
   VAD's silence hangover (600 ms by default): what a user waits;
@@ -97,6 +103,7 @@ class Marks:
         self.audio_started: dict[str, float] = {}
         self.audio_done: set[str] = set()
         self.first_audio: dict[str, float] = {}  # reply -> t of the first audio
+        self.first_arrival: dict[str, float] = {}  # WebRTC: its RTP packet arrived
         self.speaking: str | None = None  # reply between audio started and done
         self._splitters: dict[str, SentenceSplitter] = {}
 
@@ -124,11 +131,14 @@ class Marks:
             if self.speaking == event.reply_id:
                 self.speaking = None
 
-    def audio(self, t: float | None = None) -> None:
-        """Reply audio arrived (a binary frame, or an audible track frame)."""
+    def audio(self, t: float | None = None, arrived: float | None = None) -> None:
+        """Reply audio arrived (a binary frame, or an audible track frame and
+        when its RTP packet arrived)."""
         reply = self.speaking
         if reply is not None and reply not in self.first_audio:
             self.first_audio[reply] = time.perf_counter() if t is None else t
+            if arrived is not None:
+                self.first_arrival[reply] = arrived
 
 
 async def until(check: Any, timeout: float = TURN_TIMEOUT_S) -> None:
@@ -195,6 +205,28 @@ def webrtc_parts() -> Any:
     )
 
 
+def watch_arrivals(pc: Any) -> dict[int, float]:
+    """Arrival times (perf_counter) of the RTP packets of the reply track, by
+    timestamp rebased to the first packet as aiortc's receiver does for the
+    pts of the frames it decodes (so a decoded frame finds its packet). Wraps
+    the receiver's private `_handle_rtp_packet`: a measurement hook only."""
+    receiver = next(t.receiver for t in pc.getTransceivers() if t.kind == "audio")
+    handle = receiver._handle_rtp_packet
+    arrivals: dict[int, float] = {}  # insertion-ordered: the oldest go first
+    origin: list[int] = []
+
+    async def on_rtp(packet: Any, arrival_time_ms: int) -> None:
+        if not origin:
+            origin.append(packet.timestamp)
+        arrivals.setdefault((packet.timestamp - origin[0]) % 2**32, time.perf_counter())
+        while len(arrivals) > 256:  # bounded: about 5 s of 20 ms packets
+            del arrivals[next(iter(arrivals))]
+        await handle(packet, arrival_time_ms)
+
+    receiver._handle_rtp_packet = on_rtp
+    return arrivals
+
+
 # ------------------------------------------------------------------- the turns
 
 
@@ -227,7 +259,12 @@ async def one_turn(client: RealtimeClient, marks: Marks, pcm: bytes, mic: Any) -
 async def run_turns(app: WebSocketServerApp, transport: str, turns: int) -> dict[str, list[float]]:
     marks = Marks()
     pcms = [clip_pcm(name) for name in CLIPS]
-    out: dict[str, list[float]] = {"voice_to_voice": [], "end_of_speech": [], "tts_added": []}
+    out: dict[str, list[float]] = {
+        "voice_to_voice": [],
+        "arrival": [],
+        "end_of_speech": [],
+        "tts_added": [],
+    }
     on_audio = (lambda pcm: marks.audio()) if transport == "ws" else None
     async with RealtimeClient(app.url, on_event=marks.event, on_audio=on_audio) as client:
         session = await client.start(16000, 1)
@@ -244,8 +281,11 @@ async def run_turns(app: WebSocketServerApp, transport: str, turns: int) -> dict
                 t_audio = marks.first_audio[reply]
                 v2v = (t_audio - t_stopped) * 1000
                 tts = (t_audio - marks.first_piece.get(reply, t_audio)) * 1000
+                t_arrival = marks.first_arrival.get(reply)
+                arrival = None if t_arrival is None else (t_arrival - t_stopped) * 1000
                 log(
                     f"{transport} turn {turn}: voice to voice {v2v:.0f} ms, TTS {tts:.0f} ms"
+                    + ("" if arrival is None else f", packet arrived at {arrival:.0f} ms")
                     + (" (warm-up)" if turn == 0 else "")
                 )
                 end_of_speech = t_start + (end_ms - position_ms) / 1000  # WebSocket only
@@ -254,6 +294,8 @@ async def run_turns(app: WebSocketServerApp, transport: str, turns: int) -> dict
                     continue
                 out["voice_to_voice"].append(v2v)
                 out["tts_added"].append(tts)
+                if arrival is not None:
+                    out["arrival"].append(arrival)
                 if transport == "ws":
                     out["end_of_speech"].append((t_audio - end_of_speech) * 1000)
         finally:
@@ -286,6 +328,7 @@ async def connect_webrtc(
     await client.send_json({"type": "webrtc.offer", "sdp": pc.localDescription.sdp})
     answer = await client.wait_for(WebRTCAnswer, 30)
     await pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
+    arrivals = watch_arrivals(pc)  # before the first RTP packet can come
     peer = app.peers[session_id]
     await until(lambda: pc.connectionState == "connected" and tracks and peer.sending, 30)
 
@@ -296,7 +339,7 @@ async def connect_webrtc(
             except MediaStreamError:
                 return
             if np.abs(frame.to_ndarray()).max() > AUDIBLE:
-                marks.audio()
+                marks.audio(arrived=arrivals.get(frame.pts % 2**32))
 
     return pc, mic, asyncio.create_task(record(tracks[0]))
 
@@ -353,6 +396,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         got = await run_turns(app, transport, args.turns)
                         results[kind][transport] = {
                             "voice_to_voice": summary(got["voice_to_voice"]),
+                            **(
+                                {"voice_to_voice_arrival": summary(got["arrival"])}
+                                if got["arrival"]
+                                else {}
+                            ),
                             "tts_added": summary(got["tts_added"]),
                             **(
                                 {"end_of_speech_to_audio": summary(got["end_of_speech"])}

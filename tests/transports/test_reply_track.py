@@ -89,6 +89,41 @@ async def test_recv_is_paced_in_real_time() -> None:
     assert t.sleeps == [pytest.approx(0.02)]  # and then back to 20 ms steps
 
 
+class HeldTime(FakeTime):
+    """FakeTime whose sleeps, once `hold` is set, wait until it fires: the
+    test acts while recv() waits for its frame's time."""
+
+    hold: asyncio.Event | None = None
+
+    async def sleep(self, seconds: float) -> None:
+        if self.hold is not None:
+            await self.hold.wait()
+        await super().sleep(seconds)
+
+
+async def test_a_reply_starts_in_the_frame_being_waited_for() -> None:
+    # The latency the track may add to a reply's first sound is the wait for
+    # the next 20 ms frame boundary, no more: silence is made when it is due,
+    # never queued ahead of the reply, and audio written while recv() waits
+    # for a frame's time goes out in that very frame.
+    t = HeldTime()
+    track = make_track(t)
+    idle = await pull(track, 10)  # 200 ms of silence between replies
+    assert not any(samples(f).any() for f in idle)
+    assert track.buffered_ms == 0  # nothing made ahead
+    t.hold = asyncio.Event()
+    waiting = asyncio.create_task(track.recv())
+    await asyncio.sleep(0)
+    assert not waiting.done() and t.sleeps[-1] == pytest.approx(0.02)
+    await track.write(tone(22050, 0.04), 22050)  # Piper's first 40 ms chunk, mid-wait
+    t.hold.set()
+    frame = await asyncio.wait_for(waiting, 5)
+    assert frame.pts == 10 * FRAME  # the very next frame...
+    assert np.abs(samples(frame)[:48]).max() > 1000  # ...from its first ms (resampler: ~0)
+    assert np.abs(samples(await track.recv())).max() > 1000  # and the chunk goes on
+    assert track.audio_frames_sent == 2
+
+
 async def test_written_audio_is_resampled_and_comes_out_in_order() -> None:
     t = FakeTime()
     track = make_track(t)

@@ -6,6 +6,9 @@ own rate, so aiortc's encoder only duplicates the channel) per call, paced in
 real time: frame n is due at start + n * 20 ms, and `recv()` sleeps until
 then. When nothing is being spoken a frame is silence, so the track stays
 live and the browser's jitter buffer and echo canceller keep running.
+Silence is made when its frame is due, never queued ahead: a frame's content
+is taken after its wait, so a reply's first samples go out in the next frame
+(at most 20 ms after `write`, 10 ms on average; benchmarks/voice.py).
 
 The speaker's PCM (any rate) goes in with `write(pcm, sample_rate)`: av's
 stateful resampler converts it to 48 kHz (no clicks between chunks) and it
