@@ -211,8 +211,9 @@ async def throughput(
 
 async def burst(engine: Qwen2AudioEngine, audio: AudioArray, n: int) -> dict[str, float]:
     """n new conversations whose first 5 s voice turn arrives at the same
-    moment: each one's time to first token. The engine prefills one turn per
-    step, between the decode steps of the turns already running."""
+    moment: each one's time to first token. Turns that start in the same
+    engine step are prefilled together in one forward (within the batched
+    prefill's token bounds)."""
     convs = [engine.new_conversation() for _ in range(n)]
     results = await asyncio.gather(
         *(run_turn(engine, c, TurnInput(audio=audio), max_new_tokens=8) for c in convs)

@@ -227,10 +227,10 @@ async def test_failure_in_one_turn_fails_only_that_turn(
     original = inner.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        ids = kwargs["input_ids"][0].tolist()
         n = len(marker)
-        if any(ids[i : i + n] == marker for i in range(len(ids) - n + 1)):
-            raise RuntimeError("simulated model failure")
+        for ids in kwargs["input_ids"].tolist():  # every row of a batched prefill
+            if any(ids[i : i + n] == marker for i in range(len(ids) - n + 1)):
+                raise RuntimeError("simulated model failure")
         return original(*args, **kwargs)
 
     inner.forward = forward

@@ -9,6 +9,10 @@ batch is, when the newcomer is longer) and concatenated; leaving rows are cut
 out (pads removed) and handed back as per-conversation caches, and pad columns
 no remaining row needs are trimmed.
 
+`prefill_rows` prefills several conversations in one forward with the same
+layout (cached tokens and new tokens, each block left-padded) and hands each
+row's cache back without the pads.
+
 Relies on DynamicCache's layers holding `keys`/`values` tensors of shape
 [batch, kv_heads, seq, head_dim] (transformers 5.x).
 """
@@ -246,3 +250,89 @@ class DecodeBatch:
     def _set_layers(self, tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for layer, (k, v) in zip(self.cache.layers, tensors, strict=True):
             layer.set(k, v)
+
+
+def prefill_rows(
+    model: Any,
+    new_ids: list[list[int]],
+    caches: list[Any],
+    pad_id: int,
+    **inputs: Any,
+) -> tuple[torch.Tensor, list[Any]]:
+    """Prefill several conversations in ONE forward; (float32 logits of each
+    row's last new token [rows, vocab], each row's cache).
+
+    Row i holds `caches[i]` (a DynamicCache, or None: nothing cached) and feeds
+    `new_ids[i]` (at least one id) after it. The batch is laid out as
+    [pad, cached tokens of row i, pad, new tokens of row i]: the cached parts
+    left-padded to the longest cache, the new blocks left-padded to the longest
+    block, so every row's last new token is the last column. The 2D mask is 0
+    on pads and position ids continue each row's own cached length, so each
+    row computes what it would alone. `inputs` go to `model.model` as they are
+    (audio features of every row's new clips, in row order: the model fills the
+    audio placeholders in row-major order; `pad_id` must not be a placeholder).
+    The caches given are not modified; the caches returned hold each row's
+    cached and new tokens and no pads (what a prefill of that row alone leaves).
+    """
+    rows = len(new_ids)
+    if rows == 0 or len(caches) != rows or any(not ids for ids in new_ids):
+        raise ValueError("every row needs a cache (or None) and at least one new id")
+    cached = [0 if c is None else int(c.get_seq_length()) for c in caches]
+    news = [len(ids) for ids in new_ids]
+    wc, wn = max(cached), max(news)
+    config = model.config
+    ref = next((c for c, n in zip(caches, cached, strict=True) if n > 0), None)
+    if ref is None:
+        dev = next(model.parameters()).device
+        batched = new_cache(config)
+    else:
+        dev = ref.layers[0].keys.device
+        per_row = [[] if n == 0 else layer_tensors(c) for c, n in zip(caches, cached, strict=True)]
+        tensors = []
+        for li, (rk, rv) in enumerate(layer_tensors(ref)):
+            ks, vs = [], []
+            for layers, n in zip(per_row, cached, strict=True):
+                if n == 0:
+                    ks.append(rk.new_zeros((1, rk.shape[1], wc, rk.shape[3])))
+                    vs.append(rv.new_zeros((1, rv.shape[1], wc, rv.shape[3])))
+                else:
+                    ks.append(_pad_left(layers[li][0], wc - n))
+                    vs.append(_pad_left(layers[li][1], wc - n))
+            tensors.append((torch.cat(ks, dim=0), torch.cat(vs, dim=0)))
+        batched = new_cache(config, tensors)
+    ids = torch.full((rows, wn), pad_id, dtype=torch.long)
+    positions = torch.zeros((rows, wn), dtype=torch.long)
+    mask = torch.zeros((rows, wc + wn), dtype=torch.long)
+    for i, (row, c, n) in enumerate(zip(new_ids, cached, news, strict=True)):
+        ids[i, wn - n :] = torch.tensor(row, dtype=torch.long)
+        positions[i, wn - n :] = torch.arange(c, c + n)
+        mask[i, wc - c : wc] = 1
+        mask[i, wc + wn - n :] = 1
+    out = model.model(
+        input_ids=ids.to(dev),
+        attention_mask=mask.to(dev),
+        position_ids=positions.to(dev),
+        cache=batched,
+        use_cache=True,
+        **inputs,
+    )
+    logits: torch.Tensor = model.lm_head(out.last_hidden_state[:, -1, :]).float()
+    layers = layer_tensors(batched)
+    width = wc + wn
+    result = []
+    for i, (c, n) in enumerate(zip(cached, news, strict=True)):
+        row_layers = []
+        for k, v in layers:
+            if c:
+                row_k = torch.cat(
+                    [k[i : i + 1, :, wc - c : wc], k[i : i + 1, :, width - n :]], dim=2
+                )
+                row_v = torch.cat(
+                    [v[i : i + 1, :, wc - c : wc], v[i : i + 1, :, width - n :]], dim=2
+                )
+            else:
+                row_k = k[i : i + 1, :, width - n :].contiguous()
+                row_v = v[i : i + 1, :, width - n :].contiguous()
+            row_layers.append((row_k, row_v))
+        result.append(new_cache(config, row_layers))
+    return logits, result

@@ -1,13 +1,14 @@
 """Qwen2-Audio engine: one worker thread owns the model and serves every session.
 
 `submit` (on the event loop) queues a turn and returns a handle at once. Each
-worker loop iteration runs at most one prefill (a new turn's audio and text;
-else a speculative prefill) and then ONE batched decode step for every turn
-that is decoding (continuous batching, up to `max_batch` turns: turns join
-after their prefill and leave when they end, see kv.DecodeBatch), so a new
-turn holds the others up for about one step. Turns of one conversation run
-strictly in order. Deltas reach the caller's loop through
-`loop.call_soon_threadsafe`, one wake-up per loop per step.
+worker loop iteration runs one prefill forward (the new turns' audio and text,
+all started turns that need one together in ONE batched forward, see
+kv.prefill_rows; else a speculative prefill) and then ONE batched decode step
+for every turn that is decoding (continuous batching, up to `max_batch` turns:
+turns join after their prefill and leave when they end, see kv.DecodeBatch),
+so new turns hold the others up for about one step, however many arrive.
+Turns of one conversation run strictly in order. Deltas reach the caller's
+loop through `loop.call_soon_threadsafe`, one wake-up per loop per step.
 
 Each conversation keeps its history as token ids, the ChatML messages it was
 rendered from, its audio clips and its DynamicCache. With `kv_reuse` a turn
@@ -57,7 +58,7 @@ from voice_agent.engine.base import (
     TurnResult,
     Usage,
 )
-from voice_agent.engine.kv import DecodeBatch, bytes_per_token, new_cache
+from voice_agent.engine.kv import DecodeBatch, bytes_per_token, new_cache, prefill_rows
 from voice_agent.errors import Busy, EngineError, ModelLoadError
 
 logger = logging.getLogger("voice_agent.engine")
@@ -108,6 +109,17 @@ class _Prefill:
     next_token: int = -1
 
 
+@dataclass(eq=False)
+class _Prep:
+    """A prepared prefill: what the forward needs besides the turn's fields."""
+
+    cache: Any  # the conversation's cache to extend (DynamicCache), None: start afresh
+    cached: int  # tokens in it
+    # Log-mel features (and their mask) of the clips whose audio tokens the
+    # cache has not seen, in order; None: no such clip.
+    features: tuple[torch.Tensor, torch.Tensor] | None
+
+
 @dataclass(kw_only=True, eq=False)
 class _Spec(_Prefill):
     """A speculative prefill: the next turn as if it were `turn`."""
@@ -134,6 +146,7 @@ class _Turn(_Prefill):
     prefilled: bool = False
     speculated: bool = False  # the prefill came from a speculative one
     in_batch: bool = False  # its cache is a row of the decode batch
+    prep: _Prep | None = None  # prepared, waiting for a batched prefill with room
     reply: list[int] = field(default_factory=list)
     fed: int = 0  # reply tokens fed to the model (in the cache)
     emitted: str = ""  # reply text sent so far
@@ -159,6 +172,11 @@ class Qwen2AudioEngine(Engine):
     # `ready()` is False once the worker has not come round its loop for this
     # long (it comes round at least every 0.5 s when idle, every step when busy).
     worker_stall_s = 60.0
+    # Bounds of one batched prefill forward (a lone turn is never held back):
+    # rows x the longest row's new tokens, and rows x (longest cache + longest
+    # new block), the token slots of the padded batched cache it copies.
+    prefill_batch_tokens = 8192
+    prefill_batch_slots = 16384
 
     def __init__(
         self,
@@ -203,6 +221,9 @@ class Qwen2AudioEngine(Engine):
             "speculative_misses": 0,
             "batched_steps": 0,
             "max_batch_seen": 0,
+            "batched_prefills": 0,  # prefill forwards of two rows or more
+            "batched_prefill_rows": 0,  # turns prefilled in those
+            "max_prefill_rows": 0,
         }
         self._clock = clock
 
@@ -214,6 +235,7 @@ class Qwen2AudioEngine(Engine):
         self._im_end_id = -1
         self._newline_ids: list[int] = []
         self._audio_token_id = -1
+        self._pad_id = 0
         self._generator: torch.Generator | None = None
         self._banned_ids = torch.zeros(0, dtype=torch.long)
 
@@ -356,6 +378,12 @@ class Qwen2AudioEngine(Engine):
         self._stop_ids = {s for s in stop if s is not None and s >= 0 and s != unk}
         self._newline_ids = [int(i) for i in tok.encode("\n", add_special_tokens=False)]
         self._audio_token_id = int(self.model.config.audio_token_id)
+        pad = tok.pad_token_id
+        self._pad_id = next(
+            i
+            for i in (pad, self._im_end_id, 0, 1)
+            if isinstance(i, int) and i >= 0 and i != self._audio_token_id
+        )
         # Tokens a reply must never contain: they would break the history's
         # audio placeholders or its ChatML structure.
         banned = {self._audio_token_id}
@@ -556,10 +584,10 @@ class Qwen2AudioEngine(Engine):
     # --------------------------------------------------------------- worker
 
     def _worker(self) -> None:
-        """One loop iteration: take new turns, settle cancellations, run at most
-        one prefill (a real turn's, else a speculative one), then one batched
-        decode step for every decoding turn. A new turn's prefill therefore
-        delays the others by about one step."""
+        """One loop iteration: take new turns, settle cancellations, run one
+        prefill forward (every started turn that needs one, batched; else a
+        speculative one), then one batched decode step for every decoding turn.
+        New turns' prefill therefore delays the others by about one step."""
         waiting: deque[_Turn] = deque()
         specs: deque[_SpecRequest] = deque()
         active: list[_Turn] = []  # started: prefilling or decoding
@@ -604,7 +632,7 @@ class Qwen2AudioEngine(Engine):
             active.remove(t)
             self._leave(batch, [t])
             self._guard(t, partial(self._finish_cancel, t))
-        if not self._prefill_one(active, batch):
+        if not self._prefill_some(active, batch):
             self._speculate_one(specs, waiting, active)
         if len(batch):
             for t in self._decode_step(batch):
@@ -666,35 +694,97 @@ class Qwen2AudioEngine(Engine):
             blocked.add(key)
         waiting.extend(keep)
 
-    def _prefill_one(self, active: list[_Turn], batch: DecodeBatch) -> bool:
-        """Prefill the first started turn that needs it (turns whose speculative
-        prefill matches take it over for free). True when a prefill ran."""
+    def _prefill_some(self, active: list[_Turn], batch: DecodeBatch) -> bool:
+        """Prefill the started turns that need it, together in one forward as far
+        as the bounds allow (turns whose speculative prefill matches take it over
+        for free; the rest wait for the next iteration). True when a prefill ran."""
+        todo: list[_Turn] = []
         for t in list(active):
             if t.prefilled:
                 continue
-            ran = False
             try:
-                if not self._adopt_spec(t):
-                    self._prefill(t, t.state, t.turn)
-                    ran = True
-                t.prefilled = True
-                self._enforce_budget(batch, active)
-                if self._take_token(t):
-                    active.remove(t)
-                    self._finish(t, cancelled=False)
-                else:
-                    batch.add(t, t.cache, len(t.prompt_ids))
-                    t.cache, t.in_batch = None, True
-                    t.state.cache = None  # the batch owns it while the turn decodes
-                    self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
+                if t.prep is None and self._adopt_spec(t):
+                    t.prefilled = True
+                    self._after_prefill(t, active, batch)
+                    continue
             except Exception:
-                if t in active:
-                    active.remove(t)
-                self._leave(batch, [t])
-                self._fail(t)
-            if ran:
+                self._drop_failed(t, active, batch)
+                continue
+            todo.append(t)
+        if not todo:
+            return False
+        if len(todo) == 1 and todo[0].prep is None:
+            self._prefill_each(todo, active, batch)
+            return True
+        rows: list[_Turn] = []
+        cached = new = 0  # the longest cache and new block among the rows
+        for t in todo:
+            try:
+                if t.prep is None:
+                    t.prep = self._prepare(t, t.state, t.turn)
+            except Exception:
+                self._drop_failed(t, active, batch)
+                continue
+            c, n = t.prep.cached, len(t.prompt_ids) - t.prep.cached
+            r, wc, wn = len(rows) + 1, max(cached, c), max(new, n)
+            if rows and (
+                r * wn > self.prefill_batch_tokens or r * (wc + wn) > self.prefill_batch_slots
+            ):
+                continue  # next iteration (it keeps its preparation)
+            rows.append(t)
+            cached, new = wc, wn
+        if len(rows) > 1:
+            try:
+                self._prefill_batch(rows)
+            except Exception:
+                logger.warning(
+                    "batched prefill of %d turns failed; prefilling them one at a time",
+                    len(rows),
+                    exc_info=True,
+                )
+            else:
+                self.stats["batched_prefills"] += 1
+                self.stats["batched_prefill_rows"] += len(rows)
+                self.stats["max_prefill_rows"] = max(self.stats["max_prefill_rows"], len(rows))
+                for t in rows:
+                    t.prep, t.prefilled = None, True
+                    self._after_prefill(t, active, batch)
                 return True
-        return False
+        self._prefill_each(rows, active, batch)
+        return bool(rows)
+
+    def _prefill_each(self, turns: list[_Turn], active: list[_Turn], batch: DecodeBatch) -> None:
+        """Prefill these turns one at a time (one model forward each)."""
+        for t in turns:
+            try:
+                self._prefill(t, t.state, t.turn, t.prep)
+                t.prep, t.prefilled = None, True
+            except Exception:
+                self._drop_failed(t, active, batch)
+                continue
+            self._after_prefill(t, active, batch)
+
+    def _after_prefill(self, t: _Turn, active: list[_Turn], batch: DecodeBatch) -> None:
+        """Take a prefilled turn's first token; it ends, or joins the decode batch."""
+        try:
+            self._enforce_budget(batch, active)
+            if self._take_token(t):
+                active.remove(t)
+                self._finish(t, cancelled=False)
+            else:
+                batch.add(t, t.cache, len(t.prompt_ids))
+                t.cache, t.in_batch = None, True
+                t.state.cache = None  # the batch owns it while the turn decodes
+                self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
+        except Exception:
+            self._drop_failed(t, active, batch)
+
+    def _drop_failed(self, t: _Turn, active: list[_Turn], batch: DecodeBatch) -> None:
+        if t in active:
+            active.remove(t)
+        t.prep = None
+        self._leave(batch, [t])
+        self._fail(t)
 
     def _take_token(self, t: _Turn) -> bool:
         """Take t.next_token as the next reply token; True when the turn ends."""
@@ -895,9 +985,25 @@ class Qwen2AudioEngine(Engine):
         )
         return out["input_features"], out["attention_mask"]
 
-    def _prefill(self, t: _Prefill, st: _ConvState, turn: TurnInput) -> None:
-        """Encode the new clips and prefill the new ids; sets t's prefill fields."""
+    def _prefill(
+        self, t: _Prefill, st: _ConvState, turn: TurnInput, prep: _Prep | None = None
+    ) -> None:
+        """Encode the new clips and prefill the new ids (one forward, extending the
+        conversation's cache in place); sets t's prefill fields."""
+        if prep is None:
+            prep = self._prepare(t, st, turn)
+        cache = prep.cache if prep.cache is not None else new_cache(self.model.config)
+        t.cache = cache
+        st.cache = cache if self.kv_reuse else None
+        logits = self._forward(t.prompt_ids[prep.cached :], prep.cached, cache, prep.features)
+        t.next_token = self._sample(logits)
+
+    def _prepare(self, t: _Prefill, st: _ConvState, turn: TurnInput) -> _Prep:
+        """Everything of a prefill but the forward: the new message rendered and
+        tokenized, the prompt ids, the cache to extend and the clips to encode.
+        Sets t's fields but next_token and cache; changes nothing in st."""
         content: list[dict[str, Any]] = []
+        t.new_clips = []
         if turn.audio is not None:
             t.new_clips = split_clips(turn.audio)
             n0 = len(st.clips)
@@ -925,41 +1031,68 @@ class Qwen2AudioEngine(Engine):
 
         cache = st.cache if self.kv_reuse else None
         cached = int(cache.get_seq_length()) if cache is not None else 0
-        if cached > len(st.ids):
+        if cached > len(st.ids) or cached == 0:
             cache, cached = None, 0
-        if cache is None:
-            cache = new_cache(self.model.config)
-            cached = 0
-        # The clips whose audio tokens the cache has not seen.
         new_starts = self._audio_starts(new_ids, len(st.ids))
-        all_clips = st.clips + t.new_clips
-        all_starts = st.clip_starts + new_starts
-        if len(all_starts) != len(all_clips):
+        if len(new_starts) != len(t.new_clips) or len(st.clip_starts) != len(st.clips):
             raise RuntimeError("audio placeholders and clips do not match")
-        clips = [c for c, s in zip(all_clips, all_starts, strict=True) if s >= cached]
+        # The clips whose audio tokens the cache has not seen: the new ones,
+        # whose features the processor computed (the same call as _features),
+        # and history clips when the cache was dropped.
+        old = [c for c, s in zip(st.clips, st.clip_starts, strict=True) if s >= cached]
+        parts = [self._features(old)] if old else []
+        if t.new_clips:
+            parts.append((enc["input_features"], enc["feature_attention_mask"]))
+        features = None
+        if parts:
+            features = (
+                torch.cat([f for f, _ in parts]).to(self.device, self.dtype),
+                torch.cat([m for _, m in parts]).to(self.device),
+            )
         t.cached_tokens = cached
-        t.cache = cache
-        st.cache = cache if self.kv_reuse else None
         t.new_starts = new_starts
-        logits = self._forward(t.prompt_ids[cached:], cached, cache, clips)
-        t.next_token = self._sample(logits)
+        return _Prep(cache, cached, features)
+
+    def _prefill_batch(self, turns: list[_Turn]) -> None:
+        """Prefill these prepared turns in ONE model forward (kv.prefill_rows);
+        sets each turn's cache (and its conversation's) and first token. Leaves
+        nothing changed when it raises."""
+        preps: list[_Prep] = []
+        for t in turns:
+            assert t.prep is not None
+            preps.append(t.prep)
+        ids = [t.prompt_ids[p.cached :] for t, p in zip(turns, preps, strict=True)]
+        features = [p.features for p in preps if p.features is not None]
+        kwargs: dict[str, Any] = {}
+        if features:  # every row's new clips, in row order
+            kwargs["input_features"] = torch.cat([f for f, _ in features])
+            kwargs["feature_attention_mask"] = torch.cat([m for _, m in features])
+        logits, caches = prefill_rows(
+            self.model, ids, [p.cache for p in preps], self._pad_id, **kwargs
+        )
+        tokens = self._sample_rows(logits)
+        for t, cache, tok in zip(turns, caches, tokens, strict=True):
+            t.cache, t.next_token = cache, tok
+            t.state.cache = cache if self.kv_reuse else None
 
     def _audio_starts(self, ids: list[int], offset: int) -> list[int]:
         a = self._audio_token_id
         return [offset + i for i, x in enumerate(ids) if x == a and (i == 0 or ids[i - 1] != a)]
 
     def _forward(
-        self, ids: list[int], start: int, cache: Any, clips: list[AudioArray]
+        self,
+        ids: list[int],
+        start: int,
+        cache: Any,
+        features: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         """Run `ids` (at positions start..) through the model; logits of the last one."""
         dev = self.device
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         position_ids = torch.arange(start, start + len(ids), device=dev).unsqueeze(0)
         kwargs: dict[str, Any] = {}
-        if clips:
-            feats, mask = self._features(clips)
-            kwargs["input_features"] = feats.to(dev, self.dtype)
-            kwargs["feature_attention_mask"] = mask.to(dev)
+        if features is not None:
+            kwargs["input_features"], kwargs["feature_attention_mask"] = features
         out = self.model.model(
             input_ids=input_ids,
             position_ids=position_ids,
