@@ -185,7 +185,9 @@ class LiveSession:
         self._worker = asyncio.create_task(self._run_turns(), name=f"turns-{session_id}")
         self._closed = False
         self._on_close: list[Callable[[], None]] = []
-        self._detections: set[asyncio.Task[None]] = set()
+        # Turn checks and fast-path frame actions running beside the input;
+        # cancelled on close.
+        self._tasks: set[asyncio.Task[None]] = set()
         # Spoken replies: stops a reply's audio (set by the transport that speaks).
         self.stop_audio: Callable[[str], None] | None = None
 
@@ -220,8 +222,8 @@ class LiveSession:
             task = asyncio.get_running_loop().create_task(
                 self._execute_locked(actions), name="frame-actions"
             )
-            self._detections.add(task)
-            task.add_done_callback(self._detections.discard)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return True
 
     async def _execute_locked(self, actions: list[Action]) -> None:
@@ -292,9 +294,9 @@ class LiveSession:
         while not self._turns.empty():
             self._turns.get_nowait().handle.cancel()
         self._worker.cancel()
-        for task in list(self._detections):
+        for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(self._worker, *self._detections, return_exceptions=True)
+        await asyncio.gather(self._worker, *self._tasks, return_exceptions=True)
         self._handles.clear()
         logger.debug("live session closed", extra={"session_id": self.session_id})
 
@@ -364,8 +366,8 @@ class LiveSession:
             elif isinstance(action, DetectTurn):
                 if not self._closed:  # runs beside the audio; the answer comes back in order
                     task = asyncio.create_task(self._detect(action), name="turn-check")
-                    self._detections.add(task)
-                    task.add_done_callback(self._detections.discard)
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
             elif isinstance(action, CancelTurn):
                 handle = self._handles.get(action.reply_id)
                 if handle is not None:

@@ -978,16 +978,17 @@ class _Connection:
             return False  # run() reports the bad frame
         self._last_seen = self._loop.time()
         wait = self._wait_for(pcm)
-        if wait > 0:
-            self._prepaid = wait
-            return False
-        try:
-            return live.feed_audio_now(pcm)
-        except Exception as exc:  # as run() would: an error event, or a close
-            task = self._loop.create_task(self._fail(exc), name="frame-error")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return True
+        if wait <= 0:
+            try:
+                if live.feed_audio_now(pcm):
+                    return True
+            except Exception as exc:  # as run() would: an error event, or a close
+                task = self._loop.create_task(self._fail(exc), name="frame-error")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return True
+        self._prepaid = wait  # paced here: run() must not count it again
+        return False
 
     async def _fail(self, exc: BaseException) -> bool:
         """Answer a message that failed: an error event, or close the
