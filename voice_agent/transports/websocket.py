@@ -750,7 +750,7 @@ class _FastConnection(ServerConnection):
     the server's CPU under many streams). The sink returns False to decline;
     text, fragments and frames that arrive while the handler is busy take
     websockets' normal path, so messages keep their order. Relies on the
-    Assembler's queue (websockets 15 to 17); without it, every frame takes
+    Assembler's queue (websockets 17, pinned); without it, every frame takes
     the normal path."""
 
     audio_sink: Callable[[bytes], bool] | None = None
