@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -24,6 +20,8 @@ from voice_agent.engine.scripted import ScriptedEngine, words
 from voice_agent.protocol import ReplyDone, SpeechStoppedEvent
 from voice_agent.transports import websocket
 from voice_agent.transports.websocket import WebSocketServerApp, running_server
+
+from .servers import free_port, json_logs, server_process
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -212,20 +210,8 @@ LOADING_SERVER = textwrap.dedent(
 
 
 async def test_a_signal_while_the_model_loads_stops_the_server_at_once() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        LOADING_SERVER,
-        str(port),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
+    port = free_port()
+    async with server_process(LOADING_SERVER, port) as proc:
         async with asyncio.timeout(30):
             while True:
                 try:
@@ -237,12 +223,6 @@ async def test_a_signal_while_the_model_loads_stops_the_server_at_once() -> None
         proc.send_signal(signal.SIGTERM)
         # the load (an hour) is not waited for
         assert await asyncio.wait_for(proc.wait(), 20) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.stderr is not None
-    logs = [json.loads(line) for line in (await proc.stderr.read()).decode().splitlines()]
-    messages = [rec["msg"] for rec in logs]
+    messages = [rec["msg"] for rec in await json_logs(proc)]
     assert any(m.startswith("loading the model") for m in messages)
     assert "server stopped" in messages

@@ -53,6 +53,7 @@ from voice_agent.transports.mqtt import (
     running_mqtt,
 )
 
+from .servers import free_port
 from .tls_files import make_tls_files
 
 if TYPE_CHECKING:
@@ -78,12 +79,6 @@ set_mode = { values = ["heat", "cool", "off"] }
 
 
 # ------------------------------------------------------------------ the broker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Broker:

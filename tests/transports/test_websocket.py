@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -37,6 +34,7 @@ from voice_agent.transports.websocket import (
     serve,
 )
 
+from .servers import free_port, json_logs, server_process
 from .tls_files import make_tls_files
 
 pytestmark = pytest.mark.timeout(60)
@@ -354,12 +352,7 @@ async def test_graceful_shutdown_closes_clients_with_1001(config: Config) -> Non
 async def test_serve_with_ready_and_stop(config: Config) -> None:
     engine = ScriptedEngine(echo, token_delay=0.001)
     ready, stop = asyncio.Event(), asyncio.Event()
-    # a fixed free port: serve() does not report it
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a fixed free port: serve() does not report it
     task = asyncio.create_task(serve(replace(config, port=port), engine, ready=ready, stop=stop))
     await asyncio.wait_for(ready.wait(), 20)
     async with RealtimeClient(f"ws://127.0.0.1:{port}/v1/realtime") as client:
@@ -388,22 +381,8 @@ SERVER_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_run_shuts_down_on_signal(sig: signal.Signals) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        SERVER_SCRIPT,
-        str(port),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
+    port = free_port()
+    async with server_process(SERVER_SCRIPT, port) as proc:
         async with asyncio.timeout(30):
             while True:
                 try:
@@ -420,12 +399,7 @@ async def test_run_shuts_down_on_signal(sig: signal.Signals) -> None:
             proc.send_signal(sig)
             assert await client.wait_closed(20) == 1001
         assert await asyncio.wait_for(proc.wait(), 20) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.stderr is not None
-    logs = [json.loads(line) for line in (await proc.stderr.read()).decode().splitlines()]
+    logs = await json_logs(proc)
     messages = [rec["msg"] for rec in logs]
     assert any("serving http://127.0.0.1:" in m for m in messages)
     assert "server stopped" in messages
