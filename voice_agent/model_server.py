@@ -40,6 +40,7 @@ import numpy as np
 from aiohttp import web
 
 from voice_agent.audio import decode, split_clips
+from voice_agent.engine import prompt
 from voice_agent.engine.base import AudioArray, Engine, History, TurnInput, TurnResult
 from voice_agent.errors import BadAudio, Busy, VoiceAgentError
 
@@ -165,15 +166,15 @@ def parse_request(body: Any, max_new_tokens: int) -> ParsedRequest:
             history.append({"role": "assistant", "content": text})
             turns += 1
         elif role == "user":
-            items: list[dict[str, Any]] = []
+            items: list[dict[str, str]] = []
             for p in parts:
                 if p["type"] == "text":
-                    items.append({"type": "text", "text": p["text"]})
+                    items.append(prompt.text_item(p["text"]))
                     continue
                 for clip in split_clips(_audio(p)):
                     clips.append(clip)
-                    items.append({"type": "audio", "audio": f"clip-{len(clips)}"})
-            history.append({"role": "user", "content": items})
+                    items.append(prompt.audio_item(len(clips)))
+            history.append(prompt.user_content(items))
         else:
             raise _bad(f"unsupported role {str(role)[:20]!r}", "messages")
 

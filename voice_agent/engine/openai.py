@@ -32,6 +32,7 @@ from typing import Any
 import aiohttp
 
 from voice_agent.audio import float_to_pcm16, split_clips
+from voice_agent.engine import prompt
 from voice_agent.engine.base import (
     SAMPLE_RATE,
     AudioArray,
@@ -67,13 +68,8 @@ def user_message(turn: TurnInput, clips_before: int) -> tuple[dict[str, Any], li
     """One user turn as a ChatML message in the engines' shared history format
     (audio items name their clip: "clip-N", N counting the conversation's clips)
     and its clips: audio first, then the text."""
-    content: list[dict[str, Any]] = []
     clips = split_clips(turn.audio) if turn.audio is not None else []
-    for i in range(len(clips)):
-        content.append({"type": "audio", "audio": f"clip-{clips_before + i + 1}"})
-    if turn.text:
-        content.append({"type": "text", "text": turn.text})
-    return {"role": "user", "content": content}, clips
+    return prompt.user_message(clips_before, len(clips), turn.text), clips
 
 
 @dataclass
@@ -99,7 +95,7 @@ class _RemoteState:
             parts = []
             for p in m["content"]:
                 if p.get("type") == "audio":
-                    n = _clip_number(p.get("audio"))
+                    n = prompt.clip_number(p.get("audio"))
                     if not 1 <= n <= len(all_clips):
                         continue  # a clip the history does not hold
                     data = self.encoded.get(n) or wav_base64(all_clips[n - 1])
@@ -115,13 +111,6 @@ class _RemoteState:
                 text = "".join(str(p.get("text", "")) for p in parts if p["type"] == "text")
                 out.append({"role": m["role"], "content": text})
         return out
-
-
-def _clip_number(name: object) -> int:
-    """The number N of a "clip-N" audio item; 0 for anything else."""
-    if isinstance(name, str) and name.startswith("clip-") and name[5:].isdigit():
-        return int(name[5:])
-    return 0
 
 
 @dataclass

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from voice_agent.audio import split_clips as _split_clips
+from voice_agent.engine import prompt
 from voice_agent.engine.base import (
     SAMPLE_RATE,
     AudioArray,
@@ -1002,17 +1003,8 @@ class Qwen2AudioEngine(Engine):
         """Everything of a prefill but the forward: the new message rendered and
         tokenized, the prompt ids, the cache to extend and the clips to encode.
         Sets t's fields but next_token and cache; changes nothing in st."""
-        content: list[dict[str, Any]] = []
-        t.new_clips = []
-        if turn.audio is not None:
-            t.new_clips = split_clips(turn.audio)
-            n0 = len(st.clips)
-            content.extend(
-                {"type": "audio", "audio": f"clip-{n0 + i + 1}"} for i in range(len(t.new_clips))
-            )
-        if turn.text:
-            content.append({"type": "text", "text": turn.text})
-        t.new_message = {"role": "user", "content": content}
+        t.new_clips = [] if turn.audio is None else split_clips(turn.audio)
+        t.new_message = prompt.user_message(len(st.clips), len(t.new_clips), turn.text)
         # The text the history ids already cover (nothing before the first turn,
         # not even the system message).
         before = self._render(st.messages, False) if st.ids else ""

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from voice_agent.engine import prompt
 from voice_agent.engine.base import (
     Conversation,
     Delta,
@@ -174,13 +175,9 @@ class ScriptedEngine(Engine):
             state.history.append(
                 f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{text}<|im_end|>\n"
             )
-            content: list[dict[str, Any]] = []
-            if turn.audio is not None:
-                content.append({"type": "audio", "audio": f"clip-{conversation.audio_clips + 1}"})
-            if turn.text:
-                content.append({"type": "text", "text": turn.text})
+            clips = 0 if turn.audio is None else 1  # scripted: one clip per audio turn
             state.messages += [
-                {"role": "user", "content": content},
+                prompt.user_message(conversation.audio_clips, clips, turn.text),
                 {"role": "assistant", "content": text},
             ]
             conversation.turns += 1
