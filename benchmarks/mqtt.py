@@ -41,7 +41,7 @@ import aiomqtt  # noqa: E402
 
 from voice_agent.config import Config  # noqa: E402
 from voice_agent.engine.base import Engine  # noqa: E402
-from voice_agent.transports.mqtt import _no_delay, running_mqtt  # noqa: E402
+from voice_agent.transports.mqtt import no_delay, running_mqtt  # noqa: E402
 
 PREFIX = "voice_agent"
 
@@ -159,7 +159,7 @@ async def bench(args: argparse.Namespace, url: str, engine: Engine) -> dict[str,
         await transport.wait_connected(30)
         client = Client(url)
         async with client.client:
-            _no_delay(client.client)  # as the agent does (paho leaves Nagle on)
+            no_delay(client.client)  # as the agent does (paho leaves Nagle on)
             await client.client.subscribe(
                 [(f"{PREFIX}/+/reply", 1), (f"{PREFIX}/+/reply/delta", 0), (f"{PREFIX}/+/error", 1)]
             )
