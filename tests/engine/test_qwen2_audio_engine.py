@@ -419,15 +419,15 @@ def test_cuda_engine_turns_off_cudnn_attention() -> None:
     an engine on CUDA turns it off, one on the CPU leaves the setting alone."""
     import torch
 
-    from voice_agent.engine.qwen2_audio import _tune_backends
+    from voice_agent.engine.qwen2_audio import tune_backends
 
     enabled: Any = torch.backends.cuda.cudnn_sdp_enabled  # untyped in torch
     before = enabled()
     try:
         torch.backends.cuda.enable_cudnn_sdp(True)
-        _tune_backends(torch.device("cpu"))
+        tune_backends(torch.device("cpu"))
         assert enabled()
-        _tune_backends(torch.device("cuda"))
+        tune_backends(torch.device("cuda"))
         assert not enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)

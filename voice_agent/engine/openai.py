@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 
 from voice_agent.audio import float_to_pcm16, split_clips
-from voice_agent.engine import prompt
+from voice_agent.engine import defaults, prompt
 from voice_agent.engine.base import (
     SAMPLE_RATE,
     AudioArray,
@@ -51,6 +51,11 @@ from voice_agent.engine.base import (
 from voice_agent.errors import BackendUnavailable, Busy, EngineError, VoiceAgentError
 
 logger = logging.getLogger("voice_agent.engine")
+
+# A backend on the same network answers a connect within milliseconds: 5 s
+# means it is down or unreachable (and a retry may find it back).
+CONNECT_TIMEOUT = 5.0
+RETRY_DELAY = 0.5  # seconds before the first retry of a failed connect; doubles each time
 
 
 def wav_base64(audio: AudioArray) -> str:
@@ -132,14 +137,14 @@ class OpenAIEngine(Engine):
         model: str | None = None,
         api_key: str | None = None,
         *,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        max_queue: int = 64,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
-        retries: int = 2,
-        retry_delay: float = 0.5,
+        max_new_tokens: int = defaults.MAX_NEW_TOKENS,
+        temperature: float = defaults.TEMPERATURE,
+        top_p: float = defaults.TOP_P,
+        max_queue: int = defaults.MAX_QUEUE,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        read_timeout: float = defaults.ENGINE_TIMEOUT,
+        retries: int = defaults.ENGINE_RETRIES,
+        retry_delay: float = RETRY_DELAY,
         clock: Callable[[], float] = time.perf_counter,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:

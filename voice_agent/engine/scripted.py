@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from voice_agent.engine import prompt
+from voice_agent.engine import defaults, prompt
 from voice_agent.engine.base import (
     Conversation,
     Delta,
@@ -62,7 +62,7 @@ class ScriptedEngine(Engine):
         *,
         token_delay: float = 0.005,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        max_queue: int = 64,
+        max_queue: int = defaults.MAX_QUEUE,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.model_name = "scripted"

@@ -6,7 +6,9 @@ Qwen/Qwen2-Audio-7B-Instruct: Qwen2AudioForConditionalGeneration weights
 (config.json, model.safetensors, generation_config.json), a byte-level BPE
 Qwen2Tokenizer trained here on a small built-in corpus, a 128-bin
 WhisperFeatureExtractor and the Qwen2-Audio chat template in
-chat_template.json. Its replies are noise.
+chat_template.json. Its replies are noise, and its config.json says so
+(`voice_agent_demo_model: true`): every engine that loads it reports
+`demo_model`.
 
 Special-token ids come from this tokenizer (they are small numbers, not the
 real model's 151643...); code must read them from the tokenizer and config.
@@ -33,6 +35,10 @@ SPECIAL_TOKENS = (
     "<|audio_eos|>",
 )
 MARKER = ".voice-agent-tiny-model"
+# Set to true in the config.json of every model make_tiny_model writes: an
+# engine that loads such a model, by whatever path, reports demo_model (its
+# replies are noise) and the page shows its banner.
+DEMO_MODEL_KEY = "voice_agent_demo_model"
 
 # A small English corpus, enough for ~1000 BPE tokens. Its words are what a
 # voice assistant hears and says; the template's own words are in it too.
@@ -160,6 +166,7 @@ def make_tiny_model(path: str | Path) -> Path:
         audio_token_id=ids["<|AUDIO|>"],
     )
     config.audio_token_id = ids["<|AUDIO|>"]
+    setattr(config, DEMO_MODEL_KEY, True)  # saved in config.json, read back by from_pretrained
     torch.manual_seed(SEED)
     model = tf.Qwen2AudioForConditionalGeneration(config)
     model.eval()
@@ -182,6 +189,11 @@ def make_tiny_model(path: str | Path) -> Path:
     (out / MARKER).write_text("tiny random Qwen2-Audio: replies are noise\n", encoding="utf-8")
     logger.info("tiny model written (%d tokens in the vocabulary)", len(tokenizer))
     return out
+
+
+def is_demo_config(config: Any) -> bool:
+    """True for the config of a model written by make_tiny_model (random weights)."""
+    return getattr(config, DEMO_MODEL_KEY, False) is True
 
 
 def is_tiny_model(path: str | Path) -> bool:
