@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from voice_agent.engine import defaults
 from voice_agent.engine.base import (
     AudioArray,
     Conversation,
@@ -44,13 +45,14 @@ from voice_agent.engine.base import (
     TurnResult,
     Usage,
 )
+from voice_agent.engine.process_worker import FAILED, STATS_INTERVAL, child_main
 from voice_agent.errors import Busy, EngineError, ModelLoadError
+
+__all__ = ["STATS_INTERVAL", "ProcessEngine"]
 
 logger = logging.getLogger("voice_agent.engine")
 
-_FAILED = "the model failed on this turn"
-STATS_INTERVAL = 1.0  # seconds between the worker's stats reports
-STATS_STALE = 5.0  # a worker silent for this long is not ready
+STATS_STALE = 5.0  # a worker silent for this long is not ready (5 missed reports)
 
 
 @dataclass
@@ -77,7 +79,7 @@ class ProcessEngine(Engine):
     def __init__(self, model: str, **engine_kwargs: Any) -> None:
         self.model_name = model
         self.demo_model = bool(engine_kwargs.get("demo_model", False))
-        self.max_queue = int(engine_kwargs.get("max_queue", 64))
+        self.max_queue = int(engine_kwargs.get("max_queue", defaults.MAX_QUEUE))
         self._kwargs = engine_kwargs
         self._ctx = mp.get_context("spawn")
         self._proc: Any = None
@@ -114,7 +116,7 @@ class ProcessEngine(Engine):
     def _spawn(self) -> None:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(
-            target=_child_main,
+            target=child_main,
             args=(child, self.model_name, self._kwargs),
             name="voice-agent-engine",
             daemon=True,
@@ -171,7 +173,7 @@ class ProcessEngine(Engine):
             with self._send_lock:
                 conn.send(msg)
         except (OSError, ValueError):  # the worker died: the reader restarts it
-            raise EngineError(_FAILED) from None
+            raise EngineError(FAILED) from None
 
     def _send_quiet(self, msg: tuple[Any, ...]) -> None:
         """Send if the worker is there (best effort: cancel, release, discard)."""
@@ -200,7 +202,7 @@ class ProcessEngine(Engine):
         logger.error("the engine process died; failing the turns in flight and restarting it")
         with self._lock:
             self._conn = None  # submit() answers busy until the new worker is ready
-            self._fail_in_flight(_FAILED)
+            self._fail_in_flight(FAILED)
             if self._proc is not None:
                 self._proc.join(1)
             while not self._closed:
@@ -379,144 +381,3 @@ class ProcessEngine(Engine):
                 self.model_name, local_files_only=self._kwargs.get("local_files_only", False)
             )
         return str(self._tokenizer.decode(self.history_ids(conversation)))
-
-
-# ------------------------------------------------------------------- worker
-
-
-def _child_main(conn: Connection, model: str, kwargs: dict[str, Any]) -> None:
-    """Entry point of the worker process."""
-    from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
-
-    try:
-        engine = Qwen2AudioEngine(model, **kwargs)
-        engine.load()
-    except Exception as exc:
-        conn.send(("error", str(exc) if isinstance(exc, ModelLoadError) else repr(exc)))
-        return
-    conn.send(("ready", {"demo_model": engine.demo_model, "device": str(engine.device)}))
-    asyncio.run(_serve(conn, engine))
-
-
-async def _serve(conn: Connection, engine: Any) -> None:
-    from voice_agent.engine.qwen2_audio import _ConvState
-
-    loop = asyncio.get_running_loop()
-    await engine.start()
-    convs: dict[str, Conversation] = {}
-    handles: dict[int, TurnHandle] = {}
-    tasks: set[asyncio.Task[None]] = set()
-    stop = asyncio.Event()
-    send_lock = threading.Lock()
-
-    def send(msg: tuple[Any, ...]) -> None:
-        with send_lock:
-            conn.send(msg)
-
-    async def run_turn(tid: int, conv: Conversation, handle: TurnHandle) -> None:
-        try:
-            async for d in handle:
-                send(("delta", tid, d.text, d.tokens))
-            r = handle.result
-            st = conv.state
-            assert isinstance(st, _ConvState)
-            snapshot = {
-                "messages": list(st.messages),
-                "ids": list(st.ids),
-                "clips": len(st.clips),
-                "clip_starts": list(st.clip_starts),
-                "turns": conv.turns,
-            }
-            usage = {
-                "prompt_tokens": r.usage.prompt_tokens,
-                "cached_tokens": r.usage.cached_tokens,
-                "completion_tokens": r.usage.completion_tokens,
-            }
-            timing = {
-                "queue_ms": r.timing.queue_ms,
-                "ttft_ms": r.timing.ttft_ms,
-                "total_ms": r.timing.total_ms,
-            }
-            send(("done", tid, r.text, usage, timing, r.cancelled, snapshot))
-        except Exception as exc:
-            message = str(exc) if isinstance(exc, EngineError) else _FAILED
-            send(("error", tid, message))
-        finally:
-            handles.pop(tid, None)
-
-    def handle_msg(msg: tuple[Any, ...]) -> None:
-        kind = msg[0]
-        if kind == "stop":
-            stop.set()
-        elif kind == "open":
-            _, cid, system_prompt, snap = msg
-            conv = engine.new_conversation(system_prompt, cid)
-            st = conv.state
-            st.messages = list(snap["messages"]) or st.messages
-            st.ids = list(snap["ids"])
-            st.clips = list(snap["clips"])
-            st.clip_starts = list(snap["clip_starts"])
-            conv.turns = snap["turns"]
-            conv.audio_clips = len(st.clips)
-            convs[cid] = conv
-        elif kind == "turn":
-            _, tid, cid, audio, text, max_new = msg
-            conv = convs[cid]
-            try:
-                handle = engine.submit(conv, TurnInput(audio=audio, text=text), max_new)
-            except Exception as exc:
-                send(("error", tid, str(exc) if isinstance(exc, EngineError) else _FAILED))
-                return
-            handles[tid] = handle
-            task = loop.create_task(run_turn(tid, conv, handle))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        elif kind == "cancel":
-            h = handles.get(msg[1])
-            if h is not None:
-                h.cancel(msg[2])
-        elif kind == "release" and msg[1] in convs:
-            engine.release(convs[msg[1]])
-        elif kind == "spec" and msg[1] in convs:
-            engine.prefill_speculative(convs[msg[1]], msg[2])
-        elif kind == "discard" and msg[1] in convs:
-            engine.discard_speculative(convs[msg[1]])
-
-    def read() -> None:
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):  # the parent is gone
-                loop.call_soon_threadsafe(stop.set)
-                return
-            loop.call_soon_threadsafe(handle_msg, msg)
-            if msg[0] == "stop":
-                return
-
-    async def report() -> None:
-        """Every STATS_INTERVAL: the engine's figures and health, to the parent."""
-        while not stop.is_set():
-            stats = engine.runtime_stats()
-            try:
-                send(
-                    (
-                        "stats",
-                        0,
-                        stats.batch_size,
-                        stats.kv_cache_bytes,
-                        stats.queued,
-                        engine.healthy(),
-                    )
-                )
-            except (OSError, ValueError):  # the parent is gone
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), STATS_INTERVAL)
-
-    threading.Thread(target=read, name="engine-pipe", daemon=True).start()
-    reporter = loop.create_task(report())
-    await stop.wait()
-    await asyncio.gather(reporter, return_exceptions=True)
-    await engine.close()
-    if tasks:
-        await asyncio.gather(*tasks, return_exceptions=True)
