@@ -16,6 +16,9 @@ few seconds) and 503 otherwise, with no API key needed: the probe of vLLM's
 OpenAI server, so one Kubernetes manifest (deploy/k8s/model-deployment.yaml)
 fits both. The port opens once the model is loaded.
 
+GET /v1/models marks a model written by `make-tiny-model` (random weights)
+with `"voice_agent_demo_model": true` in its entry.
+
 Errors are OpenAI-style JSON: {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -40,8 +43,9 @@ import numpy as np
 from aiohttp import web
 
 from voice_agent.audio import decode, split_clips
-from voice_agent.engine import prompt
+from voice_agent.engine import defaults, prompt
 from voice_agent.engine.base import AudioArray, Engine, History, TurnInput, TurnResult
+from voice_agent.engine.tiny import DEMO_MODEL_KEY
 from voice_agent.errors import BadAudio, Busy, VoiceAgentError
 
 logger = logging.getLogger("voice_agent.model_server")
@@ -222,7 +226,7 @@ class ModelServer:
         self.engine = engine
         self.served_name = served_name or engine.model_name
         self._api_key = api_key
-        default = int(getattr(engine, "max_new_tokens", 256))
+        default = int(getattr(engine, "max_new_tokens", defaults.MAX_NEW_TOKENS))
         self.max_new_tokens = max_new_tokens or default
         self.created = int(time.time())
         self.stats: dict[str, int] = {
@@ -284,6 +288,8 @@ class ModelServer:
             "created": self.created,
             "owned_by": "voice-agent",
         }
+        if self.engine.demo_model:  # random weights (make-tiny-model): replies are noise
+            entry[DEMO_MODEL_KEY] = True
         return web.json_response({"object": "list", "data": [entry]})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:

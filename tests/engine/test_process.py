@@ -31,6 +31,7 @@ async def test_a_killed_worker_is_restarted_and_the_next_turn_succeeds(
     engine = ProcessEngine(str(tiny_model_dir), max_new_tokens=8)
     await engine.start()
     try:
+        assert engine.demo_model is True  # the worker's engine read the tiny model's mark
         conv = engine.new_conversation()
         h1 = engine.submit(conv, first)
         await collect(h1)

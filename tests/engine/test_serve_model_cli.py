@@ -18,6 +18,7 @@ from voice_agent.cli import build_parser
 from voice_agent.engine.base import TurnInput
 from voice_agent.engine.openai import OpenAIEngine
 from voice_agent.engine.scripted import ScriptedEngine
+from voice_agent.engine.tiny import DEMO_MODEL_KEY
 from voice_agent.model_server import serving
 
 from .helpers import collect
@@ -120,7 +121,9 @@ async def test_serve_model_process_answers_the_remote_engine(
                 f"{url}/models", headers={"Authorization": "Bearer sk-cli-secret"}
             ) as resp:
                 assert resp.status == 200
-                assert [m["id"] for m in (await resp.json())["data"]] == ["tiny-qwen"]
+                models = (await resp.json())["data"]
+                assert [m["id"] for m in models] == ["tiny-qwen"]
+                assert models[0][DEMO_MODEL_KEY] is True  # --model DIR of make-tiny-model
         engine = OpenAIEngine(url, None, "sk-cli-secret")
         try:
             conv = engine.new_conversation()
