@@ -15,7 +15,12 @@ Every name starts with `voice_agent_`:
     utterances_total                counter  utterances closed (speech.stopped)
     turns_total                     counter  replies finished or cancelled
     barge_ins_total                 counter  replies cancelled by barge-in
-    errors_total{code}              counter  error events sent to realtime clients
+    errors_total{code}              counter  error events and messages sent to clients
+                                             (realtime and MQTT)
+    transport_errors_total{transport,code}
+                                    counter  every error a transport reported
+                                             (host/report.py), admission refusals
+                                             and other closes included
     commands_total                  counter  validated commands sent to realtime clients
     commands_rejected_total         counter  invalid commands dropped (realtime sessions)
     dropped_frames_total            counter  WebRTC audio frames dropped (session behind)
@@ -63,6 +68,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric as Metric  # re-exported
 
 from voice_agent.engine.base import Engine, TurnResult
+from voice_agent.errors import CLOSE_ONLY_CODES, ERROR_CODES
 from voice_agent.protocol import (
     CommandEvent,
     ErrorEvent,
@@ -87,7 +93,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 TURN_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0)
 # Every protocol error code (errors.py), so each one is exported from the start.
-ERROR_CODES = ("bad_message", "not_started", "bad_audio", "busy", "policy", "too_large", "internal")
+
+# The transports errors are counted for (errors_by_transport), from the start.
+TRANSPORTS = ("realtime", "mqtt")
 
 Families = Callable[[], Iterable[Metric]]
 Depths = Callable[[], Iterable[int]]
@@ -138,10 +146,19 @@ class Metrics:
         self.turns = Counter(PREFIX + "turns", "replies finished or cancelled", registry=r)
         self.barge_ins = Counter(PREFIX + "barge_ins", "replies cancelled by barge-in", registry=r)
         self.errors = Counter(
-            PREFIX + "errors", "error events sent to realtime clients", ["code"], registry=r
+            PREFIX + "errors", "error events and messages sent to clients", ["code"], registry=r
         )
         for code in ERROR_CODES:
             self.errors.labels(code)
+        self.errors_by_transport = Counter(
+            PREFIX + "transport_errors",
+            "errors reported by a transport (host/report.py), closes included",
+            ["transport", "code"],
+            registry=r,
+        )
+        for transport in TRANSPORTS:
+            for code in ERROR_CODES + CLOSE_ONLY_CODES:
+                self.errors_by_transport.labels(transport, code)
         self.commands = Counter(
             PREFIX + "commands", "validated commands sent to realtime clients", registry=r
         )
@@ -275,6 +292,12 @@ class Metrics:
     def errors_total(self) -> int:
         return int(self.total(PREFIX + "errors_total"))
 
+    def errors_of(self, transport: str, code: str) -> int:
+        """How many errors of `code` the transport reported (transport_errors_total)."""
+        labels = {"transport": transport, "code": code}
+        value = self.registry.get_sample_value(PREFIX + "transport_errors_total", labels)
+        return int(value or 0)
+
     @property
     def commands_total(self) -> int:
         return int(self.total(PREFIX + "commands_total"))
@@ -335,6 +358,7 @@ class SessionMetrics:
             self._turn_start.pop(event.reply_id, None)
         elif isinstance(event, ErrorEvent):
             m.errors.labels(event.code).inc()
+            m.errors_by_transport.labels("realtime", event.code).inc()
             if event.reply_id is not None:
                 self._turn_start.pop(event.reply_id, None)
         elif isinstance(event, CommandEvent):

@@ -49,9 +49,8 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -67,7 +66,7 @@ from voice_agent.protocol import (
     ServerEvent,
 )
 from voice_agent.tts import TextToSpeech
-from voice_agent.tts.split import SentenceSplitter
+from voice_agent.tts.pipeline import MAX_PENDING_PIECES, SentenceAudio
 
 logger = logging.getLogger("voice_agent.tts")
 
@@ -118,13 +117,9 @@ class Speech:
 @dataclass
 class _Reply:
     reply_id: str
-    splitter: SentenceSplitter
-    pending: deque[str] = field(default_factory=deque)
-    text_done: bool = False
+    audio: SentenceAudio  # the reply's text in, its pieces' audio out (pipeline.py)
     cancelled: bool = False
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
-    ahead: asyncio.Future[np.ndarray] | None = None  # the next piece, being synthesized
     started: bool = False  # reply.audio.started sent
     done_sent: bool = False  # reply.audio.done sent
     playing: bool = False  # on_playback(True) reported, False not yet
@@ -143,7 +138,7 @@ class ReplySpeaker:
         send_audio: AudioSink,
         *,
         frame_ms: int = 40,
-        max_pending: int = 32,
+        max_pending: int = MAX_PENDING_PIECES,
         lead_ms: int = AUDIO_LEAD_MS,
         on_playback: PlaybackHook | None = None,
         clock: Clock = time.monotonic,
@@ -178,16 +173,17 @@ class ReplySpeaker:
         reply = self._reply
         if isinstance(event, ReplyStarted):
             self.stop()
-            self._reply = reply = _Reply(event.reply_id, SentenceSplitter())
+            pieces = SentenceAudio(
+                self.speech.synthesize, self.sample_rate, max_pending=self.max_pending
+            )
+            self._reply = reply = _Reply(event.reply_id, pieces)
             reply.task = asyncio.create_task(self._speak(reply), name=f"speak-{event.reply_id}")
         elif reply is None or getattr(event, "reply_id", None) != reply.reply_id:
             return
         elif isinstance(event, ReplyDelta):
-            self._queue(reply, reply.splitter.feed(event.text))
+            reply.audio.feed(event.text)
         elif isinstance(event, ReplyDone):
-            self._queue(reply, reply.splitter.flush())
-            reply.text_done = True
-            reply.wake.set()
+            reply.audio.finish()
         elif isinstance(event, ReplyCancelled | ErrorEvent):
             self.stop()
 
@@ -201,8 +197,7 @@ class ReplySpeaker:
         if reply.cancelled:
             return
         reply.cancelled = True
-        if reply.ahead is not None:
-            reply.ahead.cancel()
+        reply.audio.cancel()
         if reply.task is not None:
             reply.task.cancel()
 
@@ -223,21 +218,6 @@ class ReplySpeaker:
     def reply_id(self) -> str | None:
         return None if self._reply is None else self._reply.reply_id
 
-    def _queue(self, reply: _Reply, pieces: list[str]) -> None:
-        for piece in pieces:
-            if len(reply.pending) >= self.max_pending:
-                reply.pending[-1] += " " + piece
-            else:
-                reply.pending.append(piece)
-        if pieces:
-            reply.wake.set()
-
-    def _synthesize_next(self, reply: _Reply) -> None:
-        """Start synthesizing the next waiting piece, unless one already is."""
-        if reply.ahead is None and reply.pending and not reply.cancelled:
-            text = reply.pending.popleft()
-            reply.ahead = asyncio.ensure_future(self.speech.synthesize(text, self.sample_rate))
-
     async def _speak(self, reply: _Reply) -> None:
         try:
             await self._stream(reply)
@@ -248,8 +228,7 @@ class ReplySpeaker:
                 "speech failed: %s", type(exc).__name__, extra={"reply_id": reply.reply_id}
             )
         finally:
-            if reply.ahead is not None:
-                reply.ahead.cancel()
+            reply.audio.cancel()  # nothing more is synthesized for it
             if self._reply is reply:
                 self._reply = None
             if reply.started and not reply.done_sent and not self._closed:
@@ -268,18 +247,11 @@ class ReplySpeaker:
     async def _stream(self, reply: _Reply) -> None:
         """Synthesize the pieces in order and send their frames, paced."""
         while True:
-            self._synthesize_next(reply)
-            if reply.ahead is None:
-                if reply.text_done:
-                    break
-                reply.wake.clear()
-                await reply.wake.wait()
-                continue
-            audio = await reply.ahead
-            reply.ahead = None
+            audio = await reply.audio.next()  # the next piece is made while this one is sent
             if reply.cancelled:
                 return
-            self._synthesize_next(reply)  # the next piece is made while this one is sent
+            if audio is None:
+                break
             if not reply.started:
                 reply.started = True
                 reply.play_end = self._clock()
@@ -297,7 +269,7 @@ class ReplySpeaker:
                     reply.playing = True
                     if self._on_playback is not None:
                         await self._on_playback(reply.reply_id, True)
-                self._synthesize_next(reply)  # text that came meanwhile
+                reply.audio.prefetch()  # text that came meanwhile
         reply.done_sent = True
         await self._send_event(self._done(reply))
         # Still heard until the play head ends (what a barge-in rule looks at).
