@@ -1,0 +1,106 @@
+"""ConversationHost: sessions of every transport on one set of conversations."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from voice_agent.config import Config
+from voice_agent.engine.base import TurnInput
+from voice_agent.engine.scripted import ScriptedEngine
+from voice_agent.host import ConversationHost
+from voice_agent.protocol import ReplyDone, ServerEvent
+from voice_agent.store import Store
+
+
+def echo(turn: TurnInput) -> str:
+    return f"echo {turn.text}"
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.events: list[ServerEvent] = []
+        self.done = asyncio.Event()
+
+    async def send(self, event: ServerEvent) -> None:
+        self.events.append(event)
+        if isinstance(event, ReplyDone):
+            self.done.set()
+
+
+async def one_turn(host: ConversationHost, text: str, **start: object) -> str:
+    """Start (or resume) a session, one typed turn, end it: its session id."""
+    inbox = Inbox()
+    live = await host.start_session(inbox.send, **start)  # type: ignore[arg-type]
+    await live.text(text)
+    await asyncio.wait_for(inbox.done.wait(), 20)
+    await host.end_session(live)
+    return live.session_id
+
+
+async def test_resume_across_transports_only_with_the_same_owner(tmp_path: Path) -> None:
+    config = Config()
+    engine = ScriptedEngine(echo, token_delay=0.0)
+    store = Store(tmp_path / "db.sqlite")
+    host = ConversationHost(config, engine, store=store)
+    host.engine_started()
+    # A WebSocket client (no tokens: owner "") talks, leaves, comes back.
+    sid = await one_turn(host, "one")
+    assert await one_turn(host, "two", resume=sid) == sid
+    # MQTT's conversation of the kitchen (owner "mqtt"), one turn, saved.
+    opened = await host.conversations.open("mqtt:kitchen", "mqtt", device="kitchen")
+    assert opened is not None and opened.resumed == "new"
+    handle = engine.submit(opened.conversation, TurnInput(text="lights"))
+    async for _ in handle:
+        pass
+    saved = host.conversations.save(
+        "mqtt:kitchen", opened.conversation, owner="mqtt", device="kitchen"
+    )
+    assert saved is not None and await saved
+    host.conversations.detach("mqtt:kitchen", opened.conversation, owner="mqtt", release=False)
+    # a WebSocket client cannot take it (another owner): a new conversation
+    assert await one_turn(host, "mine?", resume="mqtt:kitchen") != "mqtt:kitchen"
+    # and MQTT cannot take the WebSocket one
+    assert await host.conversations.open(sid, "mqtt", create=False) is None
+    await host.close()
+    # Restarted: both come back from the store, each for its own owner only.
+    again = ConversationHost(config, engine, store=store)
+    again.engine_started()
+    assert await again.conversations.open(sid, "mqtt", create=False) is None
+    assert await one_turn(again, "three", resume=sid) == sid
+    assert again.conversations.restored == 1
+    kitchen = await again.conversations.open("mqtt:kitchen", "mqtt", create=False)
+    assert kitchen is not None and kitchen.resumed == "store"
+    assert kitchen.conversation.turns == 1 and kitchen.device == "kitchen"
+    await again.close()
+    stored = store.load(sid)
+    assert stored is not None and stored.history.turns == 3
+    store.close()
+
+
+async def test_the_session_config_is_built_once() -> None:
+    host = ConversationHost(Config(system_prompt="server prompt"), ScriptedEngine())
+    assert host.config_for(None) is host.session_config
+    own = host.config_for("be brief")
+    assert own.system_prompt == "be brief" and own.vad is host.session_config.vad
+
+
+async def test_sessions_are_registered_and_shutdown_saves_them(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db.sqlite")
+    host = ConversationHost(Config(), ScriptedEngine(echo, token_delay=0.0), store=store)
+    host.engine_started()
+    inbox = Inbox()
+    live = await host.start_session(inbox.send)
+    assert host.sessions == {live.session_id: live}
+    assert host.metrics.sessions_active == 1
+    await live.text("hello")
+    await asyncio.wait_for(inbox.done.wait(), 20)
+    host.begin_shutdown()
+    await host.drain(0)
+    await host.close_sessions()
+    await host.end_session(live)  # the transport's own end: nothing kept at shutdown
+    assert not host.sessions and live.session_id not in host.conversations.kept
+    await host.close()
+    stored = store.load(live.session_id)
+    assert stored is not None and stored.history.turns == 1
+    store.close()
