@@ -15,7 +15,6 @@ from voice_agent.errors import (
 )
 from voice_agent.host.admission import Admission
 
-
 TRY_AGAIN = CLOSE_TRY_AGAIN
 
 
