@@ -18,7 +18,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from voice_agent.engine.base import SAMPLE_RATE, AudioArray
+from voice_agent.engine.types import SAMPLE_RATE, AudioArray
 from voice_agent.errors import BadAudio
 
 MIN_RATE = 8000

@@ -85,7 +85,7 @@ from typing import Any, Literal
 
 from voice_agent.audio import duration_ms
 from voice_agent.commands import DeviceList, parse_commands
-from voice_agent.engine.base import AudioArray, Delta, TurnInput, TurnResult
+from voice_agent.engine.types import AudioArray, Delta, TurnInput, TurnResult
 from voice_agent.errors import BadAudio, BadMessage, Busy
 from voice_agent.protocol import (
     CommandEvent,
@@ -100,7 +100,7 @@ from voice_agent.protocol import (
     reply_wire_id,
     utterance_wire_id,
 )
-from voice_agent.turn import threshold_at
+from voice_agent.turn_schedule import threshold_at
 from voice_agent.vad import (
     Segmenter,
     SegmenterEvent,

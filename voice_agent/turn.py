@@ -35,9 +35,25 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from voice_agent.engine.base import SAMPLE_RATE, AudioArray
+from voice_agent.engine.types import SAMPLE_RATE, AudioArray
 from voice_agent.errors import ConfigError, ModelLoadError
+from voice_agent.turn_schedule import Rechecks, parse_rechecks, threshold_at
 from voice_agent.vad import package_data_path
+
+__all__ = [
+    "MAX_PENDING",
+    "Rechecks",
+    "SmartTurn",
+    "TurnBatcher",
+    "TurnDetector",
+    "WhisperFeatures",
+    "bundled_model_path",
+    "describe",
+    "last_window",
+    "load_detector",
+    "parse_rechecks",
+    "threshold_at",
+]
 
 logger = logging.getLogger("voice_agent.turn")
 
@@ -50,41 +66,6 @@ N_FRAMES = WINDOW_SAMPLES // HOP  # 800 feature frames
 BUNDLED_DIST = "pipecat-ai"
 BUNDLED_FILE = "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
 MAX_PENDING = 256  # checks waiting for the detector; beyond it a check gets None
-
-
-Rechecks = tuple[tuple[int, float], ...]  # (silence_ms, threshold), silence increasing
-
-
-def parse_rechecks(text: str) -> Rechecks:
-    """`turn_rechecks` as given: "400:0.8,800:0.6" -> ((400, 0.8), (800, 0.6)); "" -> ().
-    ValueError when malformed, a threshold is outside 0..1 or silences do not increase."""
-    out: list[tuple[int, float]] = []
-    for item in text.replace(" ", "").split(","):
-        if not item:
-            continue
-        ms, sep, thr = item.partition(":")
-        try:
-            if not sep:
-                raise ValueError
-            pair = (int(ms), float(thr))
-        except ValueError:
-            raise ValueError(f"turn_rechecks item {item!r} is not SILENCE_MS:THRESHOLD") from None
-        if not 0.0 <= pair[1] <= 1.0:
-            raise ValueError(f"turn_rechecks threshold {pair[1]} is not 0..1")
-        if out and pair[0] <= out[-1][0]:
-            raise ValueError("turn_rechecks silences must increase")
-        out.append(pair)
-    return tuple(out)
-
-
-def threshold_at(silence_ms: int, threshold: float, rechecks: Rechecks = ()) -> float:
-    """The probability that closes the turn at a check after `silence_ms` of
-    silence: the threshold of the last recheck at or before it, else `threshold`
-    (the one of the first check, at min_silence_ms)."""
-    for ms, thr in reversed(rechecks):
-        if silence_ms >= ms:
-            return thr
-    return threshold
 
 
 class TurnDetector(Protocol):

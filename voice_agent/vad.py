@@ -49,7 +49,7 @@ import numpy as np
 import webrtcvad
 
 from voice_agent.audio import FRAME_MS, StreamResampler, check_pcm16_length, validate_format
-from voice_agent.engine.base import SAMPLE_RATE, AudioArray
+from voice_agent.engine.types import SAMPLE_RATE, AudioArray
 from voice_agent.errors import ModelLoadError
 
 _FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000  # 320

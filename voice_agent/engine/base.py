@@ -14,128 +14,35 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
-import numpy.typing as npt
+from voice_agent.engine.types import (
+    SAMPLE_RATE,
+    AudioArray,
+    Conversation,
+    Delta,
+    EngineStats,
+    History,
+    Timing,
+    TurnInput,
+    TurnResult,
+    Usage,
+)
 
-SAMPLE_RATE = 16000
-
-AudioArray = npt.NDArray[np.float32]
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class Timing:
-    queue_ms: float = 0.0
-    ttft_ms: float = 0.0
-    total_ms: float = 0.0
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """What an engine can tell about its load right now (read at each /metrics
-    scrape, never on the hot path). Engines that cannot tell report zeros.
-
-    batch_size: turns decoding together in the current step (batched decode);
-    kv_cache_bytes: bytes of KV cache held (decoding turns and idle
-    conversations); queued: turns submitted and not started yet."""
-
-    batch_size: int = 0
-    kv_cache_bytes: int = 0
-    queued: int = 0
-
-
-@dataclass(frozen=True)
-class TurnInput:
-    """One user turn. audio: 16 kHz mono float32 in [-1, 1]; text: typed text or
-    an instruction about the audio (audio analysis mode). At least one is set."""
-
-    audio: AudioArray | None = None
-    text: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.audio is None and not self.text:
-            raise ValueError("a turn needs audio or text")
-
-
-@dataclass(frozen=True)
-class Delta:
-    """The next piece of reply text. `tokens` counts reply tokens decoded up to
-    and including this piece (what to pass to cancel(keep_tokens=...))."""
-
-    text: str
-    tokens: int
-
-
-@dataclass(frozen=True)
-class TurnResult:
-    text: str
-    usage: Usage
-    timing: Timing
-    cancelled: bool = False
-
-
-@dataclass
-class Conversation:
-    """Handle to one conversation's state inside the engine.
-
-    The engine owns what is inside `state`; callers only keep the handle.
-    `turns` counts completed turns, `audio_clips` the clips in the history.
-    """
-
-    conversation_id: str
-    system_prompt: str | None
-    turns: int = 0
-    audio_clips: int = 0
-    state: object = field(default=None, repr=False)
-
-
-@dataclass
-class History:
-    """A conversation's settled history, for storing it and rebuilding it later
-    (store.py): ChatML messages (text, with audio items naming their clip),
-    the token ids they render to, the audio clips (16 kHz mono float32) and the
-    index in `ids` of each clip's first audio token."""
-
-    messages: list[dict[str, Any]] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)
-    clips: list[AudioArray] = field(default_factory=list)
-    clip_starts: list[int] = field(default_factory=list)
-    turns: int = 0
-
-    @classmethod
-    def of(cls, state: Any, turns: int) -> History:
-        """A copy of an engine state's history (its `messages`, `ids`, `clips`
-        and `clip_starts` attributes)."""
-        return cls(
-            messages=[dict(m) for m in state.messages],
-            ids=list(state.ids),
-            clips=list(state.clips),
-            clip_starts=list(state.clip_starts),
-            turns=turns,
-        )
-
-    def apply(self, conversation: Conversation) -> None:
-        """Put this history into a fresh conversation's engine state (the
-        engine's own system message stays when the history has none)."""
-        state: Any = conversation.state
-        if len(self.clips) != len(self.clip_starts):
-            raise ValueError("history: clips and clip_starts do not match")
-        if self.messages:
-            state.messages = [dict(m) for m in self.messages]
-        state.ids = list(self.ids)
-        state.clips = [np.asarray(c, dtype=np.float32) for c in self.clips]
-        state.clip_starts = list(self.clip_starts)
-        conversation.turns = self.turns
-        conversation.audio_clips = len(self.clips)
+__all__ = [
+    "SAMPLE_RATE",
+    "AudioArray",
+    "Conversation",
+    "Delta",
+    "Engine",
+    "EngineStats",
+    "History",
+    "QueueTurnHandle",
+    "Timing",
+    "TurnHandle",
+    "TurnInput",
+    "TurnResult",
+    "Usage",
+]
 
 
 class TurnHandle(abc.ABC):
