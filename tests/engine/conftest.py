@@ -9,11 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.helpers.engines import EngineFactory
 from voice_agent.audio import decode
 from voice_agent.engine.base import AudioArray
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
-
-from .helpers import EngineFactory
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,11 @@ from typing import Any
 import pytest
 import torch
 
+from tests.helpers.engines import DecodeGate, EngineFactory, collect
 from voice_agent.engine.base import AudioArray, TurnInput
 from voice_agent.engine.kv import layer_tensors, new_cache, prefill_rows
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine, _ConvState
 from voice_agent.errors import EngineError
-
-from .helpers import DecodeGate, EngineFactory, collect
 
 
 def state(conv: Any) -> _ConvState:

@@ -8,11 +8,10 @@ from typing import Any
 import pytest
 import torch
 
+from tests.helpers.engines import EngineFactory, collect
 from voice_agent.engine.base import AudioArray, TurnInput
 from voice_agent.engine.kv import DecodeBatch, layer_tensors, new_cache
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine, _ConvState
-
-from .helpers import EngineFactory, collect
 
 
 def state(conv: Any) -> _ConvState:

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from tests.helpers.engines import collect
 from voice_agent.config import Config
 from voice_agent.engine.base import AudioArray, Engine, TurnInput
 from voice_agent.engine.loader import remote_engine
@@ -28,8 +29,6 @@ from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
 from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.errors import BackendUnavailable, ConfigError, EngineError, to_wire
 from voice_agent.model_server import ModelServer, serving
-
-from .helpers import collect
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -7,12 +7,11 @@ import os
 import signal
 from pathlib import Path
 
+from tests.helpers.engines import EngineFactory, collect
 from voice_agent.engine.base import AudioArray, EngineStats, TurnInput
 from voice_agent.engine.process import ProcessEngine
 from voice_agent.engine.qwen2_audio import _ConvState
 from voice_agent.errors import EngineError, to_wire
-
-from .helpers import EngineFactory, collect
 
 
 async def test_a_killed_worker_is_restarted_and_the_next_turn_succeeds(

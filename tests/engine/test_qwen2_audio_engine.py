@@ -10,12 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.helpers.engines import DecodeGate, EngineFactory, collect
 from voice_agent.engine.base import AudioArray, TurnInput
 from voice_agent.engine.loader import load_engine
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine, _ConvState
 from voice_agent.errors import Busy, EngineError, ModelLoadError
-
-from .helpers import DecodeGate, EngineFactory, collect
 
 
 def state(conv: Any) -> _ConvState:

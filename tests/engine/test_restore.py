@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.engines import EngineFactory, collect
 from voice_agent.engine.base import AudioArray, TurnInput
 from voice_agent.engine.qwen2_audio import _ConvState
 from voice_agent.store import Store, StoredSession
-
-from .helpers import EngineFactory, collect
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.helpers.engines import collect
 from voice_agent import model_server
 from voice_agent.cli import build_parser
 from voice_agent.engine.base import TurnInput
@@ -20,8 +21,6 @@ from voice_agent.engine.openai import OpenAIEngine
 from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.engine.tiny import DEMO_MODEL_KEY
 from voice_agent.model_server import serving
-
-from .helpers import collect
 
 pytestmark = pytest.mark.timeout(300)
 

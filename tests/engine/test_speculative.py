@@ -6,10 +6,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from tests.helpers.engines import EngineFactory, collect
 from voice_agent.engine.base import AudioArray, TurnInput
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine, _ConvState
-
-from .helpers import EngineFactory, collect
 
 
 def state(conv: Any) -> _ConvState:

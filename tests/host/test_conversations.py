@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from tests.helpers.stores import MemoryStore
 from voice_agent.engine.base import Conversation, History
 from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.host.conversations import Conversations
 from voice_agent.host.saving import SaveQueue
 from voice_agent.store import StoredSession
-
-from .stores import MemoryStore
 
 
 class CountingEngine(ScriptedEngine):

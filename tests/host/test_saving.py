@@ -8,11 +8,10 @@ import threading
 
 import pytest
 
+from tests.helpers.stores import MemoryStore
 from voice_agent.engine.base import History
 from voice_agent.host.saving import SaveQueue
 from voice_agent.store import StoredSession
-
-from .stores import MemoryStore
 
 
 def record(key: str, turns: int) -> StoredSession:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from transports.speech_checks import as_pcm16, voiced_fraction  # tests/ is on sys.path
 
 import voice_agent
+from tests.helpers.speech import as_pcm16, voiced_fraction
 from voice_agent.config import Config
 from voice_agent.errors import ConfigError
 from voice_agent.tts import load_tts, piper_installed

@@ -1,4 +1,4 @@
-"""Helpers for the engine tests."""
+"""Helpers for the engine tests: collecting a turn, pausing the decode loop."""
 
 from __future__ import annotations
 

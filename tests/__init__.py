@@ -1,0 +1,2 @@
+"""The test suite: a package, so that tests import shared helpers as
+`tests.helpers.<module>` (see tests/helpers/__init__.py)."""
