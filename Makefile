@@ -1,5 +1,8 @@
-# One-command set-up. `make run` and `make test` create .venv and install
-# everything on first use; later runs reuse it until pyproject.toml changes.
+# One-command set-up. `make run` and `make test` first check the Debian
+# packages (scripts/system-deps: installs what is missing as root or with
+# password-less sudo, else prints the one apt-get command to run), then create
+# .venv and install the Python packages on first use; later runs reuse it
+# until pyproject.toml or this Makefile changes.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -12,11 +15,20 @@ PORT   ?= 8765
 TORCH_SPEC := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; \
                 then echo 'torch>=2.4'; else echo 'torch==2.13.0'; fi)
 
-.PHONY: venv run test lint format clean bench bench-all
+# The Debian packages each goal needs: the test set for `make test` (and the
+# slow benchmarks, which start the same tools), else the run set.
+SYSTEM_DEPS := $(if $(filter test bench-all,$(MAKECMDGOALS)),test,run)
+
+.PHONY: venv run test lint format clean bench bench-all system-deps
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# Checked before the venv is made, and on every run (well under a second when
+# all is there).
+system-deps:
+	PYTHON='$(PYTHON)' VENV='$(VENV)' $(PYTHON) scripts/system-deps $(SYSTEM_DEPS)
+
+$(STAMP): pyproject.toml Makefile | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
