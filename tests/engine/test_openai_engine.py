@@ -10,7 +10,6 @@ import asyncio
 import base64
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from tests.helpers.engines import collect
+from tests.helpers.ports import free_port
 from voice_agent.config import Config
 from voice_agent.engine.base import AudioArray, Engine, TurnInput
 from voice_agent.engine.loader import remote_engine
@@ -82,12 +82,6 @@ async def local_replies(tiny_model_dir: Path, turns: list[TurnInput]) -> list[st
         return out
     finally:
         await engine.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_text_turn_streams_the_local_engines_reply(

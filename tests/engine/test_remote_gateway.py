@@ -4,21 +4,17 @@ the two `voice-agent` processes of the deployment (with the gateway's /metrics).
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
-from typing import IO
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect as ws_connect
 
+from tests.helpers.ports import free_port
+from tests.helpers.processes import cli_process, stop_process, until_http_ok
 from voice_agent.client import RealtimeClient
 from voice_agent.config import Config
 from voice_agent.engine.loader import remote_engine
@@ -68,63 +64,18 @@ async def test_gateway_conversation_through_serve_model(tiny_model_dir: Path) ->
 # ------------------------------------- the issue's "done when", two processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _cli(*args: str, log: IO[str]) -> subprocess.Popen[str]:
-    """`voice-agent ARGS` as a process (the console script's module)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VOICE_AGENT_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "voice_agent.cli", *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        text=True,
-    )
-
-
-async def _until_200(
-    http: aiohttp.ClientSession, url: str, proc: subprocess.Popen[str], tries: int = 240
-) -> None:
-    """Poll `url` every 0.5 s until it answers 200 (bounded: `tries`)."""
-    for _ in range(tries):
-        assert proc.poll() is None, f"{proc.args} exited with {proc.returncode}"
-        try:
-            async with http.get(url) as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        await asyncio.sleep(0.5)
-    pytest.fail(f"{url} did not answer 200")
-
-
-def _stop(proc: subprocess.Popen[str]) -> int:
-    """SIGTERM, then SIGKILL if it does not exit within 60 s; the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait(timeout=30)
-
-
 async def test_serve_model_and_gateway_processes_converse_and_count(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """`voice-agent serve-model --model DIR --port P` plus `voice-agent serve
     --engine openai --engine-url http://127.0.0.1:P/v1`: a realtime client's
     text turn gets a reply, and the gateway's /metrics counts it."""
-    model_port, gateway_port = _free_port(), _free_port()
+    model_port, gateway_port = free_port(), free_port()
     model_log = (tmp_path / "serve-model.log").open("w+")
     gateway_log = (tmp_path / "serve.log").open("w+")
     procs: list[subprocess.Popen[str]] = []
     try:
-        model = _cli(
+        model = cli_process(
             "serve-model",
             "--model",
             str(tiny_model_dir),
@@ -136,8 +87,8 @@ async def test_serve_model_and_gateway_processes_converse_and_count(
         )
         procs.append(model)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-            await _until_200(http, f"http://127.0.0.1:{model_port}/health", model)
-            gateway = _cli(
+            await until_http_ok(http, f"http://127.0.0.1:{model_port}/health", model)
+            gateway = cli_process(
                 "serve",
                 "--engine",
                 "openai",
@@ -153,7 +104,7 @@ async def test_serve_model_and_gateway_processes_converse_and_count(
             )
             procs.append(gateway)
             gateway_url = f"http://127.0.0.1:{gateway_port}"
-            await _until_200(http, f"{gateway_url}/readyz", gateway)
+            await until_http_ok(http, f"{gateway_url}/readyz", gateway)
 
             async with RealtimeClient(f"ws://127.0.0.1:{gateway_port}/v1/realtime") as client:
                 await client.start()
@@ -173,7 +124,7 @@ async def test_serve_model_and_gateway_processes_converse_and_count(
         assert samples["voice_agent_turns_total"] >= 1
         assert samples["voice_agent_ttft_seconds_count"] >= 1
         assert samples["voice_agent_tokens_generated_total"] >= 1
-        assert [_stop(p) for p in reversed(procs)] == [0, 0]  # both stop cleanly
+        assert [stop_process(p) for p in reversed(procs)] == [0, 0]  # both stop cleanly
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.helpers.engines import collect
+from tests.helpers.ports import free_port
+from tests.helpers.processes import cli_process, stop_process, until_http_ok
 from voice_agent import model_server
 from voice_agent.cli import build_parser
 from voice_agent.engine.base import TurnInput
@@ -78,44 +75,25 @@ async def test_health_follows_the_engine_and_needs_no_api_key(
 async def test_serve_model_process_answers_the_remote_engine(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    env = {**os.environ, "VOICE_AGENT_ENGINE_API_KEY": "sk-cli-secret"}
+    port = free_port()
     log = (tmp_path / "serve-model.log").open("w+")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "voice_agent.cli",
-            "serve-model",
-            "--model",
-            str(tiny_model_dir),
-            "--port",
-            str(port),
-            "--engine-model",
-            "tiny-qwen",
-            "--max-new-tokens",
-            "6",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
+    proc = cli_process(
+        "serve-model",
+        "--model",
+        str(tiny_model_dir),
+        "--port",
+        str(port),
+        "--engine-model",
+        "tiny-qwen",
+        "--max-new-tokens",
+        "6",
+        log=log,
+        VOICE_AGENT_ENGINE_API_KEY="sk-cli-secret",
     )
     url = f"http://127.0.0.1:{port}/v1"
     try:
         async with aiohttp.ClientSession() as http:
-            for _ in range(240):  # the model loads first: up to about 2 minutes
-                assert proc.poll() is None, "serve-model exited early"
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/health") as resp:  # no key
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.5)
-            else:
-                pytest.fail("serve-model did not answer /health")
+            await until_http_ok(http, f"http://127.0.0.1:{port}/health", proc)  # no key
             async with http.get(
                 f"{url}/models", headers={"Authorization": "Bearer sk-cli-secret"}
             ) as resp:
@@ -132,8 +110,7 @@ async def test_serve_model_process_answers_the_remote_engine(
             assert engine.model_name == "tiny-qwen"
         finally:
             await engine.close()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        assert stop_process(proc) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -14,4 +14,6 @@ stores     MemoryStore: store.Store's interface in memory, failing or slow on de
 speech     voiced_fraction(), as_pcm16(): checks for spoken audio
 engines    collect(handle), DecodeGate, EngineFactory: for the engine tests
 postgres   PostgresServer (the `postgres_server` fixture in tests/conftest.py)
+mosquitto  start_mosquitto(), write_passwords(), MOSQUITTO: a real broker
+processes  cli_process(), until_http_ok(), stop_process(): `voice-agent` as a child
 """
