@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.devices import DEVICE_NAMES, DEVICES_TOML, write_devices
+from tests.helpers.recorders import EventRecorder
 from voice_agent.commands import Command, parse_devices
 from voice_agent.config import Config
 from voice_agent.engine.scripted import ScriptedEngine
@@ -17,15 +17,10 @@ from voice_agent.errors import ConfigError
 from voice_agent.hub import CommandBus, CommandCallback, load_devices
 from voice_agent.live import LiveSession, session_config
 from voice_agent.metrics import Metrics
-from voice_agent.protocol import CommandEvent, ReplyDone, ServerEvent
+from voice_agent.protocol import CommandEvent, ReplyDone
 
 pytestmark = pytest.mark.timeout(60)
 
-DEVICES = """
-[devices."light.kitchen"]
-actions = ["on", "off"]
-brightness = { min = 0, max = 100 }
-"""
 OFF = Command("off", "light.kitchen")
 
 
@@ -108,26 +103,23 @@ def test_load_devices(tmp_path: Path) -> None:
     assert load_devices(None) is None
     with pytest.raises(ConfigError, match="not found"):
         load_devices(str(tmp_path / "missing.toml"))
-    path = tmp_path / "devices.toml"
-    path.write_text(DEVICES)
+    path = write_devices(tmp_path)
     first = load_devices(str(path))
-    assert first is not None and set(first.devices) == {"light.kitchen"}
+    assert first is not None and set(first.devices) == DEVICE_NAMES
     assert load_devices(str(path)) is first  # parsed once
-    path.write_text(DEVICES + '\n[devices."fan"]\nactions = ["on"]\n')
+    path.write_text(DEVICES_TOML + '\n[devices."fan"]\nactions = ["on"]\n')
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     second = load_devices(str(path))
-    assert second is not None and set(second.devices) == {"light.kitchen", "fan"}
+    assert second is not None and set(second.devices) == DEVICE_NAMES | {"fan"}
     path.write_bytes(b"\xff\xfe not utf-8")
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2 * 10**9))
     with pytest.raises(ConfigError, match="cannot read"):
         load_devices(str(path))
 
 
-def test_session_config_adds_the_devices_to_the_prompt(tmp_path: Path) -> None:
-    path = tmp_path / "devices.toml"
-    path.write_text(DEVICES)
-    config = Config(devices=str(path), system_prompt="Base prompt.")
+def test_session_config_adds_the_devices_to_the_prompt(devices_file: Path) -> None:
+    config = Config(devices=str(devices_file), system_prompt="Base prompt.")
     sc = session_config(config)
     assert sc.devices is not None and "light.kitchen" in sc.devices.devices
     assert sc.system_prompt is not None
@@ -141,22 +133,6 @@ def test_session_config_adds_the_devices_to_the_prompt(tmp_path: Path) -> None:
 # ------------------------------------------------------- LiveSession command hooks
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[ServerEvent] = []
-        self._changed = asyncio.Event()
-
-    async def __call__(self, event: ServerEvent) -> None:
-        self.events.append(event)
-        self._changed.set()
-
-    async def until(self, test: Callable[[list[ServerEvent]], bool], timeout: float = 20) -> None:
-        async with asyncio.timeout(timeout):
-            while not test(self.events):
-                self._changed.clear()
-                await self._changed.wait()
-
-
 REPLY = (
     'Done. <command>{"action": "off", "target": "light.kitchen"}</command>'
     '<command>{"action": "on", "target": "light.garage"}</command>'
@@ -164,10 +140,10 @@ REPLY = (
 
 
 def _live(
-    rec: Recorder, device: str | None, calls: Calls, metrics: Metrics
+    rec: EventRecorder, device: str | None, calls: Calls, metrics: Metrics
 ) -> tuple[LiveSession, ScriptedEngine]:
     engine = ScriptedEngine([REPLY], token_delay=0.001)
-    config = session_config(Config(), devices=parse_devices(DEVICES))
+    config = session_config(Config(), devices=parse_devices(DEVICES_TOML))
     live = LiveSession(
         engine,
         rec,
@@ -181,7 +157,7 @@ def _live(
 
 
 async def test_live_session_forwards_its_commands_for_a_named_device() -> None:
-    rec, calls, metrics = Recorder(), Calls(), Metrics()
+    rec, calls, metrics = EventRecorder(), Calls(), Metrics()
     live, engine = _live(rec, "speaker-1", calls, metrics)
     try:
         await live.text("turn off the kitchen light")
@@ -198,7 +174,7 @@ async def test_live_session_forwards_its_commands_for_a_named_device() -> None:
 
 
 async def test_live_session_without_device_does_not_forward() -> None:
-    rec, calls, metrics = Recorder(), Calls(), Metrics()
+    rec, calls, metrics = EventRecorder(), Calls(), Metrics()
     live, _ = _live(rec, None, calls, metrics)
     try:
         await live.text("turn off the kitchen light")
@@ -210,7 +186,7 @@ async def test_live_session_without_device_does_not_forward() -> None:
 
 
 async def test_push_command_and_close_callbacks() -> None:
-    rec, calls, metrics = Recorder(), Calls(), Metrics()
+    rec, calls, metrics = EventRecorder(), Calls(), Metrics()
     live, _ = _live(rec, "speaker-1", calls, metrics)
     closed: list[str] = []
     live.add_close_callback(lambda: closed.append("first"))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.recorders import EventRecorder, count_at_least
 from voice_agent.audio import decode, float_to_pcm16, frames, silence
 from voice_agent.engine.base import Conversation, TurnHandle, TurnInput
 from voice_agent.engine.scripted import ScriptedEngine
@@ -20,7 +20,6 @@ from voice_agent.protocol import (
     ReplyDelta,
     ReplyDone,
     ReplyStarted,
-    ServerEvent,
     SpeechStoppedEvent,
 )
 from voice_agent.session import SessionConfig
@@ -28,37 +27,12 @@ from voice_agent.session import SessionConfig
 pytestmark = pytest.mark.timeout(60)
 
 
-class Recorder:
-    """The `send` callback: keeps events, lets tests wait for one."""
-
-    def __init__(self) -> None:
-        self.events: list[ServerEvent] = []
-        self._changed = asyncio.Event()
-
-    async def __call__(self, event: ServerEvent) -> None:
-        self.events.append(event)
-        self._changed.set()
-
-    async def until(self, test: Callable[[list[ServerEvent]], bool], timeout: float = 20) -> None:
-        async with asyncio.timeout(timeout):
-            while not test(self.events):
-                self._changed.clear()
-                await self._changed.wait()
-
-    def of(self, kind: type[ServerEvent]) -> list[ServerEvent]:
-        return [e for e in self.events if isinstance(e, kind)]
-
-
-def count_at_least(kind: type[ServerEvent], n: int) -> Callable[[list[ServerEvent]], bool]:
-    return lambda events: sum(isinstance(e, kind) for e in events) >= n
-
-
 def echo(turn: TurnInput) -> str:
     return f"you said {turn.text}" if turn.text else "heard some audio"
 
 
 def make_live(
-    engine: ScriptedEngine, rec: Recorder, metrics: Metrics | None = None, sid: str = "s1"
+    engine: ScriptedEngine, rec: EventRecorder, metrics: Metrics | None = None, sid: str = "s1"
 ) -> LiveSession:
     return LiveSession(
         engine, rec, session_id=sid, config=SessionConfig(), metrics=metrics, max_new_tokens=64
@@ -67,7 +41,7 @@ def make_live(
 
 async def test_text_turns_are_answered_in_order() -> None:
     engine = ScriptedEngine(echo, token_delay=0.001)
-    rec = Recorder()
+    rec = EventRecorder()
     metrics = Metrics()
     live = make_live(engine, rec, metrics)
     try:
@@ -101,7 +75,7 @@ async def test_text_turns_are_answered_in_order() -> None:
 async def test_client_cancel_stops_the_reply_and_the_next_turn_runs() -> None:
     long = " ".join(["word"] * 400)
     engine = ScriptedEngine(lambda t: long if t.text == "long" else "short reply", token_delay=0.01)
-    rec = Recorder()
+    rec = EventRecorder()
     live = make_live(engine, rec)
     try:
         await live.text("long")
@@ -139,7 +113,7 @@ class BusyOnce(ScriptedEngine):
 
 async def test_busy_engine_gives_busy_error_and_the_session_goes_on() -> None:
     engine = BusyOnce(echo, token_delay=0.001)
-    rec = Recorder()
+    rec = EventRecorder()
     live = make_live(engine, rec)
     try:
         await live.text("first")
@@ -160,7 +134,7 @@ async def test_a_failing_turn_fails_alone() -> None:
         return echo(turn)
 
     engine = ScriptedEngine(reply, token_delay=0.001)
-    rec_a, rec_b = Recorder(), Recorder()
+    rec_a, rec_b = EventRecorder(), EventRecorder()
     a = make_live(engine, rec_a, sid="a")
     b = make_live(engine, rec_b, sid="b")
     try:
@@ -184,7 +158,7 @@ async def test_a_failing_turn_fails_alone() -> None:
 
 async def test_close_cancels_turns_in_flight() -> None:
     engine = ScriptedEngine([" ".join(["slow"] * 1000)], token_delay=0.02)
-    rec = Recorder()
+    rec = EventRecorder()
     live = make_live(engine, rec)
     await live.text("one")
     await live.text("two")
@@ -203,7 +177,7 @@ async def test_close_cancels_turns_in_flight() -> None:
 
 async def test_audio_utterance_reaches_the_engine(audio_dir: Path) -> None:
     engine = ScriptedEngine(echo, token_delay=0.001)
-    rec = Recorder()
+    rec = EventRecorder()
     live = make_live(engine, rec)
     audio = decode(audio_dir / "ldc93s1-16k-mono.wav")
     try:
@@ -230,7 +204,7 @@ async def test_speculative_prefill_is_used_by_the_real_engine(
 
     engine = Qwen2AudioEngine(str(tiny_model_dir), max_new_tokens=4)
     await engine.start()
-    rec = Recorder()
+    rec = EventRecorder()
     live = LiveSession(engine, rec, session_id="s1", config=SessionConfig(), max_new_tokens=4)
     audio = decode(audio_dir / "ldc93s1-16k-mono.wav")
     try:

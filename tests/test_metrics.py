@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers.clocks import FakeClock
 from voice_agent.engine.base import EngineStats, Timing, TurnInput, TurnResult, Usage
 from voice_agent.engine.deferred import DeferredEngine
 from voice_agent.engine.scripted import ScriptedEngine
@@ -38,20 +39,12 @@ def parse(metrics: Metrics) -> dict[str, float]:
     return out
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def done(reply_id: str) -> ReplyDone:
     return ReplyDone(reply_id, "text", {"completion_tokens": 1}, {"ttft_ms": 1.0})
 
 
 def test_session_events_count_and_time_turns_from_the_end_of_speech() -> None:
-    metrics, clock = Metrics(), Clock()
+    metrics, clock = Metrics(), FakeClock()
     obs = metrics.observer(clock)
     obs.observe(SpeechStoppedEvent("u1", 0, 1500))  # speech ends at t=100
     clock.now = 100.5
@@ -87,7 +80,7 @@ def test_session_events_count_and_time_turns_from_the_end_of_speech() -> None:
 
 
 def test_pending_clocks_are_bounded() -> None:
-    obs = Metrics().observer(Clock())
+    obs = Metrics().observer(FakeClock())
     for i in range(500):  # utterances that never got a reply (dropped ones)
         obs.observe(SpeechStoppedEvent(f"u{i}", 0, 10))
         obs.observe(ReplyStarted(f"r{i}", None))  # replies that never end

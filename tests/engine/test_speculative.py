@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from typing import Any
 
 from tests.helpers.engines import EngineFactory, collect
+from tests.helpers.waiting import until
 from voice_agent.engine.base import AudioArray, TurnInput
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine, _ConvState
 
@@ -14,14 +13,6 @@ from voice_agent.engine.qwen2_audio import Qwen2AudioEngine, _ConvState
 def state(conv: Any) -> _ConvState:
     assert isinstance(conv.state, _ConvState)
     return conv.state
-
-
-async def until(check: Callable[[], bool], timeout: float = 60.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not check():
-        assert loop.time() < end, "timed out"
-        await asyncio.sleep(0.01)
 
 
 def count_prefills(engine: Qwen2AudioEngine) -> list[int]:

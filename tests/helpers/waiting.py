@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-DEFAULT_WAIT = 30.0  # generous: these machines have 2 cores
+DEFAULT_WAIT = 60.0  # generous: these machines have 2 cores (shared)
 
 
 async def until(

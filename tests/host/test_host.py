@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
+from tests.helpers.recorders import EventRecorder
 from voice_agent.config import Config
 from voice_agent.engine.base import TurnInput
 from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.host import ConversationHost
-from voice_agent.protocol import ReplyDone, ServerEvent
 from voice_agent.store import Store
 
 
@@ -17,23 +16,12 @@ def echo(turn: TurnInput) -> str:
     return f"echo {turn.text}"
 
 
-class Inbox:
-    def __init__(self) -> None:
-        self.events: list[ServerEvent] = []
-        self.done = asyncio.Event()
-
-    async def send(self, event: ServerEvent) -> None:
-        self.events.append(event)
-        if isinstance(event, ReplyDone):
-            self.done.set()
-
-
 async def one_turn(host: ConversationHost, text: str, **start: object) -> str:
     """Start (or resume) a session, one typed turn, end it: its session id."""
-    inbox = Inbox()
+    inbox = EventRecorder()
     live = await host.start_session(inbox.send, **start)  # type: ignore[arg-type]
     await live.text(text)
-    await asyncio.wait_for(inbox.done.wait(), 20)
+    await inbox.until_done()
     await host.end_session(live)
     return live.session_id
 
@@ -89,12 +77,12 @@ async def test_sessions_are_registered_and_shutdown_saves_them(tmp_path: Path) -
     store = Store(tmp_path / "db.sqlite")
     host = ConversationHost(Config(), ScriptedEngine(echo, token_delay=0.0), store=store)
     host.engine_started()
-    inbox = Inbox()
+    inbox = EventRecorder()
     live = await host.start_session(inbox.send)
     assert host.sessions == {live.session_id: live}
     assert host.metrics.sessions_active == 1
     await live.text("hello")
-    await asyncio.wait_for(inbox.done.wait(), 20)
+    await inbox.until_done()
     host.begin_shutdown()
     await host.drain(0)
     await host.close_sessions()

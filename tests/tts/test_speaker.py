@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from tests.helpers.clocks import FakeClock
 from voice_agent.protocol import (
     ReplyAudioDone,
     ReplyAudioStarted,
@@ -46,18 +47,6 @@ class ToneTTS:
         self.texts.append(text)
         t = np.arange(RATE, dtype=np.float32) / RATE
         return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), RATE
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += max(0.0, seconds)
-        await asyncio.sleep(0)
 
 
 @dataclass
