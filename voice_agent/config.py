@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from voice_agent import session_defaults as D
 from voice_agent.errors import ConfigError
+from voice_agent.turn_schedule import parse_rechecks
 
 ENV_PREFIX = "VOICE_AGENT_"
 DEFAULT_MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
@@ -181,14 +183,17 @@ class Config:
         None, "system prompt of every conversation (default: the model's own)"
     )
     vad: str = _f(
-        "webrtc",
+        D.VAD,
         "voice activity detector: webrtc (light) or silero (a small neural network that "
         "ignores music, clatter and crowd noise; needs voice-agent[turn])",
     )
-    vad_aggressiveness: int = _f(2, "webrtcvad aggressiveness, 0 (least) to 3 (most)")
-    preroll_ms: int = _f(300, "audio before the speech onset kept in the utterance")
+    vad_aggressiveness: int = _f(
+        D.VAD_AGGRESSIVENESS, "webrtcvad aggressiveness, 0 (least) to 3 (most)"
+    )
+    preroll_ms: int = _f(D.PREROLL_MS, "audio before the speech onset kept in the utterance")
     hangover_ms: int = _f(
-        600, "silence that ends an utterance when no end-of-turn model runs (the fallback)"
+        D.HANGOVER_MS,
+        "silence that ends an utterance when no end-of-turn model runs (the fallback)",
     )
     turn_detection: str = _f(
         "silence",
@@ -202,12 +207,14 @@ class Config:
         "(default: smart-turn-v3.2 bundled in the pipecat-ai wheel of voice-agent[turn])",
     )
     turn_threshold: float = _f(
-        0.97,
+        D.TURN_THRESHOLD,
         "end-of-turn probability at or above which the model closes the turn at min_silence_ms "
         "(0.97: the fewest-cut-offs setting of benchmarks/turns.py, picked on held-out "
         "recordings; lower answers sooner and cuts people off more)",
     )
-    min_silence_ms: int = _f(200, "with the model: silence after which it judges the turn")
+    min_silence_ms: int = _f(
+        D.MIN_SILENCE_MS, "with the model: silence after which it judges the turn"
+    )
     turn_rechecks: str = _f(
         "",
         "with the model: later checks of the same pause as SILENCE_MS:THRESHOLD pairs, e.g. "
@@ -215,21 +222,24 @@ class Config:
         "at or above that threshold); empty: one check, at min_silence_ms",
     )
     max_silence_ms: int = _f(
-        1500, "with the model: silence that ends a turn the model judged unfinished"
+        D.MAX_SILENCE_MS, "with the model: silence that ends a turn the model judged unfinished"
     )
-    min_speech_ms: int = _f(200, "shorter bursts of sound are dropped as noise")
-    max_utterance_ms: int = _f(30000, "longer speech is closed and continues as the next utterance")
-    barge_in_ms: int = _f(300, "speech this long during a reply cancels the reply")
+    min_speech_ms: int = _f(D.MIN_SPEECH_MS, "shorter bursts of sound are dropped as noise")
+    max_utterance_ms: int = _f(
+        D.MAX_UTTERANCE_MS, "longer speech is closed and continues as the next utterance"
+    )
+    barge_in_ms: int = _f(D.BARGE_IN_MS, "speech this long during a reply cancels the reply")
     barge_in_speaking_ms: int = _f(
-        500,
+        D.BARGE_IN_SPEAKING_MS,
         "while the reply's audio plays (reply.audio.started to the end of its playback), "
         "speech must last this long to cut it off (at least barge_in_ms), so echo of the "
         "assistant's voice that echo cancellation missed does not",
     )
     max_queued_utterances: int = _f(
-        4, "utterances waiting behind a running reply; beyond it the oldest is dropped"
+        D.MAX_QUEUED_UTTERANCES,
+        "utterances waiting behind a running reply; beyond it the oldest is dropped",
     )
-    max_text_chars: int = _f(4000, "longest typed text turn")
+    max_text_chars: int = _f(D.MAX_TEXT_CHARS, "longest typed text turn")
     # spoken replies (voice_agent/tts)
     tts: str = _f(
         "auto",
@@ -373,8 +383,6 @@ _PREFIX_LEVEL = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _recheck_problems(text: str, min_silence_ms: int, max_silence_ms: int) -> list[str]:
-    from voice_agent.turn import parse_rechecks  # numpy; only when checking the config
-
     try:
         rechecks = parse_rechecks(text)
     except ValueError as exc:

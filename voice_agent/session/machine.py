@@ -1,91 +1,15 @@
-"""Session: one conversation's turn state machine (sans-I/O, no clocks).
-
-The async driver feeds it microphone PCM, typed text, client commands and what
-the engine reports for each reply; it returns the actions to execute, in order:
-
-    Send(event)                              send a server event to the client
-    SubmitTurn(reply_id, utterance_id, turn) submit `turn` to the engine; report
-                                             its deltas/result/failure back with
-                                             on_delta / on_done / on_failed
-    CancelTurn(reply_id, keep_tokens, reason) cancel that engine turn, keeping
-                                             `keep_tokens` reply tokens
-    DetectTurn(utterance_id, check, audio)   ask the end-of-turn detector about
-                                             `audio` (off the event loop) and
-                                             report with on_turn_decision
-    StopAudio(reply_id, reason)              stop that reply's spoken audio (its
-                                             text is done; see Barge-in)
-
-End of turn: with `vad.turn_check` (the driver has a detector, see turn.py)
-the segmenter asks after `vad.min_silence_ms` of silence, and again at each
-`vad.recheck_ms` point while the silence lasts; a probability at or above the
-threshold of that check (`turn_threshold` at the first, then the
-`turn_rechecks` schedule, see turn.threshold_at) closes the utterance at once
-(speech.stopped reason "end_of_turn"), a lower one keeps it open until
-`vad.max_silence_ms` of silence (reason "silence") or more speech.
-speech.stopped carries the probability of the pause it closed on as
-`eot_probability` (the latest check's).
-
-A Send(ReplyStarted) always comes right before its SubmitTurn. If submitting
-fails at once (errors.Busy), the driver calls on_failed for that reply id.
-
-At most one reply runs at a time. Turns (closed utterances and typed text)
-that arrive while a reply runs wait in a queue and are answered in order. The
-queue holds at most `max_queued_utterances` waiting turns; when a new one
-would exceed it, the OLDEST waiting turn is dropped, counted in
-`dropped_utterances` and reported with an `error` event (code `busy`).
-
-State (`state`): "thinking" while a reply runs and no delta was sent yet,
-"replying" once one was; otherwise "listening" while an utterance is open
-(speech.started sent, speech.stopped not yet), else "idle". The reply wins
-over speech: while the user talks over a reply the state stays the reply's.
-
-Barge-in: speech that started after the running reply was submitted and
-that the VAD scored as speech for `barge_in_ms` (voiced frames only, so the
-gaps of a door slam or a clatter do not add up; with vad="silero" music and
-noise score no speech at all) cancels the reply: CancelTurn(keep_tokens =
-tokens of the last sent delta, "barge_in") and
-reply.cancelled with the text sent so far. `barge_in_ms <= 0` turns barge-in
-off. Speech that was already going on when a reply was submitted never
-cancels it, nor does the continuation of an utterance split at max length.
-
-Barge-in while the assistant is heard: the driver reports the reply's audio
-with playback(reply_id, True) when reply.audio.started goes out and
-playback(reply_id, False) when the audio has finished playing (or stopped).
-In between, speech must last `barge_in_speaking_ms` (default 500, never less
-than barge_in_ms) to barge in, so echo of the assistant's own voice that the
-client's echo cancellation missed does not cut it off. Playback may outlast
-the reply's text: speech that long after reply.done, while the audio still
-plays, returns StopAudio(reply_id, "barge_in") (no reply.cancelled: the
-text reply has finished and stays whole in the history); it counts in
-`barge_ins`, and the interrupting utterance is answered when it closes.
-Playback reports for a reply that is no longer the newest, or that was
-cancelled or stopped, are ignored; a new reply, a cancel or StopAudio end
-playback for the Session at once.
-Turns that were waiting behind the barged-in reply stay queued in order, and
-nothing new is submitted until the interrupting utterance has closed; it then
-joins the queue behind them. A client `cancel` works the same way (reason
-"client") but submits the next waiting turn at once.
-
-Commands: with a `devices` allowlist in the config, on_done follows the
-reply.done of a finished (not cancelled) reply with one `command` event per
-valid command in its text (commands.parse_commands); invalid ones are only
-counted in `rejected_commands`, by reason.
-
-History: a turn enters `history` when it ends (done or cancelled), as a user
-entry followed by an assistant entry; a cancelled reply keeps only the text
-that was sent. Failed and dropped turns never enter it (the engine drops a
-failed turn from its history as well).
-"""
+"""The Session state machine: turns, the reply queue, barge-in and history
+(see the package doc for the rules; pure, no clocks)."""
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 from voice_agent.audio import duration_ms
-from voice_agent.commands import DeviceList, parse_commands
-from voice_agent.engine.types import AudioArray, Delta, TurnInput, TurnResult
+from voice_agent.commands import parse_commands
+from voice_agent.engine.types import Delta, TurnInput, TurnResult
 from voice_agent.errors import BadAudio, BadMessage, Busy
 from voice_agent.protocol import (
     CommandEvent,
@@ -93,13 +17,23 @@ from voice_agent.protocol import (
     ReplyDelta,
     ReplyDone,
     ReplyStarted,
-    ServerEvent,
     SpeechStartedEvent,
     SpeechStoppedEvent,
     error_event,
     reply_wire_id,
     utterance_wire_id,
 )
+from voice_agent.session.actions import (
+    Action,
+    CancelTurn,
+    DetectTurn,
+    HistoryEntry,
+    Send,
+    Speculate,
+    StopAudio,
+    SubmitTurn,
+)
+from voice_agent.session.config import SessionConfig
 from voice_agent.turn_schedule import threshold_at
 from voice_agent.vad import (
     Segmenter,
@@ -107,7 +41,6 @@ from voice_agent.vad import (
     SpeechPaused,
     SpeechStarted,
     TurnCheck,
-    VadConfig,
 )
 
 State = Literal["idle", "listening", "thinking", "replying"]
@@ -115,85 +48,7 @@ State = Literal["idle", "listening", "thinking", "replying"]
 # segmenter reason -> wire reason (the protocol has no "end_of_stream")
 _WIRE_REASON = {"end_of_stream": "silence"}
 
-
-@dataclass(frozen=True)
-class SessionConfig:
-    vad: VadConfig = field(default_factory=VadConfig)
-    barge_in_ms: int = 300  # speech this long cancels the running reply; <= 0: never
-    # ... while the reply's audio plays: speech this long (at least barge_in_ms)
-    barge_in_speaking_ms: int = 500
-    max_queued_utterances: int = 4  # waiting turns; beyond it the oldest is dropped
-    max_text_chars: int = 4000  # longer `text` -> BadMessage
-    system_prompt: str | None = None  # for the driver, when it opens the engine Conversation
-    devices: DeviceList | None = None  # command allowlist; None: replies carry no commands
-    speculative_prefill: bool = True  # Speculate actions while the hangover runs
-    turn_threshold: float = 0.97  # end-of-turn probability that closes the utterance
-    # thresholds of the later checks: (silence_ms, threshold) at vad.recheck_ms
-    turn_rechecks: tuple[tuple[int, float], ...] = ()
-    # The end-of-turn detector (turn.TurnDetector) the driver runs for DetectTurn;
-    # the Session never calls it. vad.turn_check says whether checks are made.
-    turn_detector: Any = None
-
-
-@dataclass(frozen=True)
-class Send:
-    event: ServerEvent
-
-
-@dataclass(frozen=True)
-class SubmitTurn:
-    reply_id: str
-    utterance_id: str | None
-    turn: TurnInput
-
-
-@dataclass(frozen=True)
-class CancelTurn:
-    reply_id: str
-    keep_tokens: int
-    reason: str  # "barge_in" | "client"
-
-
-@dataclass(frozen=True)
-class Speculate:
-    """Prefill this audio as the next turn ahead of time (the VAD hangover is
-    running and the engine would start this turn at once). The engine uses it
-    only if the turn's audio turns out to be exactly these samples."""
-
-    audio: AudioArray
-
-
-@dataclass(frozen=True)
-class DetectTurn:
-    """Run the end-of-turn detector on `audio` (the utterance so far, at most
-    8 s, silence included) and call on_turn_decision(utterance_id, check, p,
-    silence_ms)."""
-
-    utterance_id: int
-    check: int
-    audio: AudioArray
-    silence_ms: int = 0  # silence at the end of `audio` (which threshold applies)
-
-
-@dataclass(frozen=True)
-class StopAudio:
-    """Stop the spoken audio of `reply_id`, whose text is already done."""
-
-    reply_id: str
-    reason: str  # "barge_in"
-
-
-Action = Send | SubmitTurn | CancelTurn | Speculate | DetectTurn | StopAudio
-
-
-@dataclass(frozen=True)
-class HistoryEntry:
-    role: Literal["user", "assistant"]
-    text: str | None  # typed text or reply text; None for a spoken user turn
-    audio_ms: int | None  # duration of the user's clip; None for text
-    utterance_id: str | None
-    reply_id: str | None
-    cancelled: bool = False
+DEFAULT_SESSION_CONFIG = SessionConfig()  # frozen: one shared default
 
 
 @dataclass(frozen=True)
@@ -219,7 +74,7 @@ class Session:
     def __init__(
         self,
         session_id: str,
-        config: SessionConfig = SessionConfig(),
+        config: SessionConfig = DEFAULT_SESSION_CONFIG,
         sample_rate: int = 16000,
         channels: int = 1,
         *,
