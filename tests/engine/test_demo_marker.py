@@ -7,9 +7,15 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
+from voice_agent.engine.base import Engine
 from voice_agent.engine.loader import load_engine
+from voice_agent.engine.openai import OpenAIEngine
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
+from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.engine.tiny import DEMO_MODEL_KEY, is_demo_config
+from voice_agent.model_server import serving
 
 
 def test_the_mark_is_in_config_json(tiny_model_dir: Path) -> None:
@@ -56,3 +62,34 @@ def test_a_false_or_odd_mark_is_not_a_demo_model() -> None:
     for value in (False, "true", 1, None):
         setattr(config, DEMO_MODEL_KEY, value)
         assert not is_demo_config(config)
+
+
+async def remote_demo_flag(backend: Engine, name: str | None) -> tuple[bool, bool]:
+    """(demo_model after start, after a ready() probe) of an OpenAIEngine (the
+    gateway's `--engine openai`) in front of serve-model serving `backend`."""
+    try:
+        async with serving(backend) as (server, port):
+            remote = OpenAIEngine(f"http://127.0.0.1:{port}/v1", name and server.served_name)
+            try:
+                await remote.start()
+                started = remote.demo_model
+                assert await remote.ready()
+                return started, remote.demo_model
+            finally:
+                await remote.close()
+    finally:
+        await backend.close()
+
+
+@pytest.mark.parametrize("named", [True, False])
+async def test_a_remote_engine_in_front_of_a_tiny_model_is_a_demo_model(
+    tiny_model_dir: Path, named: bool
+) -> None:
+    """serve-model's /v1/models entry carries the mark; the gateway reads it at
+    start, so its first session.started already says demo_model."""
+    backend = Qwen2AudioEngine(str(tiny_model_dir), max_new_tokens=4)
+    assert await remote_demo_flag(backend, "named" if named else None) == (True, True)
+
+
+async def test_a_remote_engine_in_front_of_another_model_is_not() -> None:
+    assert await remote_demo_flag(ScriptedEngine(["hi"]), None) == (False, False)

@@ -13,6 +13,10 @@ Connect errors are retried a bounded number of times; a backend that stays
 down, times out or answers with an error fails only that turn, with
 errors.BackendUnavailable or EngineError. The API key is sent as a bearer token
 and never logged.
+
+`demo_model` follows the backend's GET /models entry for the served model
+(read at start, by every ready() probe and when the name is resolved):
+serve-model marks a model written by make-tiny-model there.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from voice_agent.engine.base import (
     TurnResult,
     Usage,
 )
+from voice_agent.engine.tiny import DEMO_MODEL_KEY
 from voice_agent.errors import BackendUnavailable, Busy, EngineError, VoiceAgentError
 
 logger = logging.getLogger("voice_agent.engine")
@@ -177,6 +182,7 @@ class OpenAIEngine(Engine):
 
     async def start(self) -> None:
         self._client()
+        await self.ready(self.connect_timeout)  # the demo mark; a backend down now is not fatal
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -210,9 +216,22 @@ class OpenAIEngine(Engine):
             async with session.get(
                 f"{self.base_url}/models", timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+                if resp.status != 200:
+                    return False
+                self._note_models(await resp.json(content_type=None))
+                return True
+        except (aiohttp.ClientError, TimeoutError, ValueError):
             return False
+
+    def _note_models(self, data: Any) -> list[str]:
+        """A GET /models body's ids; the served model's entry sets demo_model."""
+        entries = data.get("data") if isinstance(data, dict) else None
+        models = [m for m in entries or [] if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        name = self.model_name or (models[0]["id"] if models else "")
+        for entry in models:
+            if entry["id"] == name:
+                self.demo_model = entry.get(DEMO_MODEL_KEY) is True
+        return [m["id"] for m in models]
 
     # -------------------------------------------------------- conversations
 
@@ -351,8 +370,8 @@ class OpenAIEngine(Engine):
             if resp.status != 200:
                 raise EngineError(f"the model backend answered HTTP {resp.status} to /models")
             data = await resp.json()
-        models = [m.get("id") for m in data.get("data") or [] if isinstance(m, dict)]
-        if not models or not isinstance(models[0], str):
+        models = self._note_models(data)
+        if not models:
             raise EngineError("the model backend serves no model")
         self.model_name = models[0]
         return self.model_name
