@@ -170,7 +170,7 @@ async def test_close_cancels_turns_in_flight() -> None:
     await asyncio.sleep(0.1)
     assert len(rec.events) == sent  # nothing is sent after close
     async with asyncio.timeout(10):  # the engine lets go of both turns
-        while engine._unfinished:
+        while engine.runtime_stats().batch_size:
             await asyncio.sleep(0.01)
     await engine.close()
 

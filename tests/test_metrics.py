@@ -80,12 +80,29 @@ def test_session_events_count_and_time_turns_from_the_end_of_speech() -> None:
 
 
 def test_pending_clocks_are_bounded() -> None:
-    obs = Metrics().observer(FakeClock())
-    for i in range(500):  # utterances that never got a reply (dropped ones)
-        obs.observe(SpeechStoppedEvent(f"u{i}", 0, 10))
+    """Replies that never end and utterances that never get a reply age out:
+    only the newest MAX_PENDING of each are remembered (seen in turn latency)."""
+    metrics, clock = Metrics(), FakeClock()
+    obs = metrics.observer(clock)
+    n = 500
+    oldest_kept = n - obs.MAX_PENDING
+    for i in range(n):
+        obs.observe(SpeechStoppedEvent(f"u{i}", 0, 10))  # speech ends at t=100
         obs.observe(ReplyStarted(f"r{i}", None))  # replies that never end
-    assert len(obs._speech_end) <= obs.MAX_PENDING
-    assert len(obs._turn_start) <= obs.MAX_PENDING
+    latency = 'voice_agent_turn_latency_seconds_{}{{transport="realtime"}}'
+    obs.observe(done(f"r{oldest_kept - 1}"))  # forgotten: no latency
+    assert parse(metrics)[latency.format("count")] == 0
+    obs.observe(done(f"r{oldest_kept}"))  # remembered: 0 s
+    assert parse(metrics)[latency.format("count")] == 1
+    clock.advance(5.0)
+    obs.observe(ReplyStarted("late", f"u{oldest_kept - 1}"))  # forgotten: counts from now
+    obs.observe(ReplyStarted("kept", f"u{oldest_kept}"))  # from the end of its speech
+    clock.advance(1.0)
+    obs.observe(done("late"))
+    obs.observe(done("kept"))
+    m = parse(metrics)
+    assert m[latency.format("count")] == 3
+    assert m[latency.format("sum")] == pytest.approx(0.0 + 1.0 + 6.0)
 
 
 def test_turn_results_feed_tokens_and_ttft() -> None:

@@ -147,11 +147,11 @@ async def test_cancel_closes_the_stream(serve: Serve, remote: Callable[..., Open
     assert result.cancelled and result.text == "".join(pieces[:2])
     assert len(pieces) < 2000
     for _ in range(500):  # the server notices the closed stream and stops decoding
-        if server.stats["cancelled"] == 1 and not backend._tasks:
+        if server.stats["cancelled"] == 1 and not backend.runtime_stats().batch_size:
             break
         await asyncio.sleep(0.01)
     assert server.stats["cancelled"] == 1 and server.stats["completed"] == 0
-    assert not backend._tasks
+    assert not backend.runtime_stats().batch_size
     assert engine.messages(conv)[-1] == {"role": "assistant", "content": result.text}
     # The next turn of the conversation runs normally.
     backend.replies = ["fine then"]
@@ -420,11 +420,11 @@ async def test_client_gone_cancels_a_non_streaming_request(serve: Serve) -> None
         with pytest.raises(asyncio.CancelledError):
             await request
     for _ in range(500):
-        if server.stats["cancelled"] == 1 and not backend._tasks:
+        if server.stats["cancelled"] == 1 and not backend.runtime_stats().batch_size:
             break
         await asyncio.sleep(0.01)
     assert server.stats["cancelled"] == 1 and server.stats["completed"] == 0
-    assert not backend._tasks
+    assert not backend.runtime_stats().batch_size
 
 
 async def test_ready_and_runtime_stats_follow_the_backend(
