@@ -12,16 +12,15 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers.ports import free_port
+from tests.helpers.servers import json_logs, server_process
 from voice_agent.audio import decode, frames, silence
 from voice_agent.client import RealtimeClient
 from voice_agent.config import Config
 from voice_agent.engine.deferred import DeferredEngine
 from voice_agent.engine.scripted import ScriptedEngine, words
 from voice_agent.protocol import ReplyDone, SpeechStoppedEvent
-from voice_agent.transports import websocket
 from voice_agent.transports.websocket import WebSocketServerApp, running_server
-
-from .servers import free_port, json_logs, server_process
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -131,7 +130,7 @@ async def wait_listening(app: WebSocketServerApp) -> int:
 
 
 async def test_readyz_is_503_until_the_model_is_loaded_and_answering(
-    config: Config, monkeypatch: pytest.MonkeyPatch
+    config: Config,
 ) -> None:
     loaded = threading.Event()
     inner = Answering(["hello"], token_delay=0.001)
@@ -152,6 +151,7 @@ async def test_readyz_is_503_until_the_model_is_loaded_and_answering(
         assert status == 200
         async with RealtimeClient(app.url) as client:  # turned away: try again later
             assert await client.wait_closed(20) == 1013
+            assert client.ws.close_reason is not None and "loading" in client.ws.close_reason
         assert (await scrape(port))["voice_agent_sessions_total"] == 0
         assert not start.done()
 
@@ -167,7 +167,7 @@ async def test_readyz_is_503_until_the_model_is_loaded_and_answering(
         inner.answering = False  # the engine stopped answering
         status, body = await readyz(port)
         assert status == 503 and body["status"] == "not_ready"
-        monkeypatch.setattr(websocket, "READY_TIMEOUT", 0.2)
+        app.routes.ready_timeout = 0.2
         inner.answering, inner.hang = True, True  # its check hangs: not ready either
         status, body = await readyz(port)
         assert status == 503 and body["status"] == "not_ready"

@@ -14,14 +14,13 @@ import pytest
 import soundfile
 from websockets.asyncio.client import ClientConnection, connect
 
+from tests.helpers.speech import voiced_fraction
 from voice_agent.config import Config
 from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.transports.websocket import WebSocketServerApp, running_server
 from voice_agent.tts import load_tts
 from voice_agent.tts.espeak import EspeakTTS
 from voice_agent.tts.speaker import Speech
-
-from .speech_checks import voiced_fraction
 
 pytestmark = pytest.mark.timeout(60)
 

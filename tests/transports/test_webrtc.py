@@ -31,6 +31,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, VideoStreamTrack
 from aiortc.rtcicetransport import connection_kwargs
 
+from tests.helpers.speech import voiced_fraction
 from voice_agent.audio import decode, float_to_pcm16, resample
 from voice_agent.client import RealtimeClient
 from voice_agent.config import Config
@@ -62,8 +63,6 @@ from voice_agent.transports.webrtc import (
 from voice_agent.transports.websocket import WebSocketServerApp, running_server
 from voice_agent.tts.espeak import EspeakTTS
 from voice_agent.tts.speaker import Speech
-
-from .speech_checks import voiced_fraction
 
 pytestmark = pytest.mark.timeout(120)
 
