@@ -1,9 +1,9 @@
 """LiveSession: the async driver of one sans-I/O Session, shared by every transport.
 
 A transport (WebSocket, WebRTC, MQTT) owns the connection and calls
-`feed_audio`, `text`, `commit`, `cancel` and finally `close`; the LiveSession
-runs the Session, executes the actions it returns and hands every event to the
-transport's `send` callback:
+`feed_audio`, `text`, `commit`, `cancel` (MQTT: `turn`, then `settled` after
+the reply) and finally `close`; the LiveSession runs the Session, executes the
+actions it returns and hands every event to the transport's `send` callback:
 
     Send(event)        -> await send(event)
     SubmitTurn(...)    -> engine.submit(...); the handle joins the turn queue
@@ -50,7 +50,7 @@ from typing import Any
 
 from voice_agent.commands import Command, DeviceList, prompt_text
 from voice_agent.config import Config
-from voice_agent.engine.base import Conversation, Engine, TurnHandle
+from voice_agent.engine.base import Conversation, Engine, TurnHandle, TurnInput
 from voice_agent.hub import load_devices
 from voice_agent.metrics import Metrics
 from voice_agent.protocol import CommandEvent, ServerEvent
@@ -132,6 +132,10 @@ def prepare_turn_taking(config: Config) -> None:
         logger.info(line, extra={"vad": config.vad})
 
 
+def _no_actions() -> list[Action]:
+    return []
+
+
 @dataclass
 class _Turn:
     reply_id: str
@@ -160,6 +164,7 @@ class LiveSession:
         ids_from: tuple[int, int] = (0, 0),
         device: str | None = None,
         on_command: CommandHook | None = None,
+        transport: str = "realtime",
     ) -> None:
         self.session_id = session_id
         self.device = device
@@ -176,7 +181,12 @@ class LiveSession:
         self.max_new_tokens = max_new_tokens
         # Server metrics (metrics.py): this session's events and turn results.
         self.metrics = metrics
-        self._observer = metrics.observer() if metrics is not None else None
+        # A request/reply transport (MQTT) times its turns itself, request to reply.
+        self._observer = (
+            metrics.observer(transport=transport, turn_latency=transport == "realtime")
+            if metrics is not None
+            else None
+        )
         self._send = send
         self._lock = asyncio.Lock()
         self._lock_users = 0  # coroutines holding or waiting for _lock
@@ -240,6 +250,16 @@ class LiveSession:
 
     async def text(self, text: str) -> None:
         await self._call(self.session.text, text)
+
+    async def turn(self, turn: TurnInput) -> None:
+        """A whole user turn at once (a request/reply transport: MQTT's clip
+        and/or text); its reply comes as events like any other."""
+        await self._call(self.session.turn, turn)
+
+    async def settled(self) -> None:
+        """Wait until the events of every call so far have been sent (a
+        finished reply's command events follow its reply.done)."""
+        await self._call(_no_actions)
 
     async def commit(self) -> None:
         await self._call(self.session.commit)

@@ -195,9 +195,17 @@ class Metrics:
 
     # -- fed as things happen ---------------------------------------------
 
-    def observer(self, clock: Callable[[], float] = time.monotonic) -> SessionMetrics:
-        """What one realtime session feeds its events to."""
-        return SessionMetrics(self, clock)
+    def observer(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        transport: str = "realtime",
+        turn_latency: bool = True,
+    ) -> SessionMetrics:
+        """What one session feeds its events to; `transport` labels its
+        errors and turn latency (turn_latency=False: the transport times its
+        turns itself, as MQTT does from request to reply)."""
+        return SessionMetrics(self, clock, transport=transport, turn_latency=turn_latency)
 
     def turn_result(self, result: TurnResult) -> None:
         """An engine turn ended (finished or cancelled): its tokens and TTFT."""
@@ -308,7 +316,8 @@ class Metrics:
 
 
 class SessionMetrics:
-    """One realtime session's events into the server's Metrics.
+    """One session's events into the server's Metrics (a realtime session,
+    or an MQTT request's one-turn session: `transport`).
 
     Keeps the clocks turn latency needs: when each utterance's speech ended
     (speech.stopped) and when each reply's turn began (that moment for a
@@ -319,10 +328,18 @@ class SessionMetrics:
 
     MAX_PENDING = 32
 
-    def __init__(self, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        transport: str = "realtime",
+        turn_latency: bool = True,
+    ) -> None:
         self.metrics = metrics
+        self.transport = transport
         self._clock = clock
-        self._latency = metrics.turn_latency.labels("realtime")
+        self._latency = metrics.turn_latency.labels(transport) if turn_latency else None
         self._speech_end: dict[str, float] = {}
         self._turn_start: dict[str, float] = {}
 
@@ -349,7 +366,7 @@ class SessionMetrics:
         elif isinstance(event, ReplyDone):
             m.turns.inc()
             start = self._turn_start.pop(event.reply_id, None)
-            if start is not None:
+            if start is not None and self._latency is not None:
                 self._latency.observe(max(0.0, self._clock() - start))
         elif isinstance(event, ReplyCancelled):
             m.turns.inc()
@@ -358,7 +375,7 @@ class SessionMetrics:
             self._turn_start.pop(event.reply_id, None)
         elif isinstance(event, ErrorEvent):
             m.errors.labels(event.code).inc()
-            m.errors_by_transport.labels("realtime", event.code).inc()
+            m.errors_by_transport.labels(self.transport, event.code).inc()
             if event.reply_id is not None:
                 self._turn_start.pop(event.reply_id, None)
         elif isinstance(event, CommandEvent):

@@ -1,57 +1,45 @@
 """Shared by the MQTT tests (test_mqtt_*.py): a real mosquitto on a free
 loopback port (`broker`, `auth_broker`, `tls_broker` fixtures; Debian package
 `mosquitto`: when it is missing the tests fail, they are never skipped), a
-recording test client, the agent under test and the devices file."""
+recording test client, and the agent under test: an MqttTransport on its own
+ConversationHost (the devices file is the `devices_file` fixture of
+tests/conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import os
-import shutil
-import socket
 import ssl
 import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiomqtt
 import pytest
 
+from tests.helpers.mosquitto import (
+    as_root_lines,
+    require_mosquitto,
+    start_mosquitto,
+    stop_mosquitto,
+    write_passwords,
+)
+from tests.helpers.paths import ROOT
+from tests.helpers.ports import free_port
+from tests.helpers.tls import make_tls_files
 from voice_agent.config import Config
 from voice_agent.engine.base import TurnInput
 from voice_agent.engine.scripted import ScriptedEngine
-from voice_agent.transports.mqtt import (
-    MqttTransport,
-    running_mqtt,
-)
+from voice_agent.host import ConversationHost
+from voice_agent.transports.mqtt import MqttTransport, running_mqtt
 
-from .servers import free_port
-from .tls_files import make_tls_files
+__all__ = ["ROOT"]
 
-if TYPE_CHECKING:
-    pass
-
-ROOT = Path(__file__).resolve().parents[2]
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 WAIT = 30.0  # generous: these machines have 2 cores
-
-DEVICES_TOML = """
-[devices."light.kitchen"]
-description = "kitchen ceiling light"
-actions = ["on", "off"]
-brightness = { min = 0, max = 100 }
-
-[devices."climate.living_room"]
-set_temperature = { min = 16, max = 28 }
-set_mode = { values = ["heat", "cool", "off"] }
-"""
 
 
 # ------------------------------------------------------------------ the broker
@@ -67,8 +55,7 @@ class Broker:
         users: dict[str, str] | None = None,
         tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
-        if not Path(MOSQUITTO).exists():
-            pytest.fail("mosquitto is not installed (Debian package `mosquitto`)")
+        require_mosquitto()
         self.dir = directory
         self.port = free_port()
         self.tls = tls is not None
@@ -77,22 +64,13 @@ class Broker:
             f"listener {self.port} 127.0.0.1",
             f"persistence true\npersistence_location {directory}/",
             f"log_dest file {directory}/mosquitto.log",
+            *as_root_lines(),
         ]
         if tls is not None:
             ca, cert, key = tls
             lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
-        if os.geteuid() == 0:
-            lines.append("user root")  # keep root: the directory is not the mosquitto user's
         if users:
-            passwords = directory / "passwords"
-            passwords.write_text("")
-            for user, password in users.items():
-                subprocess.run(
-                    [MOSQUITTO_PASSWD, "-b", str(passwords), user, password],
-                    check=True,
-                    capture_output=True,
-                )
-            passwords.chmod(0o600)
+            passwords = write_passwords(directory / "passwords", users)
             lines += ["allow_anonymous false", f"password_file {passwords}"]
         else:
             lines.append("allow_anonymous true")
@@ -104,28 +82,12 @@ class Broker:
         return f"{scheme}://{userinfo + '@' if userinfo else ''}127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(200):  # up to 10 s
-            if self.proc.poll() is not None:
-                log = (self.dir / "mosquitto.log").read_text(errors="replace")[-2000:]
-                pytest.fail(f"mosquitto exited with {self.proc.returncode}: {log}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=1),
-            ):
-                return
-            time.sleep(0.05)
-        pytest.fail("mosquitto did not start listening within 10 s")
+        self.proc = start_mosquitto(self.conf, self.port, self.dir / "mosquitto.log")
 
     def stop(self) -> None:
         """SIGTERM: mosquitto saves its persistence file and exits."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        if self.proc is not None:
+            stop_mosquitto(self.proc)
         self.proc = None
 
 
@@ -225,16 +187,36 @@ def cfg(broker: Broker, **kw: Any) -> Config:
     return Config(mqtt=broker.url(), **kw)
 
 
+def make_host(config: Config, engine: Any, **kw: Any) -> ConversationHost:
+    """The host of one agent under test (store, speech, bus, devices, metrics
+    as ConversationHost takes them)."""
+    return ConversationHost(config, engine, **kw)
+
+
 @contextlib.asynccontextmanager
-async def agent(config: Config, engine: Any, **kw: Any) -> AsyncIterator[MqttTransport]:
-    """A started engine and MqttTransport, with a fast reconnect for tests."""
+async def agent(
+    config: Config,
+    engine: Any,
+    *,
+    reconnect_min: float = 0.05,
+    reconnect_max: float = 0.5,
+    **host_kw: Any,
+) -> AsyncIterator[MqttTransport]:
+    """A started engine, its ConversationHost (`host_kw`: store, speech, bus,
+    devices) and an MqttTransport on it (`transport.host`), with a fast
+    reconnect for tests; the host is closed (saves done) on the way out."""
     await engine.start()
-    kw.setdefault("reconnect_min", 0.05)
-    kw.setdefault("reconnect_max", 0.5)
-    async with running_mqtt(config, engine, **kw) as transport:
-        await transport.wait_connected(WAIT)
-        yield transport
-    await engine.close()
+    host = make_host(config, engine, **host_kw)
+    host.engine_started()
+    try:
+        async with running_mqtt(
+            config, host, reconnect_min=reconnect_min, reconnect_max=reconnect_max
+        ) as transport:
+            await transport.wait_connected(WAIT)
+            yield transport
+    finally:
+        await host.close()
+        await engine.close()
 
 
 def echo(turn: TurnInput) -> str:
@@ -277,13 +259,6 @@ VALID: list[dict[str, Any]] = [
     {"action": "brightness", "target": "light.kitchen", "value": 40},
     {"action": "set_mode", "target": "climate.living_room", "value": "heat"},
 ]
-
-
-@pytest.fixture
-def devices_file(tmp_path: Path) -> Path:
-    path = tmp_path / "devices.toml"
-    path.write_text(DEVICES_TOML)
-    return path
 
 
 @pytest.fixture

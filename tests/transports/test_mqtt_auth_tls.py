@@ -7,21 +7,14 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.helpers.tls import make_tls_files
 from voice_agent.config import Config
 from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.errors import BrokerAuthError, ConfigError
-from voice_agent.transports.mqtt import (
-    MqttTransport,
-)
-
-from .tls_files import make_tls_files
-
-if TYPE_CHECKING:
-    pass
+from voice_agent.transports.mqtt import MqttTransport
 
 from . import mqtt_support
 from .mqtt_support import (
@@ -30,6 +23,7 @@ from .mqtt_support import (
     Listener,
     agent,
     echo,
+    make_host,
     until,
 )
 
@@ -51,7 +45,8 @@ async def test_password_broker_with_and_without_credentials(auth_broker: Broker)
     for url in (auth_broker.url(), auth_broker.url("agent:wrong")):
         engine = ScriptedEngine()
         await engine.start()
-        transport = MqttTransport(Config(mqtt=url), engine)
+        config = Config(mqtt=url)
+        transport = MqttTransport(config, make_host(config, engine))
         with pytest.raises(BrokerAuthError, match="refused the credentials"):
             await transport.start()
         assert not transport.connected
@@ -115,13 +110,15 @@ async def test_mqtts_wrong_ca_is_a_logged_error_and_retried(
 ) -> None:
     url = tls_broker.url()
     with pytest.raises(ConfigError, match="--mqtt-ca"):
-        MqttTransport(Config(mqtt=url, mqtt_ca=str(tmp_path / "missing.pem")), ScriptedEngine())
+        missing = Config(mqtt=url, mqtt_ca=str(tmp_path / "missing.pem"))
+        MqttTransport(missing, make_host(missing, ScriptedEngine()))
     other_ca = make_tls_files(tmp_path / "other")[0]  # a CA that did not sign the broker's
     caplog.set_level(logging.INFO, logger="voice_agent.mqtt")
     engine = ScriptedEngine()
     await engine.start()
+    config = Config(mqtt=url, mqtt_ca=str(other_ca))
     transport = MqttTransport(
-        Config(mqtt=url, mqtt_ca=str(other_ca)), engine, reconnect_min=0.05, reconnect_max=0.2
+        config, make_host(config, engine), reconnect_min=0.05, reconnect_max=0.2
     )
 
     def untrusted() -> list[logging.LogRecord]:
@@ -131,7 +128,8 @@ async def test_mqtts_wrong_ca_is_a_logged_error_and_retried(
         await transport.start(first_connect_timeout=1.0)  # does not raise: retries
         await until(lambda: len(untrusted()) >= 3)
         assert not transport.connected and transport.stats.connections == 0
-        assert transport._task is not None and not transport._task.done()  # still trying
+        task = transport.link.task
+        assert task is not None and not task.done()  # still trying
         records = untrusted()
         assert all(r.levelno == logging.ERROR and r.exc_info is None for r in records)
         assert "--mqtt-ca" in records[0].getMessage()

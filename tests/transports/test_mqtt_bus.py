@@ -38,7 +38,6 @@ pytestmark = pytest.mark.timeout(120)
 
 # the fixtures of mqtt_support that the tests below use
 broker = mqtt_support.broker
-devices_file = mqtt_support.devices_file
 
 
 # --------------------------------------------- WebSocket speakers and the bus
@@ -174,10 +173,9 @@ async def test_spoken_reply_is_a_wav_on_reply_audio(broker: Broker) -> None:
 
     import soundfile
 
+    from tests.helpers.speech import voiced_fraction
     from voice_agent.tts.espeak import EspeakTTS
     from voice_agent.tts.speaker import Speech
-
-    from .speech_checks import voiced_fraction
 
     text = "The kitchen light is on. The hall stays dark, as you asked."
     speech = Speech(EspeakTTS())
@@ -247,7 +245,9 @@ async def test_mqtt_feeds_the_servers_metrics(broker: Broker, devices_file: Path
     assert m["voice_agent_mqtt_requests_total"] == 1
     assert m["voice_agent_mqtt_replies_total"] == 1
     assert m["voice_agent_mqtt_commands_published_total"] == 3
-    assert m["voice_agent_mqtt_commands_rejected_total"] == 10
+    assert m["voice_agent_commands_rejected_total"] == 10  # by the Session, as WebSocket's
+    assert m["voice_agent_commands_total"] == 3
+    assert m["voice_agent_turns_total"] == 1
     assert m["voice_agent_mqtt_duplicates_total"] == 1
     assert m["voice_agent_mqtt_connected"] == 1
     assert m["voice_agent_tokens_generated_total"] == len(words(COMMAND_REPLY))
@@ -255,4 +255,5 @@ async def test_mqtt_feeds_the_servers_metrics(broker: Broker, devices_file: Path
     assert m['voice_agent_turn_latency_seconds_count{transport="mqtt"}'] == 1
     assert m['voice_agent_queue_depth{queue="mqtt_requests"}'] == 0
     assert 'voice_agent_queue_depth{queue="mqtt_outbox"}' in m
-    assert m["voice_agent_sessions_total"] == 0  # the WebSocket side, same registry
+    assert m["voice_agent_sessions_total"] == 1  # the request's one-turn session
+    assert m["voice_agent_sessions_active"] == 0

@@ -19,7 +19,6 @@ from .mqtt_support import COMMAND_REPLY, WAIT, Broker, Listener
 pytestmark = pytest.mark.timeout(120)
 
 broker = mqtt_support.broker
-devices_file = mqtt_support.devices_file
 
 
 def _brain(turn: object) -> str:

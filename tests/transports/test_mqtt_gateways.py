@@ -30,6 +30,7 @@ from .mqtt_support import (
     agent,
     cfg,
     echo,
+    make_host,
     turns_seen,
     until,
 )
@@ -86,7 +87,7 @@ async def test_share_group_replica_leaving(broker: Broker) -> None:
     try:
         async with agent(config, ScriptedEngine(echo)) as stays:
             async with Listener(broker, ["voice_agent/status"]) as status:
-                leaving = MqttTransport(config, engine, reconnect_min=0.05)
+                leaving = MqttTransport(config, make_host(config, engine), reconnect_min=0.05)
                 await leaving.start()
                 await leaving.wait_connected(WAIT)
                 await leaving.close()  # publishes `offline`; `stays` answers `online`

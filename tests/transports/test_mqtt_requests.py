@@ -36,7 +36,6 @@ pytestmark = pytest.mark.timeout(120)
 
 # the fixtures of mqtt_support that the tests below use
 broker = mqtt_support.broker
-devices_file = mqtt_support.devices_file
 
 
 # ---------------------------------------------------------------- the broker
@@ -61,12 +60,16 @@ AGENT_SCRIPT = """
 import asyncio, sys
 from voice_agent.config import Config
 from voice_agent.engine.scripted import ScriptedEngine
+from voice_agent.host import ConversationHost
 from voice_agent.transports.mqtt import running_mqtt
 
 async def main():
     engine = ScriptedEngine()
     await engine.start()
-    async with running_mqtt(Config(mqtt=sys.argv[1], mqtt_client_id="doomed"), engine) as t:
+    config = Config(mqtt=sys.argv[1], mqtt_client_id="doomed")
+    host = ConversationHost(config, engine)
+    host.engine_started()
+    async with running_mqtt(config, host) as t:
         await t.wait_connected(30)
         print("connected", flush=True)
         await asyncio.sleep(3600)
@@ -205,7 +208,8 @@ async def test_only_valid_commands_are_published(broker: Broker, devices_file: P
         commands = [m.json() for m in client.on("voice_agent/kitchen/command")]
         assert commands == [{"id": "c-1", **c} for c in VALID]
         assert transport.stats.commands == 3
-        assert transport.stats.commands_rejected == 10
+        # rejected by the Session, counted where the WebSocket sessions count theirs
+        assert transport.metrics.commands_rejected_total == 10
         # nothing reached any topic outside the ones the agent builds itself
         allowed = {
             "voice_agent/status",

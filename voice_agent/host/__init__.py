@@ -27,6 +27,15 @@ ConversationHost(config, engine, *, store=None, speech=None, bus=None,
         use) or starts a new conversation under a new id (live.session_id);
         registers it in .sessions; finished/cancelled replies save it; with a
         bus and a device, commands go to and come from the bus.
+    await .start_request(key, send, *, owner, transport, device=None,
+                         check_store=None) -> (LiveSession, resumed)
+        request/reply transports (MQTT): a session for one request on the
+        conversation `key` itself (kept, stored, or new under `key`;
+        errors.Busy while in use); LiveSession(transport=...) labels its
+        metrics; no bus wiring (the transport publishes its commands); not
+        saved per reply: await .end_request(live) closes it, queues its save
+        (returns the future, None without a store) and keeps the
+        conversation with its KV cache for the next request.
     .save(live) -> Future[bool] | None      queue a save now
     await .end_session(live)    close, save, keep for resuming (idempotent;
                                 not kept during shutdown)

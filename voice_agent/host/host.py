@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable
 from voice_agent.commands import DeviceList, prompt_text
 from voice_agent.config import Config
 from voice_agent.engine.base import Engine
-from voice_agent.errors import WireError
+from voice_agent.errors import Busy, WireError
 from voice_agent.host.admission import Admission
-from voice_agent.host.conversations import Conversations
+from voice_agent.host.conversations import Conversations, Opened, Resumed
 from voice_agent.host.report import report
 from voice_agent.host.saving import MAX_PENDING_SAVES, SaveQueue, StoreLike
 from voice_agent.host.speaking import reply_speaker
@@ -127,17 +127,117 @@ class ConversationHost:
         if device is None:
             device = opened.device
         bus = self.bus if device else None
+        live = self._live(
+            opened,
+            send,
+            owner=owner,
+            config=config,
+            sample_rate=sample_rate,
+            channels=channels,
+            device=device,
+            bus=bus,
+            save_on_reply=True,
+            transport="realtime",
+        )
+        logger.info(
+            "session started",
+            extra={
+                "session_id": opened.key,
+                "sample_rate": sample_rate,
+                "channels": channels,
+                "device": device or "",
+                "resume_requested": resume is not None,
+                "resumed": opened.resumed if resumed else "",
+            },
+        )
+        return live
+
+    async def start_request(
+        self,
+        key: str,
+        send: SendFn,
+        *,
+        owner: str,
+        transport: str,
+        device: str | None = None,
+        check_store: bool | None = None,
+    ) -> tuple[LiveSession, Resumed]:
+        """A request/reply transport (MQTT): a one-request LiveSession on the
+        conversation `key` itself: kept, stored (a newer stored copy replaces
+        the kept one with `check_store`, see Conversations.open) or new under
+        `key`; errors.Busy while another session holds it. Its commands are
+        not wired to the bus (the transport publishes them). End it with
+        end_request, which saves it."""
+        opened = await self.conversations.open(
+            key,
+            owner,
+            system_prompt=self.session_config.system_prompt,
+            device=device,
+            check_store=check_store,
+        )
+        if opened is None:
+            raise Busy("this conversation is answering another request")
+        live = self._live(
+            opened,
+            send,
+            owner=owner,
+            config=self.session_config,
+            device=device if device is not None else opened.device,
+            save_on_reply=False,
+            transport=transport,
+        )
+        return live, opened.resumed
+
+    async def end_request(self, live: LiveSession) -> asyncio.Future[bool] | None:
+        """The request of a start_request session is answered: close it, queue
+        its save (returned: None without a store) and keep its conversation
+        with its KV cache (the next request reuses it; not during shutdown)."""
+        await live.close()
+        key = live.session_id
+        if self.sessions.get(key) is not live:
+            return None
+        del self.sessions[key]
+        saved = self.save(live)
+        owner = self._owners.pop(key, "")
+        if self.shutting_down:
+            self.conversations.release(key)
+        else:
+            self.conversations.detach(
+                key,
+                live.conversation,
+                owner=owner,
+                ids_used=live.session.ids_used,
+                device=live.device,
+                release=False,
+            )
+        return saved
+
+    def _live(
+        self,
+        opened: Opened,
+        send: SendFn,
+        *,
+        owner: str,
+        config: SessionConfig,
+        device: str | None,
+        save_on_reply: bool,
+        transport: str,
+        sample_rate: int = 16000,
+        channels: int = 1,
+        bus: CommandBus | None = None,
+    ) -> LiveSession:
+        """The LiveSession of an opened conversation, registered in .sessions."""
         key = opened.key
         live: LiveSession | None = None
 
         async def hosted_send(event: ServerEvent) -> None:
             await send(event)
-            if live is not None and isinstance(event, ReplyDone | ReplyCancelled):
+            if save_on_reply and live is not None and isinstance(event, ReplyDone | ReplyCancelled):
                 self.save(live)
 
         live = LiveSession(
             self.engine,
-            hosted_send,
+            hosted_send if save_on_reply else send,
             session_id=key,
             config=config,
             sample_rate=sample_rate,
@@ -148,6 +248,7 @@ class ConversationHost:
             ids_from=opened.ids_used,
             device=device,
             on_command=bus.publish if bus is not None else None,
+            transport=transport,
         )
         if bus is not None and device:
             # Commands another transport extracted for this device reach this client too.
@@ -155,17 +256,6 @@ class ConversationHost:
         self.sessions[key] = live
         self._owners[key] = owner
         self.metrics.sessions.inc()
-        logger.info(
-            "session started",
-            extra={
-                "session_id": key,
-                "sample_rate": sample_rate,
-                "channels": channels,
-                "device": device or "",
-                "resume_requested": resume is not None,
-                "resumed": opened.resumed if resumed else "",
-            },
-        )
         return live
 
     def owner_of(self, live: LiveSession) -> str:

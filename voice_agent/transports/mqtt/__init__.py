@@ -1,8 +1,10 @@
 """MQTT transport (aiomqtt): requests on PREFIX/DEVICE/ask, streamed replies, commands.
 
+A thin translation on the process's ConversationHost (voice_agent/host/):
+MQTT messages in, host calls out; session events in, MQTT messages out.
 Modules: topics (Topics, the broker URL), request (parsing, answered ids),
-link (the aiomqtt client, TLS, backoff, status, outbox), conversations (memory
-and the --db store), speech (the reply WAV), stats, transport (MqttTransport,
+link (the aiomqtt client, TLS, backoff, status, outbox), answer (one
+request's session events -> MQTT messages), stats, transport (MqttTransport,
 running_mqtt: the glue).
 
 Topics (PROTOCOL.md, MQTT) are built only from the prefix, the requesting
@@ -21,6 +23,27 @@ or a client writes can name a topic.
     PREFIX/DEVICE/error         {"id", "code", "message"} (id null when unknown)
     homeassistant/binary_sensor/<prefix>/status/config   HA discovery, retained
 
+Turns: each request is one turn of a one-request session on the host
+(host.start_request / end_request), run through LiveSession and Session like a
+WebSocket turn (LiveSession.turn: the decoded clip and/or the text as one
+whole turn, no VAD): the Session parses the reply's commands against the
+`--devices` allowlist and counts the rejected ones, the session's metrics
+count its turn, tokens, TTFT and errors (labelled transport="mqtt"). Order
+of what a request gets: its deltas, then its commands (also delivered to
+the device's WebSocket sessions through the CommandBus), then the reply,
+then the WAV.
+
+Admission: a request takes a place of the host's admission check
+(`max_sessions`, shared with the WebSocket sessions; MQTT has no address, so
+no per-address limit) while its turn runs. Refused, it gets an error message
+with the refusal's code, `loading` (the model is not loaded yet),
+`server_full` or `shutting_down`, and its id is forgotten, so the device may
+send it again later. Every error message goes through host.report (counted
+in transport_errors_total{transport="mqtt",code}; errors_total{code} too
+unless it is a refusal, whose code closes WebSocket connections), and errors
+of the turn itself (the engine refused or failed it) are counted by the
+session's metrics the same way.
+
 Connection: a persistent session (clean_session false, a fixed client id) so
 QoS 1 requests published while the agent is away are delivered when it comes
 back; reconnects with exponential backoff (0.5 s doubling to 30 s). A broker
@@ -29,7 +52,7 @@ errors.BrokerAuthError (the CLI prints one line and exits non-zero); later
 refusals are logged and retried. TCP_NODELAY is set on the connection (paho
 leaves Nagle on, which held each small publish for the broker's delayed ACK).
 `close()` cancels the replies in flight, publishes what is waiting and then
-`offline` (retained), and disconnects.
+`offline` (retained), and disconnects; it does not close the host.
 
 Several gateway replicas on one broker and prefix (`--mqtt-share-group GROUP`):
 requests are taken through the shared subscriptions $share/GROUP/PREFIX/+/ask
@@ -47,18 +70,18 @@ the --db store carries the conversation between them (below). Two requests of
 one device sent without waiting for the first reply may be answered in
 parallel by two replicas, out of order (deploy/README.md).
 
-Conversations and the --db store (`store`): each (device, session) pair is one
-conversation, kept in the store as session_id `mqtt:DEVICE[:SESSION]` with the
-owner "mqtt" (so no WebSocket client can resume it). Before a turn, a
-conversation that is not in memory is loaded from the store (a restart, an LRU
-release); with a share group or a shared store (PostgreSQL) the store is asked
-before every turn and a copy holding more turns than the one in memory
-replaces it (another replica answered since). After each reply the
-conversation is saved (audio clips only with --store-audio); loads and saves
-run in order on one thread, off the event loop. With a share group the reply
-is published once the save is done, so the device's next request finds it on
-any replica; alone, the save runs behind the reply. A failed load or save is
-logged and counted (`stats.store_errors`); the turn goes on from memory.
+Conversations: each (device, session) pair is one conversation of the host,
+key `mqtt:DEVICE[:SESSION]`, owner "mqtt" (so no WebSocket client can resume
+it), kept in memory between requests with its KV cache (the host's LRU,
+KEPT_CONVERSATIONS) and, with --db, in the store: a conversation not in
+memory is loaded from it (a restart, an LRU release); with a share group or
+a shared store (PostgreSQL) the store is asked before every turn and a copy
+holding more turns replaces the one in memory (another replica answered
+since). After each request the conversation is saved through the host's one
+SaveQueue (audio clips only with --store-audio); with a share group the reply
+is published once that save is done, so the device's next request finds it on
+any replica; alone, the save runs behind the reply. Failed loads and saves
+are the host's to count (store_errors_total); the turn goes on from memory.
 
 TLS (mqtts://): the broker's certificate is checked against --mqtt-ca (the
 system's CAs when unset) and the host name of --mqtt; --mqtt-cert/--mqtt-key
@@ -72,26 +95,27 @@ Bounds and what happens when full:
   remembered, so it may be sent again);
 - answered ids: the last 256 per device, 1024 devices (LRU); a repeated id is
   ignored (counted in `stats.duplicates`);
-- conversations: 1024 (device, session) pairs in memory, least recently used
-  released (with a store, loaded again at the device's next request);
+- conversations: the host's (see above);
 - outgoing messages: 4096 waiting; when full the oldest is dropped (counted);
   deltas (QoS 0) produced while disconnected are dropped, replies, commands and
   errors wait for the reconnection;
 - incoming messages waiting to be read: 1024 (aiomqtt drops beyond it).
 
-Each request runs one engine turn; requests of one device are answered in
-order, devices in parallel. Logs carry device and request ids, sizes and
-counts, never audio, text or the broker password.
+Requests of one device are answered in order, devices in parallel. Logs carry
+device and request ids, sizes and counts, never audio, text or the broker
+password.
 
-Metrics: the transport feeds the server's metrics.Metrics (its own when none
-is given): each turn's tokens and TTFT, turn latency (request received to
-reply published, transport="mqtt"), and at scrape time `stats` as
-voice_agent_mqtt_* counters (mqtt_requests_total,
-mqtt_commands_published_total, mqtt_commands_rejected_total, ...), whether
-it is connected, and the depths of the request queues and the outbox.
+Metrics (the host's metrics.Metrics): turn latency from request received to
+reply published (turn_latency_seconds{transport="mqtt"}), and at scrape
+time `stats` as voice_agent_mqtt_* counters (mqtt_requests_total,
+mqtt_commands_published_total, ...), whether it is connected, and the depths
+of the request queues and the outbox. Rejected commands are counted in
+commands_rejected_total with the WebSocket sessions' (one Session counts
+them). Each request is a session of one turn for sessions_total and
+sessions_active.
 """
 
-from voice_agent.transports.mqtt.conversations import MAX_CONVERSATIONS, MqttConversations
+from voice_agent.transports.mqtt.answer import Answer
 from voice_agent.transports.mqtt.link import (
     KEEPALIVE_S,
     MAX_INCOMING,
@@ -110,7 +134,6 @@ from voice_agent.transports.mqtt.request import (
     RequestError,
     parse_request,
 )
-from voice_agent.transports.mqtt.speech import WAV_RATE, SpokenReply
 from voice_agent.transports.mqtt.stats import MqttStats
 from voice_agent.transports.mqtt.topics import (
     STORE_OWNER,
@@ -125,22 +148,19 @@ from voice_agent.transports.mqtt.transport import MqttTransport, running_mqtt
 __all__ = [
     "ANSWERED_PER_DEVICE",
     "KEEPALIVE_S",
-    "MAX_CONVERSATIONS",
     "MAX_DEVICES_TRACKED",
     "MAX_ID_CHARS",
     "MAX_INCOMING",
     "MAX_OUTBOX",
     "STORE_OWNER",
-    "WAV_RATE",
+    "Answer",
     "AnsweredIds",
     "BrokerLink",
     "BrokerUrl",
-    "MqttConversations",
     "MqttStats",
     "MqttTransport",
     "Request",
     "RequestError",
-    "SpokenReply",
     "Topics",
     "_no_delay",
     "default_client_id",

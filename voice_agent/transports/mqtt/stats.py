@@ -13,11 +13,9 @@ class MqttStats:
     busy: int = 0
     duplicates: int = 0
     ignored: int = 0  # bad device names, topics we do not serve
-    commands: int = 0
-    commands_rejected: int = 0
+    commands: int = 0  # published (rejected ones are counted by the sessions' metrics)
     deltas_dropped: int = 0
     outbox_dropped: int = 0
     connections: int = 0
     status_restored: int = 0  # share group: `online` published again after a replica left
     conversations_loaded: int = 0  # from the store: after a restart, or newer than ours
-    store_errors: int = 0  # loads and saves that failed

@@ -1,5 +1,6 @@
-"""The glue: MQTT messages in, engine turns, MQTT replies out (MqttTransport,
-running_mqtt). The wire is described in the package doc (__init__.py)."""
+"""The glue: MQTT messages in, host calls out; session events in, MQTT out
+(MqttTransport, running_mqtt). The wire is described in the package doc
+(__init__.py); one request's turn in answer.py."""
 
 from __future__ import annotations
 
@@ -14,71 +15,48 @@ from typing import Any
 import aiomqtt
 
 from voice_agent.audio import decode
-from voice_agent.commands import Command, DeviceList, parse_commands, prompt_text
+from voice_agent.commands import Command
 from voice_agent.commands import valid_device_name as valid_device
 from voice_agent.config import Config
-from voice_agent.engine.base import Engine, TurnInput
-from voice_agent.errors import (
-    BadMessage,
-    BrokerAuthError,
-    Busy,
-    ConfigError,
-    VoiceAgentError,
-    to_wire,
-)
-from voice_agent.hub import CommandBus, load_devices
-from voice_agent.metrics import Metric, Metrics, counter, gauge
-from voice_agent.store import Store
-from voice_agent.tts.speaker import Speech
+from voice_agent.engine.base import TurnInput
+from voice_agent.errors import BadMessage, BrokerAuthError, Busy, ConfigError, VoiceAgentError
+from voice_agent.host import ConversationHost
+from voice_agent.metrics import Metric, counter, gauge
 
-from .conversations import MAX_CONVERSATIONS, MqttConversations
-from .link import KEEPALIVE_S, MAX_OUTBOX, BrokerLink, dumps, tls_context
+from .answer import Answer
+from .link import BrokerLink, dumps, tls_context
 from .request import AnsweredIds, Request, RequestError, parse_request
-from .speech import SpokenReply
 from .stats import MqttStats
-from .topics import Topics, default_client_id, parse_broker_url
+from .topics import STORE_OWNER, Topics, default_client_id, parse_broker_url, store_id
 
 logger = logging.getLogger("voice_agent.mqtt")
 
+TRANSPORT = "mqtt"  # the label of this transport's metrics and error reports
+
 
 class MqttTransport:
-    """The MQTT side of the server; see the module doc. Create inside the loop."""
+    """The MQTT side of the server, on the process's ConversationHost; see
+    the package doc. Create inside the running loop."""
 
     def __init__(
         self,
         config: Config,
-        engine: Engine,
+        host: ConversationHost,
         *,
-        bus: CommandBus | None = None,
-        devices: DeviceList | None = None,
         reconnect_min: float = 0.5,
         reconnect_max: float = 30.0,
-        speech: Speech | None = None,
-        metrics: Metrics | None = None,
-        store: Store | None = None,
     ) -> None:
         if not config.mqtt:
             raise ConfigError("MQTT is not configured (--mqtt)")
         self.config = config
-        self.engine = engine
-        self.bus = bus
-        # The --db store (None: conversations live in memory only). Loads and saves
-        # run in order on one thread of their own, off the event loop.
-        self.store = store
-        self.speech = speech  # None: replies are text only
-        # the allowlist: given, or the --devices file (None: replies carry no commands)
-        self.devices = devices if devices is not None else load_devices(config.devices)
+        self.host = host
         self.url = parse_broker_url(config.mqtt)
         self.share_group = config.mqtt_share_group or None
         self.topics = Topics(config.mqtt_prefix, self.share_group)
         self.client_id = config.mqtt_client_id or default_client_id(
             self.topics.node, self.share_group
         )
-        base = config.system_prompt
-        self.system_prompt = prompt_text(self.devices, base) if self.devices else base
         self.stats = MqttStats()
-        self.reconnect_min = reconnect_min
-        self.reconnect_max = reconnect_max
         self.per_device = max(1, config.max_queued_utterances)
         self.overall = max(1, config.max_queue)
         self._answered = AnsweredIds()
@@ -86,14 +64,6 @@ class MqttTransport:
         self._waiting = 0
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._closing = False
-        self.conversations = MqttConversations(
-            engine,
-            store,
-            self.stats,
-            system_prompt=self.system_prompt,
-            share_group=self.share_group,
-            capacity=getattr(config, "mqtt_max_conversations", MAX_CONVERSATIONS),
-        )
         self.link = BrokerLink(
             self.url,
             self.topics,
@@ -105,13 +75,11 @@ class MqttTransport:
             stats=self.stats,
             reconnect_min=reconnect_min,
             reconnect_max=reconnect_max,
-            max_outbox=getattr(config, "mqtt_max_outbox", MAX_OUTBOX),
-            keepalive=getattr(config, "mqtt_keepalive", KEEPALIVE_S),
         )
         self._out = self.link.out
-        # The server's metrics (one registry with the WebSocket side), else our own.
-        self.metrics = metrics if metrics is not None else Metrics()
-        self._latency = self.metrics.turn_latency.labels("mqtt")
+        # The host's metrics: one registry, one /metrics for every transport.
+        self.metrics = host.metrics
+        self._latency = self.metrics.turn_latency.labels(TRANSPORT)
         self.metrics.add_collector(self._metric_families)
         self.metrics.add_queue("mqtt_requests", lambda: [len(q) for q in self._pending.values()])
         self.metrics.add_queue("mqtt_outbox", lambda: (self.link.outbox_depth,))
@@ -128,11 +96,6 @@ class MqttTransport:
             counter("mqtt_ignored", "MQTT messages on topics not served", st.ignored),
             counter("mqtt_commands_published", "commands published on MQTT", st.commands),
             counter(
-                "mqtt_commands_rejected",
-                "invalid commands dropped from MQTT replies",
-                st.commands_rejected,
-            ),
-            counter(
                 "mqtt_deltas_dropped", "reply deltas dropped while disconnected", st.deltas_dropped
             ),
             counter(
@@ -144,11 +107,6 @@ class MqttTransport:
                 "MQTT conversations loaded from the store (restart, or carried on elsewhere)",
                 st.conversations_loaded,
             ),
-            counter(
-                "mqtt_store_errors",
-                "MQTT conversation loads and saves that failed",
-                st.store_errors,
-            ),
             gauge("mqtt_connected", "1 while connected to the broker", float(self.connected)),
         ]
 
@@ -158,19 +116,14 @@ class MqttTransport:
     def connected(self) -> bool:
         return self.link.connected
 
-    @property
-    def _task(self) -> asyncio.Task[None] | None:
-        """The link's connection task (tests check it is still retrying)."""
-        return self.link.task
-
     async def wait_connected(self, timeout: float | None = None) -> None:
         await self.link.wait_connected(timeout)
 
     async def start(self, first_connect_timeout: float = 10.0) -> None:
         """Connect in the background. Raises BrokerAuthError when the broker refuses
         the credentials on the first attempt; any other failure is retried."""
-        if self.bus is not None:
-            self.bus.attach(self.publish_command)
+        if self.host.bus is not None:
+            self.host.bus.attach(self.publish_command)
         try:
             await self.link.start(first_connect_timeout)
         except BrokerAuthError:
@@ -178,29 +131,25 @@ class MqttTransport:
             raise
 
     async def close(self, flush_timeout: float = 3.0) -> None:
-        """Stop the workers (replies in flight are cancelled), publish what is
-        waiting and then `offline` (retained; up to `flush_timeout` seconds),
-        disconnect; idempotent."""
+        """Stop the workers (replies in flight are cancelled, their sessions
+        ended and saved), publish what is waiting and then `offline`
+        (retained; up to `flush_timeout` seconds), disconnect; idempotent.
+        The host is not closed (its owner does that, after this)."""
         if self._closing:
             return
         self._closing = True
-        if self.bus is not None:
-            self.bus.attach(None)
+        if self.host.bus is not None:
+            self.host.bus.attach(None)
         workers = list(self._workers.values())
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
         self._workers.clear()
-        await self.conversations.close()  # saves done before the caller closes the store
         await self.link.close(flush_timeout)
         logger.info(
             "MQTT transport stopped",
             extra={k: v for k, v in vars(self.stats).items() if isinstance(v, int)},
         )
-
-    async def wait_saved(self) -> None:
-        """Wait until every queued save is done."""
-        await self.conversations.wait_saved()
 
     def _discovery(self) -> bytes:
         node = self.topics.node
@@ -216,7 +165,7 @@ class MqttTransport:
                 "device": {
                     "identifiers": [node],
                     "name": f"Voice agent ({self.topics.prefix})",
-                    "model": self.engine.model_name or "voice_agent",
+                    "model": self.host.engine.model_name or "voice_agent",
                     "manufacturer": "voice_agent",
                 },
             }
@@ -304,105 +253,110 @@ class MqttTransport:
                 req = queue.popleft()
                 self._waiting -= 1
                 try:
-                    await self._answer(req)
+                    await self._admit(req)
                 except asyncio.CancelledError:
                     raise
-                except Exception:
-                    logger.exception(
-                        "request failed", extra={"device": device, "request_id": req.id}
-                    )
-                    self._error(device, req.id, RuntimeError("internal"))
+                except Exception as exc:  # a bug: reported (logged with its traceback)
+                    self._error(device, req.id, exc)
         finally:
             self._workers.pop(device, None)
 
+    async def _admit(self, req: Request) -> None:
+        """The host's admission check, then the turn. A refused request
+        (loading, server_full, shutting_down) gets an error with that code
+        and its id is forgotten: sent again later, it is answered."""
+        try:
+            ticket = self.host.admission.admit()
+        except VoiceAgentError as exc:
+            self._answered.discard(req.device, req.id)
+            self._error(req.device, req.id, exc)
+            return
+        with ticket:
+            await self._answer(req)
+
     async def _answer(self, req: Request) -> None:
         device, rid = req.device, req.id
+        answer = Answer(rid, self.topics.for_device(device, "reply/delta"), self._out)
         try:
-            audio = None
-            if req.audio is not None:
-                max_s = self.config.max_utterance_ms / 1000.0
-                audio = await asyncio.to_thread(decode, req.audio, max_s)
-            turn = TurnInput(audio=audio, text=req.text)
-            conv = await self.conversations.get(device, req.session)
-            handle = self.engine.submit(conv, turn, self.config.max_new_tokens)
+            turn = await self._turn_input(req)
+            live, resumed = await self.host.start_request(
+                store_id(device, req.session),
+                answer.send,
+                owner=STORE_OWNER,
+                transport=TRANSPORT,
+                device=device,
+                # a share group: another replica may have answered this device since
+                check_store=True if self.share_group else None,
+            )
         except VoiceAgentError as exc:
             self._error(device, rid, exc)
             return
-        delta_topic = self.topics.for_device(device, "reply/delta")
-        # Spoken: each sentence is synthesized as soon as it is complete (in order,
-        # on the speech thread) while decoding goes on; the WAV follows the reply.
-        spoken = SpokenReply(self.speech) if self.speech is not None else None
+        if resumed in ("store", "reloaded"):
+            self.stats.conversations_loaded += 1
+        answer.speak(self.host.speech)
         try:
-            async for delta in handle:
-                if delta.text:
-                    self._out(delta_topic, dumps({"id": rid, "text": delta.text}), 0)
-                    if spoken is not None:
-                        spoken.feed(delta.text)
-            result = handle.result
-            self.metrics.turn_result(result)
-            if spoken is not None and not result.cancelled:
-                spoken.finish()
-        except asyncio.CancelledError:
-            handle.cancel()
-            if spoken is not None:
-                spoken.cancel()
-            raise
-        except VoiceAgentError as exc:
-            if spoken is not None:
-                spoken.cancel()
+            try:
+                await live.turn(turn)
+                await answer.wait(live)
+            finally:
+                saved = await self.host.end_request(live)
+        except BaseException as exc:
+            answer.cancel_speech()
+            if not isinstance(exc, VoiceAgentError):
+                raise
             self._error(device, rid, exc)
             return
-        commands: tuple[Command, ...] = ()
-        if self.devices is not None and not result.cancelled:
-            parsed = parse_commands(result.text, self.devices)
-            commands = parsed.commands
-            if parsed.rejected:
-                self.stats.commands_rejected += len(parsed.rejected)
-                # the same counter as the WebSocket sessions' rejected commands
-                self.metrics.commands_rejected.inc(len(parsed.rejected))
-                logger.warning(
-                    "invalid commands dropped",
-                    extra={
-                        "device": device,
-                        "request_id": rid,
-                        "dropped": len(parsed.rejected),
-                        "reasons": ",".join(sorted({r.reason for r in parsed.rejected})),
-                    },
-                )
-        for command in commands:
+        if answer.error is not None:  # counted by the session's metrics
+            self._publish_error(device, rid, answer.error.code, answer.error.message)
+            return
+        await self._reply(req, answer, saved)
+
+    async def _turn_input(self, req: Request) -> TurnInput:
+        """The request as one turn: the audio file decoded (off the loop;
+        BadAudio when it is not audio) and/or the text."""
+        audio = None
+        if req.audio is not None:
+            max_s = self.config.max_utterance_ms / 1000.0
+            audio = await asyncio.to_thread(decode, req.audio, max_s)
+        return TurnInput(audio=audio, text=req.text)
+
+    async def _reply(
+        self, req: Request, answer: Answer, saved: asyncio.Future[bool] | None
+    ) -> None:
+        """Commands, then the reply, then its WAV (see the package doc)."""
+        device, rid = req.device, req.id
+        bus = self.host.bus
+        for command in answer.commands:
             self._publish_command(device, rid, command)
-            if self.bus is not None:
-                await self.bus.deliver(device, command)
-        saved = self.conversations.save(device, conv)
+            if bus is not None:
+                await bus.deliver(device, command)  # the device's WebSocket sessions
         if saved is not None and self.share_group:
             # The device's next request may go to another gateway: that one must
             # find this turn in the store, so the reply waits for the save.
             await asyncio.shield(saved)
-        timing = {
-            "queue_ms": round(result.timing.queue_ms, 1),
-            "ttft_ms": round(result.timing.ttft_ms, 1),
-            "total_ms": round(result.timing.total_ms, 1),
-            "request_ms": round((time.perf_counter() - req.received) * 1000.0, 1),
-        }
+        done = answer.done
+        timing: dict[str, float] = dict(done.timing) if done is not None else {}
+        timing["request_ms"] = round((time.perf_counter() - req.received) * 1000.0, 1)
         reply = {
             "id": rid,
-            "text": result.text,
-            "commands": [c.to_json() for c in commands],
+            "text": answer.text,
+            "commands": [c.to_json() for c in answer.commands],
             "timing": timing,
         }
         self._out(self.topics.for_device(device, "reply"), dumps(reply), 1)
         self.stats.replies += 1
         self._latency.observe(timing["request_ms"] / 1000.0)
-        wav = await spoken.wav() if spoken is not None else None
+        wav = await answer.wav_bytes()
         if wav is not None:
             self._out(self.topics.for_device(device, "reply/audio"), wav, 1)
+        usage = done.usage if done is not None else {}
         logger.info(
             "reply sent",
             extra={
                 "device": device,
                 "request_id": rid,
-                "completion_tokens": result.usage.completion_tokens,
-                "commands": len(commands),
+                "completion_tokens": usage.get("completion_tokens", 0),
+                "commands": len(answer.commands),
                 "total_ms": timing["request_ms"],
             },
         )
@@ -419,14 +373,14 @@ class MqttTransport:
         self._publish_command(device, f"ws-{uuid.uuid4().hex[:12]}", command)
 
     def _error(self, device: str, rid: str | None, exc: BaseException) -> None:
-        wire = to_wire(exc)
+        """Report `exc` to the host (counted by code, logged, mapped to the
+        wire by errors.py) and publish what the device may see of it."""
+        wire = self.host.report(exc, transport=TRANSPORT, device=device, request_id=rid or "")
+        self._publish_error(device, rid, wire.code, wire.message)
+
+    def _publish_error(self, device: str, rid: str | None, code: str, message: str) -> None:
         self.stats.errors += 1
-        self.metrics.errors.labels(wire.code).inc()  # errors_total{code}, as WebSocket's
-        logger.info(
-            "request refused",
-            extra={"device": device, "request_id": rid or "", "code": wire.code},
-        )
-        payload = dumps({"id": rid, "code": wire.code, "message": wire.message})
+        payload = dumps({"id": rid, "code": code, "message": message})
         self._out(self.topics.for_device(device, "error"), payload, 1)
 
 
@@ -434,16 +388,10 @@ class MqttTransport:
 
 
 @contextlib.asynccontextmanager
-async def running_mqtt(
-    config: Config,
-    engine: Engine,
-    *,
-    bus: CommandBus | None = None,
-    devices: DeviceList | None = None,
-    **kwargs: Any,
-) -> Any:
-    """Start an MqttTransport for the block (the engine must be started)."""
-    transport = MqttTransport(config, engine, bus=bus, devices=devices, **kwargs)
+async def running_mqtt(config: Config, host: ConversationHost, **kwargs: Any) -> Any:
+    """Start an MqttTransport on `host` for the block (the engine must be
+    started; the caller closes the host afterwards)."""
+    transport = MqttTransport(config, host, **kwargs)
     await transport.start()
     try:
         yield transport
