@@ -20,9 +20,11 @@ same store, one per device and `session` ("mqtt:DEVICE[:SESSION]"). The store is
 (`--retention-days`, `--max-stored-sessions`) at start-up.
 
 `running(config, engine)` is the same wiring as an async context manager (used
-by `run`, tests and benchmarks): one engine, one hub.CommandBus shared by the
-WebSocket sessions and the MQTT transport, the `--devices` allowlist read once
-(a bad file is a ConfigError before anything listens). A broker that refuses
+by `run`, tests and benchmarks): one engine, one ConversationHost (host/:
+conversations, saving to the store, speaking, admission, error reports, one
+/metrics) and one hub.CommandBus shared by the WebSocket sessions and the MQTT
+transport, the `--devices` allowlist read once (a bad file is a ConfigError
+before anything listens). A broker that refuses
 the credentials raises errors.BrokerAuthError (the CLI prints one line).
 """
 
@@ -40,6 +42,7 @@ from typing import TYPE_CHECKING
 from voice_agent.config import Config
 from voice_agent.engine.base import Engine
 from voice_agent.errors import ConfigError
+from voice_agent.host import ConversationHost
 from voice_agent.hub import CommandBus, load_devices
 from voice_agent.live import prepare_turn_taking
 from voice_agent.store import Store, resolve_db
@@ -57,13 +60,15 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 @dataclass
 class Services:
-    """What `running` started: the HTTP/WebSocket app, the MQTT transport (None
-    without --mqtt) and the command bus between them."""
+    """What `running` started: the conversation host every transport shares,
+    the HTTP/WebSocket app, the MQTT transport (None without --mqtt) and the
+    command bus between them."""
 
     app: WebSocketServerApp
     mqtt: MqttTransport | None
     bus: CommandBus
     store: Store | None = None
+    host: ConversationHost | None = None
 
 
 @contextlib.asynccontextmanager
@@ -75,40 +80,45 @@ async def running(
     speech: Speech | None = None,
     **mqtt_kwargs: float,
 ) -> AsyncIterator[Services]:
-    """Start every configured transport on the one engine; stop them on exit
-    (MQTT first, so `offline` goes out while the engine still runs).
-    `speech` (see `open_speech`) speaks the replies; None: text only.
-    `mqtt_kwargs` go to MqttTransport (reconnect_min, reconnect_max)."""
+    """Start every configured transport on the one engine and the one
+    ConversationHost; stop them on exit. `speech` (see `open_speech`) speaks
+    the replies; None: text only. `mqtt_kwargs` go to MqttTransport
+    (reconnect_min, reconnect_max).
+
+    Shutdown, in the host's order: the host admits nothing more
+    (begin_shutdown); MQTT stops first, so `offline` goes out while the
+    engine still runs; the WebSocket app lets replies in flight finish
+    (host.drain), closes and saves every session (host.close_sessions) and
+    closes its connections with 1001; then the host stops its store thread
+    (host.close), the engine closes, and the store last."""
     devices = load_devices(config.devices)  # a bad file fails before anything starts
     prepare_turn_taking(config)  # loads the end-of-turn model once; logs the fallback
     bus = CommandBus()
     store = open_store(config)
-    app = WebSocketServerApp(
-        config, engine, close_engine=close_engine, bus=bus, store=store, speech=speech
-    )
+    # One host for every transport: conversations, saving, speaking, admission,
+    # error reports, one /metrics; its session_config is built here, once.
+    host = ConversationHost(config, engine, store=store, speech=speech, bus=bus, devices=devices)
+    app = WebSocketServerApp(config, engine, host=host, close_engine=False)
     mqtt: MqttTransport | None = None
     try:
-        await app.start()
+        await app.start()  # listens, starts the engine, opens admission
         if config.mqtt:
             from voice_agent.transports.mqtt import MqttTransport
 
-            mqtt = MqttTransport(
-                config,
-                engine,
-                bus=bus,
-                devices=devices,
-                speech=speech,
-                metrics=app.metrics,  # one /metrics for both transports
-                store=store,  # MQTT conversations are kept too ("mqtt:DEVICE")
-                **mqtt_kwargs,
-            )
+            mqtt = MqttTransport(config, host, **mqtt_kwargs)
             await mqtt.start()
-        yield Services(app, mqtt, bus, store)
+        yield Services(app, mqtt, bus, store, host)
     finally:
         try:
-            if mqtt is not None:
-                await mqtt.close()
-            await app.shutdown()
+            host.begin_shutdown()
+            try:
+                if mqtt is not None:
+                    await mqtt.close()
+            finally:
+                await app.shutdown()  # host.drain, host.close_sessions, close 1001
+                await host.close()
+                if close_engine:
+                    await engine.close()
         finally:
             if store is not None:
                 store.close()
