@@ -167,3 +167,21 @@ async def test_a_handler_that_returns_closes_with_1000() -> None:
         with pytest.raises(ConnectionClosedOK):
             await asyncio.wait_for(ws.recv(), WAIT)
         assert ws.close_code == 1000
+
+
+async def test_stop_accepting_first_then_close_the_connections() -> None:
+    handed = Handed()
+    async with running(handed) as (server, url), connect(url) as ws:
+        connection = await handed.next()
+        server.close(close_connections=False)  # stop accepting only
+        assert not server.is_serving()
+        with pytest.raises(OSError):
+            await connect(url, open_timeout=WAIT)
+        await connection.send("still here")
+        assert await asyncio.wait_for(ws.recv(), WAIT) == "still here"
+        server.close(code=1012, reason="restart")
+        await asyncio.wait_for(server.wait_closed(), WAIT)
+        with pytest.raises(ConnectionClosed) as caught:
+            await asyncio.wait_for(ws.recv(), WAIT)
+        assert caught.value.rcvd is not None
+        assert (caught.value.rcvd.code, caught.value.rcvd.reason) == (1012, "restart")

@@ -35,6 +35,8 @@ class Server:
         self.connections: set[Connection] = set()
         self._handlers: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._closing_connections = False
+        self._tasks: set[asyncio.Task[None]] = set()  # connections being closed
         self._close_task: asyncio.Task[None] | None = None
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -53,27 +55,30 @@ class Server:
     def close(
         self, close_connections: bool = True, code: int = CloseCode.GOING_AWAY, reason: str = ""
     ) -> None:
-        """Stop accepting; with `close_connections`, close open connections
-        with `code` (1001 by default) and refuse handshakes in progress with
-        503; then wait for every connection and handler to end (wait_closed()
-        returns after that). Idempotent."""
-        if self._close_task is None:
-            self._closing = True
-            self._close_task = asyncio.get_running_loop().create_task(
-                self._close(close_connections, code, reason)
-            )
-
-    async def _close(self, close_connections: bool, code: int, reason: str) -> None:
-        self.logger.info("websocket server closing", extra={"connections": len(self.connections)})
+        """Stop accepting (new handshakes in progress are refused with 503);
+        with `close_connections`, close open connections with `code` (1001 by
+        default). wait_closed() returns once every connection is closed and
+        every handler has returned. May be called again, e.g. first with
+        close_connections=False to stop accepting, later with True."""
+        self._closing = True
         self.server.close()
-        if close_connections:
-            closing = []
+        if close_connections and not self._closing_connections:
+            self._closing_connections = True
+            self.logger.info(
+                "websocket server closing its connections",
+                extra={"connections": len(self.connections), "close_code": int(code)},
+            )
             for connection in list(self.connections):
                 if connection.state is State.OPEN:
-                    closing.append(connection.close(code, reason))
+                    task = asyncio.get_running_loop().create_task(connection.close(code, reason))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
                 elif connection.state is State.CONNECTING and connection.request is None:
                     connection.transport.abort()  # no request yet: nothing to answer
-            await asyncio.gather(*closing, return_exceptions=True)
+        if self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(self._close())
+
+    async def _close(self) -> None:
         while self.connections:
             await asyncio.gather(
                 *(connection.wait_closed() for connection in list(self.connections))
