@@ -10,8 +10,9 @@ servers in one process (tests) never collide; `render()` is the text format.
 
 Every name starts with `voice_agent_`:
 
-    sessions_active                 gauge    realtime sessions open now
-    sessions_total                  counter  realtime sessions started
+    sessions_active                 gauge    sessions open now (an MQTT request is a
+                                             session of one turn while it runs)
+    sessions_total                  counter  sessions started (the same)
     utterances_total                counter  utterances closed (speech.stopped)
     turns_total                     counter  replies finished or cancelled
     barge_ins_total                 counter  replies cancelled by barge-in
@@ -21,8 +22,9 @@ Every name starts with `voice_agent_`:
                                     counter  every error a transport reported
                                              (host/report.py), admission refusals
                                              and other closes included
-    commands_total                  counter  validated commands sent to realtime clients
-    commands_rejected_total         counter  invalid commands dropped (realtime sessions)
+    commands_total                  counter  validated commands sent to clients (realtime
+                                             sessions and MQTT requests)
+    commands_rejected_total         counter  invalid commands dropped (the same)
     dropped_frames_total            counter  WebRTC audio frames dropped (session behind)
     tokens_generated_total          counter  reply tokens decoded (finished and cancelled
                                              turns, both transports): rate() is tokens/s
@@ -40,10 +42,9 @@ Every name starts with `voice_agent_`:
     engine_batch_size               gauge    turns decoding together now
     engine_kv_cache_bytes           gauge    KV cache bytes held by the engine
     mqtt_*                          counters and gauges of the MQTT transport
-                                             (transports/mqtt.py), among them
-                                             mqtt_requests_total,
-                                             mqtt_commands_published_total and
-                                             mqtt_commands_rejected_total
+                                             (transports/mqtt/), among them
+                                             mqtt_requests_total and
+                                             mqtt_commands_published_total
     auth_failures_total, ...        counters the WebSocket limits (transports/websocket.py)
 
 A scrape callback that fails is logged and left out of that scrape; /metrics
