@@ -3,6 +3,7 @@
 // the spoken replies (reply-audio.js), with a mute toggle.
 
 import { RealtimeClient, realtimeUrl } from "./protocol.js";
+import { ServerStatus, readyzUrl } from "./server-status.js";
 import { createAudioInput, iceServersFrom, Recorder, Player } from "./audio.js";
 import { ReplyAudio, storedMuted, storeMuted } from "./reply-audio.js";
 
@@ -16,6 +17,7 @@ const ui = {
   form: byId("text-form"),
   text: byId("text-input"),
   banner: byId("demo-banner"),
+  serverStatus: byId("server-status"),
   conn: byId("connection"),
   errors: byId("errors"),
   transport: byId("transport"),
@@ -89,6 +91,11 @@ let muted = params.get("speak") === "0" || storedMuted();
 start.speak = !muted;
 
 const client = new RealtimeClient(realtimeUrl(params), start);
+// "The model is loading (N s so far)" versus "at its session limit" (both close 1013).
+const serverStatus = new ServerStatus(ui.serverStatus, {
+  readyz: readyzUrl(client.url),
+  onReady: () => client.connect(),
+});
 client.sessionId = storedSessionId(); // a reload resumes the conversation
 const recorder = new Recorder();
 const player = new Player(); // plays back recorded utterances
@@ -249,11 +256,13 @@ client.on("close", ({ code, reason }) => {
   replyAudio.stop();
   setState(restingState());
   if (code === 1008) showError(`The server refused the connection: ${reason || "token or origin not allowed"}.`);
-  else if (code === 1013) showError("The server is at its session limit; trying again shortly.");
+  if (code === 1013) serverStatus.refused(reason);
+  else serverStatus.clear();
 });
 
 client.on("session.started", (msg) => {
   mark("session.started", { session_id: msg.session_id });
+  serverStatus.clear();
   recorder.reset(); // stream positions count from this session's first sample
   if (msg.session_id && msg.session_id !== transcript.sessionId) {
     // A new conversation (first load, or the server no longer had ours).
