@@ -4,6 +4,7 @@ HTTP, subprotocol selection, failing hooks, TLS."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.http11 import Request, Response
 
 from tests.helpers.tls import make_tls_files
+from tests.helpers.waiting import until
 from tests.transports.sansio.support import WAIT, Handed, port_of, running
 from voice_agent.transports.sansio import Connection
 
@@ -128,3 +130,17 @@ async def test_tls(tmp_path: Path) -> None:
             assert await asyncio.wait_for(ws.recv(), WAIT) == b"\x00" * 100_000
             await ws.close(1000, "done")
         assert ws.close_code == 1000
+
+
+async def test_a_connection_that_never_sends_a_request_is_dropped() -> None:
+    handed = Handed()
+    async with running(handed, open_timeout=0.2) as (server, url):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(url))
+        try:
+            # Nothing sent: after open_timeout the server drops the TCP.
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(reader.read(), WAIT) == b""
+            await until(lambda: not server.connections)
+        finally:
+            writer.close()
+        assert handed.connections.empty()
