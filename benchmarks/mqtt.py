@@ -4,11 +4,12 @@
         [--devices 10] [--broker mqtt://host:port] [--audio FILE]
 
 A loopback mosquitto (started here on a free port unless --broker is given),
-the agent's MqttTransport on one engine (default: the tiny random Qwen2-Audio,
-written to a temporary directory; `--engine scripted` isolates the transport),
-and one test client. Each of `--devices` devices sends its share of
-`--requests` requests one after the other (the next when the previous reply
-arrived), all devices at once. Measured at the client, from its publish on
+the agent's MqttTransport on a ConversationHost (no store) and one engine
+(default: the tiny random Qwen2-Audio, written to a temporary directory;
+`--engine scripted` isolates the transport and the host), and one test
+client. Each of `--devices` devices sends its share of `--requests` requests
+one after the other (the next when the previous reply arrived), all devices
+at once. Measured at the client, from its publish on
 PREFIX/DEVICE/ask to the first PREFIX/DEVICE/reply/delta of that id and to the
 PREFIX/DEVICE/reply: p50, p99 (nearest rank), mean and max in ms. Text
 requests by default; `--audio FILE` sends the file base64-encoded instead.
@@ -41,6 +42,7 @@ import aiomqtt  # noqa: E402
 
 from voice_agent.config import Config  # noqa: E402
 from voice_agent.engine.base import Engine  # noqa: E402
+from voice_agent.host import ConversationHost  # noqa: E402
 from voice_agent.transports.mqtt import no_delay, running_mqtt  # noqa: E402
 
 PREFIX = "voice_agent"
@@ -155,7 +157,9 @@ async def bench(args: argparse.Namespace, url: str, engine: Engine) -> dict[str,
         max_queue=max(64, args.devices * 2),
     )
     await engine.start()
-    async with running_mqtt(config, engine) as transport:
+    host = ConversationHost(config, engine)
+    host.engine_started()
+    async with running_mqtt(config, host) as transport:
         await transport.wait_connected(30)
         client = Client(url)
         async with client.client:
@@ -190,6 +194,7 @@ async def bench(args: argparse.Namespace, url: str, engine: Engine) -> dict[str,
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
         stats = transport.stats
+    await host.close()
     await engine.close()
     return {
         "benchmark": "mqtt",
