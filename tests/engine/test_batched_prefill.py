@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers.engines import DecodeGate, EngineFactory, collect
+from tests.helpers.engines import DecodeGate, EngineFactory, collect, history_ids
 from voice_agent.engine.base import AudioArray, TurnInput
 from voice_agent.engine.kv import layer_tensors, new_cache, prefill_rows
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine, _ConvState
@@ -76,13 +76,15 @@ async def _solo(
         await _history(engine, conv, history)
         h = engine.submit(conv, final)
         await collect(h)
-        out.append((list(state(conv).ids), h.result.text, state(conv).cache.get_seq_length()))
+        out.append(_got(engine, conv, h))
     assert engine.stats["batched_prefills"] == 0
     return out
 
 
-def _got(conv: Any, handle: Any) -> tuple[list[int], str, int]:
-    return list(state(conv).ids), handle.result.text, state(conv).cache.get_seq_length()
+def _got(engine: Qwen2AudioEngine, conv: Any, handle: Any) -> tuple[list[int], str, int]:
+    """(history ids, reply, cache length) of a settled conversation."""
+    ids = history_ids(engine, conv)
+    return ids, handle.result.text, state(conv).cache.get_seq_length()
 
 
 async def test_batched_prefill_equals_one_at_a_time(
@@ -102,7 +104,7 @@ async def test_batched_prefill_equals_one_at_a_time(
     assert engine.stats["batched_prefills"] == 1
     assert engine.stats["batched_prefill_rows"] == 5
     assert engine.stats["max_prefill_rows"] == 5
-    got = [_got(c, h) for c, h in zip(convs, handles, strict=True)]
+    got = [_got(engine, c, h) for c, h in zip(convs, handles, strict=True)]
     assert got == expected  # ids, reply text and cache length of every conversation
     cached = [h.result.usage.cached_tokens for h in handles]
     assert cached[0] == cached[3] == 0 and cached[1] > 0 and cached[2] > 0 and cached[4] > 0
@@ -126,7 +128,7 @@ async def test_bounds_split_a_crowd_into_several_batched_prefills(
     assert all(isinstance(o, list) for o in outcomes)
     assert engine.stats["batched_prefills"] == 2
     assert engine.stats["max_prefill_rows"] == 2
-    assert [_got(c, h) for c, h in zip(convs, handles, strict=True)] == expected
+    assert [_got(engine, c, h) for c, h in zip(convs, handles, strict=True)] == expected
 
 
 @pytest.mark.parametrize("where", ["prepare", "forward"])
@@ -174,8 +176,8 @@ async def test_a_failing_row_fails_only_its_turn(
     assert isinstance(outcomes[-1], EngineError)
     assert str(outcomes[-1]) == "the model failed on this turn"
     assert all(isinstance(o, list) for o in outcomes[:-1])
-    assert [_got(c, h) for c, h in zip(convs, handles[:-1], strict=True)] == expected
-    assert state(bad).ids == [] and state(bad).cache is None and bad.turns == 0
+    assert [_got(engine, c, h) for c, h in zip(convs, handles[:-1], strict=True)] == expected
+    assert history_ids(engine, bad) == [] and state(bad).cache is None and bad.turns == 0
     if where == "prepare":  # the others still went together
         assert engine.stats["batched_prefills"] == 1
         assert engine.stats["batched_prefill_rows"] == 5

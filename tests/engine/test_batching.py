@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers.engines import EngineFactory, collect
+from tests.helpers.engines import EngineFactory, collect, history_ids, kv_bytes_per_token
 from voice_agent.engine.base import AudioArray, TurnInput
 from voice_agent.engine.kv import DecodeBatch, layer_tensors, new_cache
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine, _ConvState
@@ -91,7 +91,7 @@ async def test_batched_greedy_output_equals_solo_output(
         conv = solo.new_conversation()
         await _history(solo, conv, history)
         await collect(solo.submit(conv, final))
-        expected.append(list(state(conv).ids))
+        expected.append(history_ids(solo, conv))
     assert solo.stats["max_batch_seen"] == 1
 
     engine = await make_engine(max_new_tokens=16)
@@ -101,7 +101,7 @@ async def test_batched_greedy_output_equals_solo_output(
     handles = [engine.submit(c, f) for c, f in zip(convs, finals, strict=True)]
     await asyncio.gather(*(collect(h) for h in handles))
     assert engine.stats["max_batch_seen"] == 4  # all four decoded in one batch
-    assert [list(state(c).ids) for c in convs] == expected
+    assert [history_ids(engine, c) for c in convs] == expected
     assert all(h.result.usage.completion_tokens >= 4 for h in handles)
     # Each conversation got its own cache back, pads removed: the prompt and
     # every reply token fed back (the last one is not, when max_new_tokens ended it).
@@ -132,7 +132,7 @@ async def test_eviction_then_a_correct_next_turn(
     await _history(reference, ref_conv, turns)
 
     probe = await make_engine(max_new_tokens=12)
-    per_token = probe._bytes_per_token
+    per_token = kv_bytes_per_token(probe)
     # Room for about one conversation's cache (a 5.86 s turn is ~190 tokens).
     engine = await make_engine(max_new_tokens=12, kv_cache_budget=per_token * 300)
     a, b = engine.new_conversation(), engine.new_conversation()
@@ -145,7 +145,7 @@ async def test_eviction_then_a_correct_next_turn(
     handle = engine.submit(a, turns[1])
     await collect(handle)
     assert handle.result.usage.cached_tokens == 0  # rebuilt from its token ids
-    assert state(a).ids == state(ref_conv).ids
+    assert history_ids(engine, a) == history_ids(reference, ref_conv)
     assert engine.history_text(a) == reference.history_text(ref_conv)
     assert state(b).cache is None  # b was idle and least recent now
 
@@ -155,7 +155,7 @@ async def test_a_budget_smaller_than_one_turn_still_serves_it(
     make_engine: EngineFactory, short_speech: AudioArray, budget_tokens: int
 ) -> None:
     probe = await make_engine()
-    engine = await make_engine(kv_cache_budget=probe._bytes_per_token * budget_tokens)
+    engine = await make_engine(kv_cache_budget=kv_bytes_per_token(probe) * budget_tokens)
     convs = [engine.new_conversation() for _ in range(3)]
     handles = [engine.submit(c, TurnInput(audio=short_speech)) for c in convs]
     await asyncio.gather(*(collect(h) for h in handles))

@@ -10,7 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.helpers.engines import DecodeGate, EngineFactory, collect
+from tests.helpers.engines import (
+    DecodeGate,
+    EngineFactory,
+    collect,
+    history_ids,
+    kv_bytes_per_token,
+)
 from voice_agent.engine.base import AudioArray, TurnInput
 from voice_agent.engine.loader import load_engine
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine, _ConvState
@@ -23,7 +29,7 @@ def state(conv: Any) -> _ConvState:
 
 
 def audio_tokens(engine: Qwen2AudioEngine, conv: Any) -> int:
-    return state(conv).ids.count(engine._audio_token_id)
+    return history_ids(engine, conv).count(engine.model.config.audio_token_id)
 
 
 async def test_voice_chat_turn(make_engine: EngineFactory, speech: AudioArray) -> None:
@@ -127,7 +133,7 @@ async def test_cancel_keeps_only_keep_tokens(
     ref = ref_engine.submit(ref_conv, TurnInput(audio=speech))
     await collect(ref)
     prompt_len = ref.result.usage.prompt_tokens
-    ref_reply = state(ref_conv).ids[prompt_len:]
+    ref_reply = history_ids(ref_engine, ref_conv)[prompt_len:]
 
     engine = await make_engine(max_new_tokens=40)
     gate = DecodeGate(engine, at=4)
@@ -141,13 +147,17 @@ async def test_cancel_keeps_only_keep_tokens(
     assert result.cancelled
     # Stopped within one decode step of the cancel: prefill + 4 decode steps.
     assert result.usage.completion_tokens <= 5
-    st = state(conv)
-    newline = engine._newline_ids
-    assert st.ids == [*st.ids[:prompt_len], *ref_reply[:2], engine._im_end_id, *newline]
+    ids = history_ids(engine, conv)
+    tokenizer = engine.processor.tokenizer
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert ids == [*ids[:prompt_len], *ref_reply[:2], im_end, *newline]
     # The cache was cropped to the prompt and the two kept tokens: the closing
     # <|im_end|> and newline are not in it yet (the next turn prefills them).
-    assert st.cache.get_seq_length() == prompt_len + 2
-    assert result.text == engine._decode_text(ref_reply[:2])
+    assert state(conv).cache.get_seq_length() == prompt_len + 2
+    assert result.text == tokenizer.decode(
+        ref_reply[:2], skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )
     assert engine.history_text(conv).endswith(f"assistant\n{result.text}<|im_end|>\n")
     handle.cancel()  # safe to call again
 
@@ -191,7 +201,7 @@ async def _run_script(
             assert handle.result.cancelled or handle.result.usage.completion_tokens < 16
         else:
             await collect(handle)
-        snapshots.append(list(state(conv).ids))
+        snapshots.append(history_ids(engine, conv))
         cached.append(handle.result.usage.cached_tokens)
         completions.append(handle.result.usage.completion_tokens)
     return snapshots, cached, completions
@@ -236,7 +246,7 @@ async def test_failure_in_one_turn_fails_only_that_turn(
     good, bad = engine.new_conversation(), engine.new_conversation()
     first = engine.submit(bad, TurnInput(text="Hello."))
     await collect(first)
-    before = list(state(bad).ids)
+    before = history_ids(engine, bad)
     h_good = engine.submit(good, TurnInput(audio=speech))
     caplog.set_level(logging.ERROR, logger="voice_agent.engine")
     h_bad = engine.submit(bad, TurnInput(text="A zebra"))
@@ -246,7 +256,7 @@ async def test_failure_in_one_turn_fails_only_that_turn(
     assert isinstance(bad_outcome, EngineError)
     assert str(bad_outcome) == "the model failed on this turn"
     assert isinstance(good_deltas, list) and not h_good.result.cancelled
-    assert state(bad).ids == before  # the failed turn left no trace
+    assert history_ids(engine, bad) == before  # the failed turn left no trace
     assert state(bad).cache is None  # dropped: rebuilt on the next turn
     assert any("failed" in r.getMessage() for r in caplog.records)
     assert all("zebra" not in r.getMessage() for r in caplog.records)
@@ -390,7 +400,7 @@ async def test_runtime_stats_and_readiness(
     assert await asyncio.to_thread(gate.reached.wait, 60)
     busy = engine.runtime_stats()  # read while the worker is inside a decode step
     assert busy.batch_size == 2
-    per_token = engine._bytes_per_token
+    per_token = kv_bytes_per_token(engine)
     # two rows, padded to the longer one, which holds at least its 25 audio tokens a second
     assert busy.kv_cache_bytes >= 2 * per_token * int(len(speech) / 16000 * 25)
     engine.worker_stall_s = 0.05  # the worker is stuck in that step: not answering
@@ -403,7 +413,7 @@ async def test_runtime_stats_and_readiness(
     assert idle.batch_size == 0 and idle.queued == 0
     # the idle conversations keep their caches (kv_reuse): one entry per history token
     # (the cache stops one short of the history's closing newline, hence the bound)
-    history = sum(len(state(c).ids) for c in convs)
+    history = sum(len(history_ids(engine, c)) for c in convs)
     assert history * per_token >= idle.kv_cache_bytes > (history - 8) * per_token
     assert await engine.ready()
     for c in convs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.helpers.engines import EngineFactory, collect
+from tests.helpers.engines import EngineFactory, collect, history_ids
 from tests.helpers.waiting import until
 from voice_agent.engine.base import AudioArray, TurnInput
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine, _ConvState
@@ -32,7 +32,7 @@ async def _reference(make_engine: EngineFactory, turns: list[TurnInput]) -> tupl
     conv = engine.new_conversation()
     for t in turns:
         await collect(engine.submit(conv, t))
-    return list(state(conv).ids), engine.history_text(conv)
+    return history_ids(engine, conv), engine.history_text(conv)
 
 
 async def test_matching_turn_takes_over_the_speculative_prefill(
@@ -53,7 +53,7 @@ async def test_matching_turn_takes_over_the_speculative_prefill(
     assert calls[0] == 2  # no prefill for the real turn: decoding started at once
     assert engine.stats["speculative_hits"] == 1
     assert handle.result.usage.cached_tokens > 0
-    assert state(conv).ids == ref_ids
+    assert history_ids(engine, conv) == ref_ids
     assert engine.history_text(conv) == ref_text
 
 
@@ -65,18 +65,18 @@ async def test_a_different_turn_discards_it(
     engine = await make_engine(max_new_tokens=12)
     conv = engine.new_conversation()
     await collect(engine.submit(conv, turns[0]))
-    history = len(state(conv).ids)
+    history = len(history_ids(engine, conv))
     # Speech resumed after the first 3 s: the real utterance is longer.
     assert engine.prefill_speculative(conv, speech[: 16000 * 3])
     await until(lambda: state(conv).spec is not None)
-    assert state(conv).cache.get_seq_length() > len(state(conv).ids)
+    assert state(conv).cache.get_seq_length() > history
     handle = engine.submit(conv, turns[1])
     await collect(handle)
     assert engine.stats == engine.stats | {"speculative_hits": 0, "speculative_misses": 1}
     # The cache was cropped back to the history (which the speculative prefill
     # had completed), then reused for the real turn.
     assert handle.result.usage.cached_tokens == history
-    assert state(conv).ids == ref_ids
+    assert history_ids(engine, conv) == ref_ids
 
 
 async def test_discard_crops_the_cache_back(
@@ -91,8 +91,8 @@ async def test_discard_crops_the_cache_back(
     engine.discard_speculative(conv)
     await until(lambda: st.spec is None)
     # History tokens the speculative prefill fed (the reply's end) stay cached.
-    assert st.cache.get_seq_length() == len(st.ids)
-    history = len(st.ids)
+    history = len(history_ids(engine, conv))
+    assert st.cache.get_seq_length() == history
     handle = engine.submit(conv, TurnInput(text="Again."))
     await collect(handle)
     assert handle.result.usage.cached_tokens == history

@@ -6,7 +6,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from voice_agent.engine.base import Delta, TurnHandle
+from voice_agent.engine.base import Conversation, Delta, Engine, TurnHandle
+from voice_agent.engine.kv import bytes_per_token
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
 
 EngineFactory = Callable[..., Any]
@@ -37,3 +38,16 @@ class DecodeGate:
 
     def release(self) -> None:
         self.go.set()
+
+
+def history_ids(engine: Engine, conversation: Conversation) -> list[int]:
+    """A settled conversation's token ids, through the public snapshot() (a
+    turn's handle has finished: the engine settles the history first)."""
+    history = engine.snapshot(conversation)
+    assert history is not None, "a turn of this conversation is still running"
+    return history.ids
+
+
+def kv_bytes_per_token(engine: Qwen2AudioEngine) -> int:
+    """KV cache bytes one token costs in this loaded engine's model and dtype."""
+    return bytes_per_token(engine.model.config, engine.dtype)
