@@ -1,0 +1,1 @@
+"""Tests of voice_agent/session/: the turn state machine driven with real speech."""
