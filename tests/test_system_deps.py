@@ -233,3 +233,12 @@ if __name__ == "__main__":  # the stub apt-get's installer: install BASE install
     for name in args:
         if not name.startswith("-") and name != "install":
             install_package(Path(base), name)
+
+
+def test_readme_names_every_package_before_the_quick_start() -> None:
+    listing = subprocess.run(
+        [sys.executable, str(SCRIPT), "--list", "test"], capture_output=True, text=True, check=True
+    )
+    opening = (ROOT / "README.md").read_text(encoding="utf-8").split("## Quick start")[0]
+    for line in listing.stdout.splitlines():
+        assert f"`{line.split(chr(9))[0]}`" in opening, line
