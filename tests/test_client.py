@@ -1,4 +1,4 @@
-"""client.py's spoken-reply side: --save-reply against a real server with
+"""voice_agent/client/'s spoken-reply side: --save-reply against a real server with
 espeak-ng on loopback, and playback that never crashes without a device."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The PostgreSQL conversation store (store.py, `--db postgresql://...`):
+"""The PostgreSQL conversation store (voice_agent/store/, `--db postgresql://...`):
 gateway replicas sharing it, concurrent writers, reconnecting, secrets.
 
 The server is the session's throwaway PostgreSQL (tests/conftest.py); the

@@ -1,4 +1,4 @@
-"""vad.py: the Segmenter on real recordings, fed in chunks of every size."""
+"""voice_agent/vad/: the Segmenter on real recordings, fed in chunks of every size."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ def _default_demo_dir() -> str:
 
 
 def _is_postgres_url(value: str) -> bool:
-    """Like store.is_postgres_url (store.py is not imported here: numpy)."""
+    """Like store.is_postgres_url (voice_agent.store is not imported here: numpy)."""
     return value.strip().lower().startswith(("postgresql://", "postgres://"))
 
 
@@ -98,7 +98,7 @@ class Config:
     drain_timeout: float = _f(
         5.0, "on SIGTERM, seconds replies in flight may run on before they are cancelled"
     )
-    # persistence (see voice_agent/store.py)
+    # persistence (see voice_agent/store/)
     db: str = _f(
         "auto",
         "where conversations are kept: a SQLite file (WAL mode; auto: $XDG_DATA_HOME/"

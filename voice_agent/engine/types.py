@@ -96,7 +96,7 @@ class Conversation:
 @dataclass
 class History:
     """A conversation's settled history, for storing it and rebuilding it later
-    (store.py): ChatML messages (text, with audio items naming their clip),
+    (voice_agent/store/): ChatML messages (text, with audio items naming their clip),
     the token ids they render to, the audio clips (16 kHz mono float32) and the
     index in `ids` of each clip's first audio token."""
 
