@@ -27,7 +27,7 @@ from tests.session.support import (
     submits,
     utterance,
 )
-from voice_agent.engine.types import Delta
+from voice_agent.engine.types import Delta, TurnInput
 from voice_agent.errors import BadAudio, BadMessage, EngineError
 from voice_agent.protocol import (
     ErrorEvent,
@@ -265,6 +265,32 @@ def test_text_limits() -> None:
     with pytest.raises(BadMessage, match="empty"):
         s.text("  \n")
     assert s.queued == 0 and s.reply_id == "r1"
+
+
+def test_whole_turn_at_once_is_queued_like_text() -> None:
+    """Session.turn (request/reply transports: an MQTT clip with or without an
+    instruction): no VAD, submitted as given, queued behind a running reply."""
+    s = Session("s1", NO_BARGE)
+    clip = np.zeros(RATE // 2, np.float32)  # 500 ms, silence: the VAD never sees it
+    first = TurnInput(audio=clip, text="what is this sound?")
+    actions = s.turn(first)
+    assert kinds(actions) == ["reply.started", "SubmitTurn"]
+    assert submits(actions)[0].turn is first and submits(actions)[0].utterance_id is None
+    assert s.turn(TurnInput(audio=clip)) == []  # waits behind r1
+    assert s.queued == 1
+    following = s.on_done("r1", result("A quiet room."))
+    assert kinds(following) == ["reply.done", "reply.started", "SubmitTurn"]
+    assert s.history[0] == HistoryEntry("user", "what is this sound?", 500, None, "r1")
+
+
+def test_whole_turn_limits() -> None:
+    s = Session("s1", SessionConfig(max_text_chars=10))
+    with pytest.raises(BadMessage, match="10 characters"):
+        s.turn(TurnInput(text="x" * 11))
+    with pytest.raises(BadMessage, match="audio or text"):
+        s.turn(TurnInput(text="  \n"))
+    assert s.queued == 0 and s.reply_id is None
+    assert kinds(s.turn(TurnInput(text="x" * 10))) == ["reply.started", "SubmitTurn"]
 
 
 def test_commit_closes_the_utterance_now() -> None:

@@ -160,6 +160,18 @@ class Session:
             raise BadMessage("text is empty")
         return self._enqueue(_Turn(None, TurnInput(text=text), None))
 
+    def turn(self, turn: TurnInput) -> list[Action]:
+        """A whole user turn given at once, no VAD (a request/reply transport:
+        MQTT's clip, with or without an instruction, or text): queued like
+        typed text. BadMessage without audio or text, or with too long a text."""
+        text = turn.text
+        if text is not None and len(text) > self.config.max_text_chars:
+            raise BadMessage(f"text is longer than {self.config.max_text_chars} characters")
+        if turn.audio is None and not (text and text.strip()):
+            raise BadMessage("a turn needs audio or text")
+        audio_ms = duration_ms(turn.audio) if turn.audio is not None else None
+        return self._enqueue(_Turn(None, turn, audio_ms))
+
     def commit(self) -> list[Action]:
         """audio.commit: close the utterance in progress now ([] when none)."""
         return [] if self._ended else self._segments(self._seg.commit())
