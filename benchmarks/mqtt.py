@@ -43,7 +43,7 @@ import aiomqtt  # noqa: E402
 from voice_agent.config import Config  # noqa: E402
 from voice_agent.engine.base import Engine  # noqa: E402
 from voice_agent.host import ConversationHost  # noqa: E402
-from voice_agent.transports.mqtt import no_delay, running_mqtt  # noqa: E402
+from voice_agent.transports.mqtt import NO_DELAY, running_mqtt  # noqa: E402
 
 PREFIX = "voice_agent"
 
@@ -108,7 +108,10 @@ class Client:
 
     def __init__(self, url: str) -> None:
         host, port = url.removeprefix("mqtt://").rsplit(":", 1)
-        self.client = aiomqtt.Client(host, int(port), identifier="bench-client")
+        # TCP_NODELAY as the agent sets it (paho leaves Nagle on)
+        self.client = aiomqtt.Client(
+            host, int(port), identifier="bench-client", socket_options=NO_DELAY
+        )
         self.sent: dict[str, float] = {}
         self.first: dict[str, float] = {}
         self.done: dict[str, asyncio.Future[float]] = {}
@@ -163,7 +166,6 @@ async def bench(args: argparse.Namespace, url: str, engine: Engine) -> dict[str,
         await transport.wait_connected(30)
         client = Client(url)
         async with client.client:
-            no_delay(client.client)  # as the agent does (paho leaves Nagle on)
             await client.client.subscribe(
                 [(f"{PREFIX}/+/reply", 1), (f"{PREFIX}/+/reply/delta", 0), (f"{PREFIX}/+/error", 1)]
             )

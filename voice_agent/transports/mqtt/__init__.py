@@ -120,9 +120,8 @@ from voice_agent.transports.mqtt.link import (
     KEEPALIVE_S,
     MAX_INCOMING,
     MAX_OUTBOX,
+    NO_DELAY,
     BrokerLink,
-    _no_delay,
-    no_delay,
     tls_context,
 )
 from voice_agent.transports.mqtt.request import (
@@ -152,6 +151,7 @@ __all__ = [
     "MAX_ID_CHARS",
     "MAX_INCOMING",
     "MAX_OUTBOX",
+    "NO_DELAY",
     "STORE_OWNER",
     "Answer",
     "AnsweredIds",
@@ -162,9 +162,7 @@ __all__ = [
     "Request",
     "RequestError",
     "Topics",
-    "_no_delay",
     "default_client_id",
-    "no_delay",
     "parse_broker_url",
     "parse_request",
     "running_mqtt",
