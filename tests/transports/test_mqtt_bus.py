@@ -6,7 +6,6 @@ import asyncio
 import shutil
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
@@ -19,9 +18,6 @@ from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.hub import CommandBus
 from voice_agent.protocol import CommandEvent, ErrorEvent, ReplyDone
 from voice_agent.server import running
-
-if TYPE_CHECKING:
-    pass
 
 from . import mqtt_support
 from .mqtt_support import (

@@ -5,14 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import pytest
 
 from voice_agent.engine.scripted import ScriptedEngine
-
-if TYPE_CHECKING:
-    pass
 
 from . import mqtt_support
 from .mqtt_support import (

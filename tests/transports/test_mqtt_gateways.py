@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.helpers.postgres import PostgresServer
 from voice_agent.client import RealtimeClient
 from voice_agent.config import Config
 from voice_agent.engine.scripted import ScriptedEngine
@@ -16,9 +16,6 @@ from voice_agent.store import Store
 from voice_agent.transports.mqtt import (
     MqttTransport,
 )
-
-if TYPE_CHECKING:
-    from conftest import PostgresServer
 
 from . import mqtt_support
 from .mqtt_support import (

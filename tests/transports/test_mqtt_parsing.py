@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import pytest
 
 from voice_agent.config import Config
@@ -16,9 +14,6 @@ from voice_agent.transports.mqtt import (
     parse_broker_url,
     parse_request,
 )
-
-if TYPE_CHECKING:
-    pass
 
 from . import mqtt_support
 

@@ -7,7 +7,6 @@ import base64
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
@@ -15,9 +14,6 @@ from voice_agent.audio import decode
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
 from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.hub import load_devices
-
-if TYPE_CHECKING:
-    pass
 
 from . import mqtt_support
 from .mqtt_support import (
