@@ -355,7 +355,10 @@ class ConversationHost:
         lives = list(self.sessions.values())
         await asyncio.gather(*(live.close() for live in lives), return_exceptions=True)
         for live in lives:
-            self.save(live)
+            # A transport may have ended it meanwhile (end_session saved it under
+            # its owner and forgot the owner): saving again would store it ownerless.
+            if self.sessions.get(live.session_id) is live:
+                self.save(live)
         await self.saves.wait_saved()
 
     async def wait_saved(self) -> None:
