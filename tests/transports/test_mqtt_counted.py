@@ -3,6 +3,7 @@ and errors by code are counted in the same families."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,10 @@ def _brain(turn: object) -> str:
 
 
 async def test_rejected_commands_are_counted_alike_for_mqtt_and_websocket(
-    broker: Broker, devices_file: Path
+    broker: Broker, devices_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Both turns run through LiveSession/Session: one parser, one count."""
+    caplog.set_level(logging.WARNING, logger="voice_agent.live")
     config = Config(host="127.0.0.1", port=0, mqtt=broker.url(), devices=str(devices_file))
     async with (
         running(config, ScriptedEngine(_brain), reconnect_min=0.05) as services,
@@ -49,6 +52,10 @@ async def test_rejected_commands_are_counted_alike_for_mqtt_and_websocket(
             await speaker.wait_for(ReplyDone)
         # the same reply over a WebSocket session adds as much to the same counter
         assert metrics.commands_rejected_total == 2 * over_mqtt
+    dropped = [r for r in caplog.records if r.getMessage() == "invalid commands dropped"]
+    sessions = [getattr(r, "session_id", "") for r in dropped]
+    assert len(dropped) == 2 and sessions[0] == "mqtt:kitchen"  # the MQTT request's session
+    assert [getattr(r, "dropped", 0) for r in dropped] == [10, 10]
 
 
 async def test_mqtt_errors_are_counted_by_code(broker: Broker) -> None:
@@ -70,3 +77,5 @@ async def test_mqtt_errors_are_counted_by_code(broker: Broker) -> None:
     assert 'voice_agent_errors_total{code="bad_message"} 1.0' in text
     assert 'voice_agent_errors_total{code="bad_audio"} 1.0' in text
     assert metrics.errors_total == 2
+    # reported through the host: counted for the transport by code
+    assert metrics.errors_of("mqtt", "bad_message") == metrics.errors_of("mqtt", "bad_audio") == 1
