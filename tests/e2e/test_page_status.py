@@ -23,25 +23,23 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import pytest
 from playwright.async_api import Page, async_playwright
 
+from tests.helpers.browser import CHROMIUM, WAIT_MS
 from voice_agent.client import RealtimeClient
 from voice_agent.config import Config
 from voice_agent.engine.deferred import DeferredEngine
 from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.transports.websocket import WebSocketServerApp, running_server
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150), pytest.mark.usefixtures("browser_tools")]
 
-CHROMIUM = "/usr/bin/chromium"
-WAIT_MS = 45_000  # generous: 2-core machines
 STATUS = '[data-testid="server-status"]'
 CONNECTION = '[data-testid="connection"]'
 LOADING = re.compile(r"The model is loading \((\d+) s so far\)")
-ARGS = [
+ARGS = [  # no microphone: nothing is spoken here
     "--no-sandbox",
     "--disable-gpu",
     "--disable-background-networking",
@@ -49,12 +47,6 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _chromium() -> None:
-    if not Path(CHROMIUM).exists():  # pragma: no cover
-        pytest.fail(f"{CHROMIUM} is not installed (scripts/system-deps test)")
 
 
 @pytest.fixture
