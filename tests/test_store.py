@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
 import sqlite3
 import sys
 import textwrap
@@ -18,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers.ports import free_port
+from tests.helpers.servers import project_env
 from voice_agent.cli import main as cli_main
 from voice_agent.client import RealtimeClient
 from voice_agent.config import Config
@@ -28,8 +28,6 @@ from voice_agent.store import Store, StoredSession, default_db_path, resolve_db
 from voice_agent.transports.websocket import running_server
 
 pytestmark = pytest.mark.timeout(120)
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -270,9 +268,7 @@ class _Server:
     """`voice_agent.server.run` in a subprocess on a free port."""
 
     def __init__(self, db: str | Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.db = db
         self.proc: asyncio.subprocess.Process | None = None
 
@@ -281,9 +277,8 @@ class _Server:
         return f"ws://127.0.0.1:{self.port}/v1/realtime"
 
     async def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", SERVER, str(self.port), str(self.db), env=env
+            sys.executable, "-c", SERVER, str(self.port), str(self.db), env=project_env()
         )
         async with asyncio.timeout(60):
             while True:

@@ -17,6 +17,7 @@ import numpy as np
 import psycopg
 import pytest
 
+from tests.helpers.paths import ROOT
 from voice_agent.client import RealtimeClient
 from voice_agent.config import Config
 from voice_agent.engine.base import History, TurnInput
@@ -28,11 +29,9 @@ from voice_agent.store import Store, StoredSession, redact_url
 from voice_agent.transports.websocket import running_server
 
 if TYPE_CHECKING:
-    from conftest import PostgresServer
+    from tests.helpers.postgres import PostgresServer
 
 pytestmark = pytest.mark.timeout(120)
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
