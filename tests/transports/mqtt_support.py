@@ -28,7 +28,6 @@ from tests.helpers.mosquitto import (
     stop_mosquitto,
     write_passwords,
 )
-from tests.helpers.paths import ROOT
 from tests.helpers.ports import free_port
 from tests.helpers.tls import make_tls_files
 from voice_agent.config import Config
@@ -36,8 +35,6 @@ from voice_agent.engine.base import TurnInput
 from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.host import ConversationHost
 from voice_agent.transports.mqtt import MqttTransport, running_mqtt
-
-__all__ = ["ROOT"]
 
 WAIT = 30.0  # generous: these machines have 2 cores
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.paths import ROOT
 from tests.helpers.tls import make_tls_files
 from voice_agent.config import Config
 from voice_agent.engine.scripted import ScriptedEngine
@@ -18,7 +19,6 @@ from voice_agent.transports.mqtt import MqttTransport
 
 from . import mqtt_support
 from .mqtt_support import (
-    ROOT,
     Broker,
     Listener,
     agent,

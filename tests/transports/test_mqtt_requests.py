@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.paths import ROOT
 from voice_agent.audio import decode
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
 from voice_agent.engine.scripted import ScriptedEngine
@@ -18,7 +19,6 @@ from voice_agent.hub import load_devices
 from . import mqtt_support
 from .mqtt_support import (
     COMMAND_REPLY,
-    ROOT,
     VALID,
     WAIT,
     Broker,
