@@ -24,21 +24,12 @@ from typing import Any
 import pytest
 from playwright.async_api import Page
 
-from voice_agent.config import Config
-from voice_agent.engine.base import TurnInput
-from voice_agent.engine.scripted import ScriptedEngine
-from voice_agent.transports.websocket import running_server
-from voice_agent.tts.espeak import EspeakTTS
-from voice_agent.tts.speaker import Speech
-
-from .test_browser import (
+from tests.helpers.browser import (
     ARTIFACTS,
     WAIT_MS,
     PageWatch,
-    _browser_tools,  # noqa: F401 (autouse: Chromium and sox are required)
     chromium,
     error_notices,
-    fake_mic,  # noqa: F401 (fixture)
     make_fake_mic,
     open_page,
     server_errors,
@@ -47,8 +38,18 @@ from .test_browser import (
     type_turn,
     wait_reply_done,
 )
+from voice_agent.config import Config
+from voice_agent.engine.base import TurnInput
+from voice_agent.engine.scripted import ScriptedEngine
+from voice_agent.transports.websocket import running_server
+from voice_agent.tts.espeak import EspeakTTS
+from voice_agent.tts.speaker import Speech
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.timeout(150),
+    pytest.mark.usefixtures("browser_tools"),
+]
 
 SPOKEN = "Sure, the kitchen light is on now. The living room stays dark, as you asked."
 LONG_SPOKEN = " ".join(f"Here is point number {i} of a long spoken answer." for i in range(1, 40))
@@ -130,7 +131,7 @@ async def sent_starts(page: Page) -> list[dict[str, Any]]:
 async def test_webrtc_reply_plays_through_the_audio_element(
     config: Config,
     speech: Speech,
-    fake_mic: Path,  # noqa: F811
+    fake_mic: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
@@ -183,7 +184,7 @@ async def test_webrtc_reply_plays_through_the_audio_element(
 async def test_ws_reply_plays_through_the_worklet(
     config: Config,
     speech: Speech,
-    fake_mic: Path,  # noqa: F811
+    fake_mic: Path,
 ) -> None:
     engine = scripted(lambda turn: SPOKEN)
     async with (
@@ -279,7 +280,7 @@ async def test_speaking_over_the_spoken_reply_stops_it(
 async def test_the_mute_toggle_silences_the_page_and_asks_for_text_only(
     config: Config,
     speech: Speech,
-    fake_mic: Path,  # noqa: F811
+    fake_mic: Path,
 ) -> None:
     engine = scripted(lambda turn: SPOKEN)
     async with (
