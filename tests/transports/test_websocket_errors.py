@@ -140,7 +140,7 @@ async def test_a_failing_turn_fails_only_its_session(
         assert replies == [f"echo turn {i + 1}" for i in range(len(replies))]
 
 
-async def test_a_frame_that_fails_gets_internal_and_the_session_lives(
+async def test_a_frame_that_fails_on_the_fast_path_gets_internal_and_the_session_lives(
     app: WebSocketServerApp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from voice_agent.session import Session
@@ -165,6 +165,8 @@ async def test_a_frame_that_fails_gets_internal_and_the_session_lives(
         await client.send_text("still here")
         assert (await client.wait_for(ReplyDone, WAIT)).text == "echo still here"
         assert client.close_code is None
+        # the ten frames and the failing one (the handler was idle for each)
+        assert app.fast_frames >= 11
 
 
 async def test_client_leaving_mid_reply_cancels_its_generation(config: Config) -> None:

@@ -1,6 +1,8 @@
 """The WebSocket transport's server: lifecycle and wiring on one port.
 
-`WebSocketServerApp(config, engine, host=...)` serves the page, /healthz,
+`WebSocketServerApp(config, engine, host=...)` serves, on the sans-I/O
+WebSocket server of transports/sansio/ (websockets' public ServerProtocol
+driven by our own asyncio.Protocol, with the audio fast path), the page, /healthz,
 /readyz, /metrics (http.py) and the native realtime protocol at
 /v1/realtime (connection.py) on one port, every session hosted by one
 ConversationHost (voice_agent/host/: conversations, saving, speaking,
@@ -48,8 +50,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from websockets.asyncio.server import Server, ServerConnection
-from websockets.asyncio.server import serve as ws_serve
 from websockets.http11 import Request, Response
 
 from voice_agent.config import Config
@@ -64,6 +64,8 @@ from voice_agent.host import ConversationHost, Kept
 from voice_agent.hub import CommandBus
 from voice_agent.live import LiveSession
 from voice_agent.metrics import Metric, Metrics, counter
+from voice_agent.transports.sansio import Connection, Server
+from voice_agent.transports.sansio import serve as ws_serve
 from voice_agent.transports.websocket.access import Access, is_loopback
 from voice_agent.transports.websocket.connection import TRANSPORT, _Connection
 from voice_agent.transports.websocket.http import REALTIME_PATH, Routes, default_web_dir
@@ -242,9 +244,8 @@ class WebSocketServerApp:
             ping_timeout=self.config.ping_timeout or None,
             close_timeout=CLOSE_TIMEOUT,
             ssl=ssl_context,
-            # No permessage-deflate: PCM barely compresses, and deflating and
-            # inflating every 20 ms frame costs CPU on both ends for nothing.
-            compression=None,
+            # No permessage-deflate (the sans-I/O server never offers it): PCM
+            # barely compresses, and deflating every 20 ms frame costs CPU.
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
         self.engine_state = "loading"
@@ -309,7 +310,7 @@ class WebSocketServerApp:
                 return_exceptions=True,
             )
             if self._server is not None:
-                self._server.close(close_connections=True)
+                self._server.close(close_connections=True, code=CLOSE_GOING_AWAY)
                 await self._server.wait_closed()
             await asyncio.gather(*list(self._background), return_exceptions=True)
             if self._own_host:
@@ -321,9 +322,7 @@ class WebSocketServerApp:
 
     # -- the handshake and the connections --------------------------------------
 
-    async def _process_request(
-        self, connection: ServerConnection, request: Request
-    ) -> Response | None:
+    async def _process_request(self, connection: Connection, request: Request) -> Response | None:
         """Plain HTTP answered here; /v1/realtime checked (Origin, admission)
         and handed on to the WebSocket handshake."""
         response = await self.routes.answer(request.path)
@@ -339,7 +338,7 @@ class WebSocketServerApp:
             self._refused[connection] = exc  # closed with its code once open
         return None
 
-    async def _handle(self, ws: ServerConnection) -> None:
+    async def _handle(self, ws: Connection) -> None:
         refusal = self._refused.pop(ws, None)
         ticket = None
         if refusal is None:
@@ -368,7 +367,7 @@ class WebSocketServerApp:
         ]
 
 
-def _address(ws: ServerConnection) -> str:
+def _address(ws: Connection) -> str:
     """The client's IP address (what max_connections_per_client counts)."""
     remote = ws.remote_address
     return str(remote[0]) if remote else "?"

@@ -16,9 +16,13 @@ runs closes with 1000 (errors.IdleTimeout); a client that stops reading fills
 its outbox and is closed with 1008 (errors.SlowClient), its reply cancelled
 at once.
 
-The audio fast path: `_audio_now` paces one binary frame and feeds it to the
-session at once, for a server that hands it frames arriving while `run()`
-waits in recv(); anything it declines takes the normal path, in order.
+The audio fast path: the sans-I/O server (transports/sansio/) hands a
+complete binary frame that arrives while `run()` waits in recv() with
+nothing queued to the connection's `audio_sink`, here `_audio_now`, which
+paces it and feeds it to the session at once (no queue, future or task
+switch); anything it declines (no session yet, a bad frame, a frame the
+rate limits hold back, a session that cannot take it now) goes through
+recv() as usual, so messages keep their order.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from voice_agent.commands import valid_device_name
@@ -58,6 +61,7 @@ from voice_agent.protocol import (
     encode,
     error_event,
 )
+from voice_agent.transports.sansio import Connection
 from voice_agent.transports.websocket.outbox import Outbox, close_or_abort
 from voice_agent.transports.websocket.peer import PeerLink
 from voice_agent.tts.speaker import ReplySpeaker
@@ -73,7 +77,7 @@ TRANSPORT = "realtime"  # the label this transport's errors are counted under
 class _Connection:
     """One realtime WebSocket; see the module doc."""
 
-    def __init__(self, app: WebSocketServerApp, ws: ServerConnection) -> None:
+    def __init__(self, app: WebSocketServerApp, ws: Connection) -> None:
         self.app = app
         self.host = app.host
         self.ws = ws
@@ -99,8 +103,8 @@ class _Connection:
 
     @property
     def fast_frames(self) -> int:
-        """Audio frames the fast path took (0: none, or no fast path)."""
-        return 0
+        """Audio frames the fast path took."""
+        return self.ws.fast_frames
 
     @property
     def queued(self) -> int:
@@ -229,6 +233,7 @@ class _Connection:
 
     async def run(self) -> None:
         self.outbox.start()
+        self.ws.audio_sink = self._audio_now  # the fast path (see the module doc)
         loop = asyncio.get_running_loop()
         self._last_seen = loop.time()
         idle = self.app.config.idle_timeout
@@ -249,6 +254,7 @@ class _Connection:
                     if await self._fail(exc):
                         break
         finally:
+            self.ws.audio_sink = None
             if watchdog is not None:
                 watchdog.cancel()
                 await asyncio.gather(watchdog, return_exceptions=True)

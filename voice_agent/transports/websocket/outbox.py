@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+
+from voice_agent.transports.sansio import Connection
 
 # Seconds a close frame may wait for a peer that does not read before the TCP
 # connection is dropped (Config.close_timeout when it has one).
@@ -26,7 +27,7 @@ CLOSE_TIMEOUT = 5.0
 class Outbox:
     """See the module doc. `start()` inside the running loop."""
 
-    def __init__(self, ws: ServerConnection, size: int) -> None:
+    def __init__(self, ws: Connection, size: int) -> None:
         self.ws = ws
         self._queue: asyncio.Queue[str | bytes] = asyncio.Queue(size)
         self._room = asyncio.Event()
@@ -91,7 +92,7 @@ class Outbox:
 
 
 async def close_or_abort(
-    ws: ServerConnection, code: int, reason: str, timeout: float = CLOSE_TIMEOUT
+    ws: Connection, code: int, reason: str, timeout: float = CLOSE_TIMEOUT
 ) -> None:
     """Close with `code`; if the peer does not take the close frame within
     `timeout` (it stopped reading, so websockets waits on the write buffer for
