@@ -77,7 +77,7 @@ SERVER = textwrap.dedent(
     from voice_agent.engine.scripted import ScriptedEngine
     from voice_agent.logs import setup_logging
     from voice_agent.server import loop_factory, serve_until_signal
-    from voice_agent.transports import websocket
+    from voice_agent.transports.websocket import connection as websocket  # _Connection
 
     port, stats_path = int(sys.argv[1]), sys.argv[2]
     # per frame: (start, seconds) on perf_counter (cheap: the probe's own
