@@ -120,11 +120,13 @@ def test_client_reply_audio_flags() -> None:
 
 
 def test_engine_flags_reach_the_engine_loader() -> None:
-    from voice_agent.cli import _engine_kwargs
     from voice_agent.config import Config
+    from voice_agent.engine.loader import engine_options
 
-    kwargs = _engine_kwargs(Config(max_batch=3, kv_cache_budget=1 << 20, engine_process=True))
-    assert (kwargs["max_batch"], kwargs["kv_cache_budget"], kwargs["engine_process"]) == (
+    flags = ["--max-batch", "3", "--kv-cache-budget", str(1 << 20), "--engine-process"]
+    args = build_parser().parse_args(["serve", *flags])
+    options = engine_options(Config.from_sources(args, env={}))
+    assert (options["max_batch"], options["kv_cache_budget"], options["engine_process"]) == (
         3,
         1 << 20,
         True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     return parser.parse_args(argv)
+
+
+class RecordingParser(argparse.ArgumentParser):
+    """Keeps the Action each add_argument() call returns (argparse's public API)."""
+
+    def __init__(self) -> None:
+        self.added: list[argparse.Action] = []  # before -h is added
+        super().__init__()
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.added.append(action)
+        return action
 
 
 def test_defaults_without_flags_or_env() -> None:
@@ -45,9 +59,9 @@ def test_flags_win_over_env_vars() -> None:
 
 
 def test_every_field_has_a_flag_with_help_naming_its_env_var() -> None:
-    parser = argparse.ArgumentParser()
+    parser = RecordingParser()
     add_arguments(parser)
-    actions = {a.dest: a for a in parser._actions}
+    actions = {a.dest: a for a in parser.added}
     for f in dataclasses.fields(Config):
         action = actions[f.name]
         assert action.help and ENV_PREFIX + f.name.upper() in action.help
