@@ -34,7 +34,7 @@ async def until_http_ok(
     loads first, so the default allows about two minutes); fails the test when
     `proc` exits meanwhile."""
     for _ in range(tries):
-        assert proc.poll() is None, f"{proc.args} exited with {proc.returncode}"
+        assert proc.poll() is None, f"{proc.args!r} exited with {proc.returncode}"
         try:
             async with http.get(url) as resp:
                 if resp.status == 200:

@@ -17,7 +17,7 @@ def voiced_fraction(pcm16: bytes, sample_rate: int) -> float:
     frames = [pcm[i : i + step] for i in range(0, len(pcm) - step + 1, step)]
     if not frames:
         return 0.0
-    return sum(vad.is_speech(f, 16000) for f in frames) / len(frames)
+    return sum(bool(vad.is_speech(f, 16000)) for f in frames) / len(frames)
 
 
 def as_pcm16(audio: np.ndarray) -> bytes:
