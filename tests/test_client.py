@@ -194,7 +194,7 @@ def test_player_plays_what_arrives_and_clear_drops_it(monkeypatch: pytest.Monkey
     player.write(b"\x05\x00" * 320)  # 20 ms
     assert player.buffered_ms == 20
     out = np.zeros(2 * 480, dtype=np.uint8)  # PortAudio asks for 30 ms
-    player.stream.kwargs["callback"](memoryview(out), 480, None, None)  # as PortAudio calls it
+    player.stream.kwargs["callback"](out.data, 480, None, None)  # as PortAudio calls it
     samples = out.view("<i2")
     assert samples[:320].tolist() == [5] * 320 and not samples[320:].any()  # then silence
     player.write(b"\x05\x00" * 320)

@@ -161,9 +161,9 @@ def test_sessions_cli(db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out] == ["s2", "s1"]
     assert cli_main(["sessions", "show", "s1", "--db", str(db)]) == 0
-    out = capsys.readouterr().out
-    assert "user: [audio 1.5 s]" in out and "assistant: héllo ☃" in out
-    assert "user: and now?" in out
+    shown_text = capsys.readouterr().out
+    assert "user: [audio 1.5 s]" in shown_text and "assistant: héllo ☃" in shown_text
+    assert "user: and now?" in shown_text
     assert cli_main(["sessions", "show", "s1", "--json", "--db", str(db)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["ids"][2] == 2**31 - 1 and shown["clip_samples"] == [24000]
@@ -225,7 +225,7 @@ async def test_resume_refused_for_another_token(db: str, tmp_path: Path) -> None
             await client.send_text("secret plans")
             await client.wait_for(ReplyDone, 20)
         await app.wait_saved()
-        app.detached.clear()  # as after a restart: only the store knows it
+        app.host.conversations.kept.clear()  # as after a restart: only the store knows it
         async with RealtimeClient(app.url) as bob:
             assert (await bob.start(token="bob", session_id=sid)).session_id != sid
         async with RealtimeClient(app.url) as alice:
