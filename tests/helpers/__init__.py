@@ -16,5 +16,6 @@ engines    collect(handle), DecodeGate, EngineFactory: for the engine tests
 postgres   PostgresServer (the `postgres_server` fixture in tests/conftest.py)
 mosquitto  start_mosquitto(), write_passwords(), MOSQUITTO: a real broker
 processes  cli_process(), until_http_ok(), stop_process(): `voice-agent` as a child
+tts        ToneTTS(seconds): a fake TTS engine with exact sample counts
 browser    chromium(mic), make_fake_mic(), PageWatch, tid(), page readers: headless Chromium
 """

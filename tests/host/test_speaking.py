@@ -8,25 +8,17 @@ import io
 import numpy as np
 import soundfile
 
+from tests.helpers.tts import ToneTTS
 from voice_agent.host.speaking import SentenceAudio, WavReply
 from voice_agent.tts.speaker import Speech
 
 
-class CharTTS:
-    """10 ms of audio per character at 16 kHz; records what it was asked."""
-
-    name = "chars"
-
-    def __init__(self) -> None:
-        self.said: list[str] = []
-
-    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
-        self.said.append(text)
-        return np.full(160 * len(text), 0.1, dtype=np.float32), 16000
+def ten_ms_a_character(text: str) -> float:
+    return 0.01 * len(text)
 
 
 async def test_a_reply_joined_into_one_wav_in_order() -> None:
-    tts = CharTTS()
+    tts = ToneTTS(ten_ms_a_character)
     speech = Speech(tts)
     reply = WavReply(speech, 16000)
     for delta in ("Hello there. ", "How are ", "you today? Fine."):
@@ -42,7 +34,7 @@ async def test_a_reply_joined_into_one_wav_in_order() -> None:
 
 
 async def test_nothing_said_or_cancelled_gives_no_wav() -> None:
-    speech = Speech(CharTTS())
+    speech = Speech(ToneTTS(ten_ms_a_character))
     silent = WavReply(speech)
     silent.finish()
     assert await silent.wav() is None

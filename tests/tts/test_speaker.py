@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-import numpy as np
 import pytest
 
 from tests.helpers.clocks import FakeClock
+from tests.helpers.tts import ToneTTS
 from voice_agent.protocol import (
     ReplyAudioDone,
     ReplyAudioStarted,
@@ -33,20 +33,6 @@ FRAME_MS = 40
 # Four pieces (the first cut after three words), one second of audio each.
 TEXT = "One two three four five six. Seven eight nine ten. Eleven twelve thirteen."
 PIECES = 4
-
-
-class ToneTTS:
-    """One second of a 220 Hz tone per piece, whatever the text."""
-
-    name = "tone"
-
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-
-    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
-        self.texts.append(text)
-        t = np.arange(RATE, dtype=np.float32) / RATE
-        return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), RATE
 
 
 @dataclass
@@ -233,7 +219,7 @@ async def test_the_first_piece_is_cut_early(speech: Speech) -> None:
     say(speaker)
     await until(lambda: len(out.events) == 2)
     assert isinstance(speech.tts, ToneTTS)
-    assert speech.tts.texts == [
+    assert speech.tts.said == [
         "One two three",
         "four five six.",
         "Seven eight nine ten.",
