@@ -72,8 +72,11 @@ def speech() -> Speech:
     return Speech(ToneTTS())
 
 
-def make(speech: Speech, clock: FakeClock, out: Out, lead_ms: int = AUDIO_LEAD_MS) -> ReplySpeaker:
-    return ReplySpeaker(
+def make(speech: Speech, lead_ms: int = AUDIO_LEAD_MS) -> tuple[ReplySpeaker, Out]:
+    """A speaker on a fresh fake clock, and what it hands to the transport."""
+    clock = FakeClock()
+    out = Out(clock)
+    speaker = ReplySpeaker(
         speech,
         RATE,
         out.event,
@@ -84,6 +87,7 @@ def make(speech: Speech, clock: FakeClock, out: Out, lead_ms: int = AUDIO_LEAD_M
         clock=clock,
         sleep=clock.sleep,
     )
+    return speaker, out
 
 
 def say(speaker: ReplySpeaker, text: str = TEXT, reply_id: str = "r1") -> None:
@@ -101,9 +105,7 @@ async def until(check: object, limit: int = 100_000) -> None:
 
 
 async def test_frames_are_paced_at_most_the_lead_ahead_of_the_clock(speech: Speech) -> None:
-    clock = FakeClock()
-    out = Out(clock)
-    speaker = make(speech, clock, out)
+    speaker, out = make(speech)
     say(speaker)
     await until(lambda: out.playback and not out.playback[-1][2])
     assert out.samples == PIECES * RATE
@@ -122,9 +124,7 @@ async def test_frames_are_paced_at_most_the_lead_ahead_of_the_clock(speech: Spee
 
 
 async def test_playback_is_reported_until_the_audio_has_been_heard(speech: Speech) -> None:
-    clock = FakeClock()
-    out = Out(clock)
-    speaker = make(speech, clock, out)
+    speaker, out = make(speech)
     say(speaker)
     await until(lambda: len(out.events) == 2)  # reply.audio.done: all frames sent
     assert speaker.speaking  # but still playing on the client
@@ -139,12 +139,10 @@ async def test_playback_is_reported_until_the_audio_has_been_heard(speech: Speec
 
 
 async def test_cancel_stops_frames_and_bounds_what_was_sent_ahead(speech: Speech) -> None:
-    clock = FakeClock()
-    out = Out(clock)
-    speaker = make(speech, clock, out)
+    speaker, out = make(speech)
     say(speaker)
     await until(lambda: out.samples >= RATE * 3 // 2)  # 1.5 s of audio sent
-    t_cancel = clock()
+    t_cancel = out.clock()
     sent = out.samples
     speaker.observe(ReplyCancelled("r1", "barge_in", TEXT))
     assert not speaker.speaking
@@ -164,9 +162,7 @@ async def test_cancel_stops_frames_and_bounds_what_was_sent_ahead(speech: Speech
 
 
 async def test_stop_with_another_reply_id_does_nothing(speech: Speech) -> None:
-    clock = FakeClock()
-    out = Out(clock)
-    speaker = make(speech, clock, out)
+    speaker, out = make(speech)
     say(speaker)
     await until(lambda: out.samples > 0)
     speaker.stop("r0")
@@ -178,9 +174,7 @@ async def test_stop_with_another_reply_id_does_nothing(speech: Speech) -> None:
 
 
 async def test_a_new_reply_ends_the_old_ones_playback(speech: Speech) -> None:
-    clock = FakeClock()
-    out = Out(clock)
-    speaker = make(speech, clock, out)
+    speaker, out = make(speech)
     say(speaker, "Short one.", "r1")
     await until(lambda: len(out.events) == 2)  # r1 sent, still playing
     say(speaker, "Second one.", "r2")
@@ -201,9 +195,7 @@ async def test_a_new_reply_ends_the_old_ones_playback(speech: Speech) -> None:
 
 
 async def test_lead_zero_sends_as_fast_as_made(speech: Speech) -> None:
-    clock = FakeClock()
-    out = Out(clock)
-    speaker = make(speech, clock, out, lead_ms=0)
+    speaker, out = make(speech, lead_ms=0)
     say(speaker)
     await until(lambda: len(out.events) == 2)
     assert out.samples == PIECES * RATE
@@ -213,9 +205,7 @@ async def test_lead_zero_sends_as_fast_as_made(speech: Speech) -> None:
 
 
 async def test_the_first_piece_is_cut_early(speech: Speech) -> None:
-    clock = FakeClock()
-    out = Out(clock)
-    speaker = make(speech, clock, out)
+    speaker, out = make(speech)
     say(speaker)
     await until(lambda: len(out.events) == 2)
     assert isinstance(speech.tts, ToneTTS)
