@@ -72,6 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.plot import turns_chart
 from benchmarks.turn_cases import PAUSES_MS, RATE, RECORDINGS, Case, build_cases
+from voice_agent import session_defaults as D
 from voice_agent.audio import float_to_pcm16
 from voice_agent.protocol import SpeechStoppedEvent
 from voice_agent.session import DetectTurn, Send, Session, SessionConfig
@@ -81,7 +82,7 @@ from voice_agent.vad import Segmenter, SpeechStopped, TurnCheck, VadConfig
 CHUNK = 640  # 20 ms
 HANGOVERS_MS = (300, 600, 1000)  # the silence rows
 SILENCE_CURVE_MS = (200, 300, 400, 500, 600, 800, 1000, 1200, 1300, 1500)
-MIN_SILENCE_MS, MAX_SILENCE_MS = 200, 1500
+MIN_SILENCE_MS, MAX_SILENCE_MS = D.MIN_SILENCE_MS, D.MAX_SILENCE_MS  # the server's defaults
 GRID_MS = (200, 300, 400, 600, 800, 1000, 1200, 1400)  # where the trace asks the model
 GOAL_CUTOFFS, GOAL_DELAY_MS = 0.05, 400.0
 
@@ -316,7 +317,7 @@ def _stop_at_cut(case: Case, ev: SpeechStoppedEvent, at: int) -> bool:
     return case.cut_ms - 400 <= ev.end_ms <= case.cut_ms + 100 and at <= case.resume_ms + 20
 
 
-def session_config(policy: Policy | None, hangover_ms: int = 600) -> SessionConfig:
+def session_config(policy: Policy | None, hangover_ms: int = D.HANGOVER_MS) -> SessionConfig:
     if policy is None:
         return SessionConfig(vad=VadConfig(hangover_ms=hangover_ms))
     vad = VadConfig(
