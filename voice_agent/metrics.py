@@ -45,7 +45,7 @@ Every name starts with `voice_agent_`:
                                              (transports/mqtt/), among them
                                              mqtt_requests_total and
                                              mqtt_commands_published_total
-    auth_failures_total, ...        counters the WebSocket limits (transports/websocket.py)
+    auth_failures_total, ...        counters the WebSocket limits (transports/websocket/)
 
 A scrape callback that fails is logged and left out of that scrape; /metrics
 never fails because of one.
