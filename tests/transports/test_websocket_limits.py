@@ -81,7 +81,10 @@ async def test_idle_session_is_closed_but_not_while_a_reply_runs(config: Config)
             done = await client.wait_for(ReplyDone, WAIT)  # not closed while it ran
             assert done.text.count("w") == 100
             assert await client.wait_closed(WAIT) == 1000
-        assert (await scrape(app.port))["voice_agent_idle_closes_total"] == 1
+        metrics = await scrape(app.port)
+        assert metrics["voice_agent_idle_closes_total"] == 1
+        key = 'voice_agent_transport_errors_total{code="idle",transport="realtime"}'
+        assert metrics[key] == 1
 
 
 def test_token_bucket_limits_with_a_fake_clock() -> None:
@@ -155,6 +158,8 @@ async def test_client_that_never_reads_is_closed_and_others_are_unaffected(
                         metrics = await scrape(app.port)
                         assert metrics['voice_agent_queue_depth_max{queue="send"}'] <= 32
                 await until(lambda: len(app.sessions) <= 1, 30)  # the slow one is gone
+                key = 'voice_agent_transport_errors_total{code="slow_client",transport="realtime"}'
+                assert (await scrape(app.port))[key] == 1
                 await good.send_text("after")
                 assert (await good.wait_for(ReplyDone, WAIT)).text == "echo after"
                 assert not good.of_type(ErrorEvent) and good.close_code is None

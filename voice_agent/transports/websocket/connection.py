@@ -41,7 +41,6 @@ from voice_agent.errors import (
     NotStarted,
     PolicyViolation,
     SlowClient,
-    to_wire,
 )
 from voice_agent.limits import AudioPacer, MessageLimiter
 from voice_agent.live import LiveSession
@@ -183,7 +182,9 @@ class _Connection:
             self._closing = True
             self.app.counters["idle_closes_total"] += 1
             logger.info("idle session closed", extra={"session_id": self.session_id})
-            wire = to_wire(IdleTimeout())
+            wire = self.host.report(
+                IdleTimeout(), transport=TRANSPORT, session_id=self.session_id or ""
+            )
             await close_or_abort(self.ws, wire.close_code or 1000, wire.message)
             return
 
