@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from aiortc.mediastreams import MediaStreamError
 
+from tests.helpers.clocks import FakeClock
 from voice_agent.transports.reply_track import TRACK_RATE, ReplyTrack
 
 pytestmark = pytest.mark.timeout(30)
@@ -18,23 +19,7 @@ pytestmark = pytest.mark.timeout(30)
 FRAME = TRACK_RATE // 50  # 20 ms
 
 
-class FakeTime:
-    """A clock that moves only when the track sleeps (or the test says so)."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        await asyncio.sleep(0)
-
-
-def make_track(t: FakeTime, **kwargs: float) -> ReplyTrack:
+def make_track(t: FakeClock, **kwargs: float) -> ReplyTrack:
     return ReplyTrack(clock=t.clock, sleep=t.sleep, **kwargs)  # type: ignore[arg-type]
 
 
@@ -53,7 +38,7 @@ async def pull(track: ReplyTrack, n: int) -> list[av.AudioFrame]:
 
 
 async def test_frames_are_20_ms_of_48k_mono_with_rising_timestamps() -> None:
-    t = FakeTime()
+    t = FakeClock()
     track = make_track(t)
     frames = await pull(track, 10)
     for i, frame in enumerate(frames):
@@ -67,7 +52,7 @@ async def test_frames_are_20_ms_of_48k_mono_with_rising_timestamps() -> None:
 
 
 async def test_recv_is_paced_in_real_time() -> None:
-    t = FakeTime()
+    t = FakeClock()
     track = make_track(t)
     start = t.now
     await pull(track, 51)
@@ -89,8 +74,8 @@ async def test_recv_is_paced_in_real_time() -> None:
     assert t.sleeps == [pytest.approx(0.02)]  # and then back to 20 ms steps
 
 
-class HeldTime(FakeTime):
-    """FakeTime whose sleeps, once `hold` is set, wait until it fires: the
+class HeldTime(FakeClock):
+    """FakeClock whose sleeps, once `hold` is set, wait until it fires: the
     test acts while recv() waits for its frame's time."""
 
     hold: asyncio.Event | None = None
@@ -125,7 +110,7 @@ async def test_a_reply_starts_in_the_frame_being_waited_for() -> None:
 
 
 async def test_written_audio_is_resampled_and_comes_out_in_order() -> None:
-    t = FakeTime()
+    t = FakeClock()
     track = make_track(t)
     pcm = tone(16000, 0.4)  # 400 ms at 16 kHz, written in 40 ms chunks as the speaker does
     for i in range(0, len(pcm), 1280):
@@ -144,7 +129,7 @@ async def test_written_audio_is_resampled_and_comes_out_in_order() -> None:
 
 
 async def test_48k_audio_passes_unchanged() -> None:
-    track = make_track(FakeTime())
+    track = make_track(FakeClock())
     pcm = tone(TRACK_RATE, 0.04)
     await track.write(pcm, TRACK_RATE)
     frames = await pull(track, 3)
@@ -153,7 +138,7 @@ async def test_48k_audio_passes_unchanged() -> None:
 
 
 async def test_clear_drops_the_buffered_audio_at_once() -> None:
-    t = FakeTime()
+    t = FakeClock()
     track = make_track(t)
     await track.write(tone(16000, 0.5), 16000)
     first = await track.recv()
@@ -171,7 +156,7 @@ async def test_clear_drops_the_buffered_audio_at_once() -> None:
 
 
 async def test_the_buffer_is_bounded_and_a_writer_waits_for_room() -> None:
-    t = FakeTime()
+    t = FakeClock()
     track = make_track(t, max_buffered_ms=200)
     chunk = tone(TRACK_RATE, 0.1)
     await track.write(chunk, TRACK_RATE)
@@ -186,7 +171,7 @@ async def test_the_buffer_is_bounded_and_a_writer_waits_for_room() -> None:
 
 
 async def test_a_writer_waiting_for_room_drops_its_chunk_on_clear() -> None:
-    t = FakeTime()
+    t = FakeClock()
     track = make_track(t, max_buffered_ms=100)
     await track.write(tone(TRACK_RATE, 0.1), TRACK_RATE)
     writer = asyncio.create_task(track.write(tone(TRACK_RATE, 0.1), TRACK_RATE))
@@ -207,7 +192,7 @@ async def test_a_track_nobody_drains_drops_instead_of_blocking() -> None:
 
 
 async def test_a_stopped_track_ends_and_takes_no_audio() -> None:
-    track = make_track(FakeTime(), max_buffered_ms=100)
+    track = make_track(FakeClock(), max_buffered_ms=100)
     await track.write(tone(TRACK_RATE, 0.1), TRACK_RATE)
     writer = asyncio.create_task(track.write(tone(TRACK_RATE, 0.1), TRACK_RATE))
     await asyncio.sleep(0.01)
