@@ -38,6 +38,7 @@ from tests.helpers.browser import (
     tid,
     type_turn,
     wait_reply_done,
+    watched_page,
 )
 from voice_agent.config import Config
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
@@ -125,9 +126,7 @@ async def test_a_conversation_in_the_page(
         running_server(config, tiny_engine, close_engine=False) as server,
         chromium(fake_mic) as browser,
     ):
-        page = await browser.new_page()
-        await page.add_init_script(WATCH_REPLIES)
-        watch = PageWatch(page)
+        page, watch = await watched_page(browser, WATCH_REPLIES)
         sid = await open_page(page, server, query)
         assert sid in server.sessions
         assert await page.inner_text(tid("transport")) == "off"
@@ -277,9 +276,7 @@ async def test_speaking_over_a_streaming_reply_cuts_it_off(
     config = dataclasses.replace(config, max_new_tokens=1000)
     query = "" if transport == "webrtc" else "?transport=ws"
     async with running_server(config, engine) as server, chromium(barge_in_mic) as browser:
-        page = await browser.new_page()
-        await page.add_init_script(WATCH_REPLIES)
-        watch = PageWatch(page)
+        page, watch = await watched_page(browser, WATCH_REPLIES)
         sid = await open_page(page, server, query)
         assert await page.is_hidden(tid("demo-banner"))  # the scripted engine is no demo
         await page.click(tid("talk-button"))

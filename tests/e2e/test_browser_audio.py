@@ -27,7 +27,6 @@ from playwright.async_api import Page
 from tests.helpers.browser import (
     ARTIFACTS,
     WAIT_MS,
-    PageWatch,
     chromium,
     error_notices,
     make_fake_mic,
@@ -37,6 +36,7 @@ from tests.helpers.browser import (
     tid,
     type_turn,
     wait_reply_done,
+    watched_page,
 )
 from voice_agent.config import Config
 from voice_agent.engine.base import TurnInput
@@ -140,9 +140,7 @@ async def test_webrtc_reply_plays_through_the_audio_element(
         running_server(config, engine, speech=speech) as server,
         chromium(fake_mic) as browser,
     ):
-        page = await browser.new_page()
-        await page.add_init_script(KEEP_PEERS)
-        watch = PageWatch(page)
+        page, watch = await watched_page(browser, KEEP_PEERS)
         sid = await open_page(page, server, "")
         await page.click(tid("talk-button"))
         await page.wait_for_selector(
@@ -191,8 +189,7 @@ async def test_ws_reply_plays_through_the_worklet(
         running_server(config, engine, speech=speech) as server,
         chromium(fake_mic) as browser,
     ):
-        page = await browser.new_page()
-        watch = PageWatch(page)
+        page, watch = await watched_page(browser)
         await open_page(page, server, "?transport=ws")
         await type_turn(page, "Lights, please.")
         assert await wait_reply_done(page, "r1") == SPOKEN
@@ -235,9 +232,7 @@ async def test_speaking_over_the_spoken_reply_stops_it(
         running_server(config, engine, speech=speech) as server,
         chromium(long_pause_barge_in_mic) as browser,
     ):
-        page = await browser.new_page()
-        await page.add_init_script(KEEP_PEERS)
-        watch = PageWatch(page)
+        page, watch = await watched_page(browser, KEEP_PEERS)
         sid = await open_page(page, server, query)
         await page.click(tid("talk-button"))
         audio = tid("reply-audio")
@@ -287,9 +282,7 @@ async def test_the_mute_toggle_silences_the_page_and_asks_for_text_only(
         running_server(config, engine, speech=speech) as server,
         chromium(fake_mic) as browser,
     ):
-        page = await browser.new_page()
-        await page.add_init_script(KEEP_SENT)
-        watch = PageWatch(page)
+        page, watch = await watched_page(browser, KEEP_SENT)
         await open_page(page, server, "?transport=ws")
         mute = page.get_by_role("button", name="Mute replies")
         assert await mute.get_attribute("aria-pressed") == "false"

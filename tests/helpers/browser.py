@@ -109,6 +109,15 @@ class PageWatch:
             self.problems.append(f"console.error: {msg.text}")
 
 
+async def watched_page(browser: Browser, *init_scripts: str) -> tuple[Page, PageWatch]:
+    """A new page whose `init_scripts` run before the page's own; its console
+    errors and uncaught exceptions are watched."""
+    page = await browser.new_page()
+    for script in init_scripts:
+        await page.add_init_script(script)
+    return page, PageWatch(page)
+
+
 def tid(name: str) -> str:
     return f'[data-testid="{name}"]'
 
