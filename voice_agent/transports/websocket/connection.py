@@ -36,6 +36,8 @@ from websockets.exceptions import ConnectionClosed
 
 from voice_agent.commands import valid_device_name
 from voice_agent.errors import (
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
     BadMessage,
     IdleTimeout,
     NotStarted,
@@ -147,7 +149,7 @@ class _Connection:
         if self.live is not None:
             await self.live.close()  # cancels its generation now
         self.outbox.stop_writing()
-        await close_or_abort(self.ws, wire.close_code or 1008, wire.message)
+        await close_or_abort(self.ws, wire.close_code or CLOSE_POLICY, wire.message)
 
     async def flush(self, timeout: float) -> None:
         await self.outbox.flush(timeout)
@@ -185,7 +187,7 @@ class _Connection:
             wire = self.host.report(
                 IdleTimeout(), transport=TRANSPORT, session_id=self.session_id or ""
             )
-            await close_or_abort(self.ws, wire.close_code or 1000, wire.message)
+            await close_or_abort(self.ws, wire.close_code or CLOSE_NORMAL, wire.message)
             return
 
     def _wait_for(self, message: str | bytes) -> float:
