@@ -12,8 +12,6 @@ from tests.helpers.devices import write_devices
 from tests.helpers.paths import AUDIO_DIR
 from tests.helpers.postgres import PostgresServer, postgres_bin, running_postgres
 
-__all__ = ["PostgresServer"]  # `from conftest import PostgresServer` in type hints
-
 
 @pytest.fixture(autouse=True)
 def _private_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
