@@ -58,9 +58,9 @@ def test_piper_runs_on_the_threads_it_is_given() -> None:
     from voice_agent.tts.piper import PiperTTS
 
     one = PiperTTS()  # the default: one CPU thread
-    assert one._voice.session.get_session_options().intra_op_num_threads == 1
+    assert one.threads == 1
     two = PiperTTS(threads=2)
-    assert two._voice.session.get_session_options().intra_op_num_threads == 2
+    assert two.threads == 2
     audio, rate = one.synthesize(SENTENCE)
     check_speech(audio, rate)
 

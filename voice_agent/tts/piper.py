@@ -69,6 +69,11 @@ class PiperTTS:
         self.voice = str(model)
         self.sample_rate = int(self._voice.config.sample_rate)
 
+    @property
+    def threads(self) -> int:
+        """CPU threads ONNX Runtime runs the voice on (read back from its session)."""
+        return int(self._voice.session.get_session_options().intra_op_num_threads)
+
     def synthesize(self, text: str) -> tuple[np.ndarray, int]:
         try:
             chunks = [c.audio_float_array for c in self._voice.synthesize(text)]
