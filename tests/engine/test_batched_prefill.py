@@ -12,13 +12,8 @@ import torch
 from tests.helpers.engines import DecodeGate, EngineFactory, collect, history_ids
 from voice_agent.engine.base import AudioArray, TurnInput
 from voice_agent.engine.kv import layer_tensors, new_cache, prefill_rows
-from voice_agent.engine.qwen2_audio import Qwen2AudioEngine, _ConvState
+from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
 from voice_agent.errors import EngineError
-
-
-def state(conv: Any) -> _ConvState:
-    assert isinstance(conv.state, _ConvState)
-    return conv.state
 
 
 async def _history(engine: Qwen2AudioEngine, conv: Any, turns: list[TurnInput]) -> None:
@@ -84,7 +79,9 @@ async def _solo(
 def _got(engine: Qwen2AudioEngine, conv: Any, handle: Any) -> tuple[list[int], str, int]:
     """(history ids, reply, cache length) of a settled conversation."""
     ids = history_ids(engine, conv)
-    return ids, handle.result.text, state(conv).cache.get_seq_length()
+    cached = engine.cached_tokens(conv)
+    assert cached is not None
+    return ids, handle.result.text, cached
 
 
 async def test_batched_prefill_equals_one_at_a_time(
@@ -145,14 +142,12 @@ async def test_a_failing_row_fails_only_its_turn(
     tok = engine.processor.tokenizer
     marker = tok.encode(" zebra", add_special_tokens=False)
     if where == "prepare":
-        original_prepare = engine._prepare
 
-        def prepare(t: Any, st: Any, turn: TurnInput) -> Any:
-            if turn.text and "zebra" in turn.text:
+        def fault(point: str, turn: TurnInput | None) -> None:
+            if point == "prepare" and turn is not None and turn.text and "zebra" in turn.text:
                 raise RuntimeError("simulated preparation failure")
-            return original_prepare(t, st, turn)
 
-        setattr(engine, "_prepare", prepare)  # noqa: B010 - patch the instance
+        engine.probe = fault
     else:
         inner = engine.model.model
         original_forward = inner.forward
@@ -177,7 +172,7 @@ async def test_a_failing_row_fails_only_its_turn(
     assert str(outcomes[-1]) == "the model failed on this turn"
     assert all(isinstance(o, list) for o in outcomes[:-1])
     assert [_got(engine, c, h) for c, h in zip(convs, handles[:-1], strict=True)] == expected
-    assert history_ids(engine, bad) == [] and state(bad).cache is None and bad.turns == 0
+    assert history_ids(engine, bad) == [] and engine.cached_tokens(bad) is None and bad.turns == 0
     if where == "prepare":  # the others still went together
         assert engine.stats["batched_prefills"] == 1
         assert engine.stats["batched_prefill_rows"] == 5

@@ -11,12 +11,7 @@ import torch
 from tests.helpers.engines import EngineFactory, collect, history_ids, kv_bytes_per_token
 from voice_agent.engine.base import AudioArray, TurnInput
 from voice_agent.engine.kv import DecodeBatch, layer_tensors, new_cache
-from voice_agent.engine.qwen2_audio import Qwen2AudioEngine, _ConvState
-
-
-def state(conv: Any) -> _ConvState:
-    assert isinstance(conv.state, _ConvState)
-    return conv.state
+from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
 
 
 def _config(layers: int) -> Any:
@@ -108,7 +103,7 @@ async def test_batched_greedy_output_equals_solo_output(
     for conv, h in zip(convs, handles, strict=True):
         u = h.result.usage
         fed = u.completion_tokens - (1 if u.completion_tokens == 16 else 0)
-        assert state(conv).cache.get_seq_length() == u.prompt_tokens + fed
+        assert engine.cached_tokens(conv) == u.prompt_tokens + fed
 
 
 async def test_max_batch_bounds_the_batch(
@@ -137,17 +132,17 @@ async def test_eviction_then_a_correct_next_turn(
     engine = await make_engine(max_new_tokens=12, kv_cache_budget=per_token * 300)
     a, b = engine.new_conversation(), engine.new_conversation()
     await collect(engine.submit(a, turns[0]))
-    assert state(a).cache is not None
+    assert engine.cached_tokens(a) is not None
     await collect(engine.submit(b, TurnInput(audio=speech)))
-    assert state(a).cache is None  # least recently used: dropped
-    assert state(b).cache is not None
+    assert engine.cached_tokens(a) is None  # least recently used: dropped
+    assert engine.cached_tokens(b) is not None
     assert engine.stats["evictions"] == 1
     handle = engine.submit(a, turns[1])
     await collect(handle)
     assert handle.result.usage.cached_tokens == 0  # rebuilt from its token ids
     assert history_ids(engine, a) == history_ids(reference, ref_conv)
     assert engine.history_text(a) == reference.history_text(ref_conv)
-    assert state(b).cache is None  # b was idle and least recent now
+    assert engine.cached_tokens(b) is None  # b was idle and least recent now
 
 
 @pytest.mark.parametrize("budget_tokens", [50])
@@ -162,7 +157,7 @@ async def test_a_budget_smaller_than_one_turn_still_serves_it(
     assert all(not h.result.cancelled and h.result.usage.completion_tokens for h in handles)
     # Over budget, turns run one at a time and no idle cache is kept.
     assert engine.stats["max_batch_seen"] == 1
-    assert all(state(c).cache is None for c in convs)
+    assert all(engine.cached_tokens(c) is None for c in convs)
 
 
 def test_batched_step_logits_equal_solo_logits(tiny_model_dir: Any) -> None:

@@ -19,13 +19,8 @@ from tests.helpers.engines import (
 )
 from voice_agent.engine.base import AudioArray, TurnInput
 from voice_agent.engine.loader import load_engine
-from voice_agent.engine.qwen2_audio import Qwen2AudioEngine, _ConvState
+from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
 from voice_agent.errors import Busy, EngineError, ModelLoadError
-
-
-def state(conv: Any) -> _ConvState:
-    assert isinstance(conv.state, _ConvState)
-    return conv.state
 
 
 def audio_tokens(engine: Qwen2AudioEngine, conv: Any) -> int:
@@ -154,7 +149,7 @@ async def test_cancel_keeps_only_keep_tokens(
     assert ids == [*ids[:prompt_len], *ref_reply[:2], im_end, *newline]
     # The cache was cropped to the prompt and the two kept tokens: the closing
     # <|im_end|> and newline are not in it yet (the next turn prefills them).
-    assert state(conv).cache.get_seq_length() == prompt_len + 2
+    assert engine.cached_tokens(conv) == prompt_len + 2
     assert result.text == tokenizer.decode(
         ref_reply[:2], skip_special_tokens=True, clean_up_tokenization_spaces=False
     )
@@ -257,7 +252,7 @@ async def test_failure_in_one_turn_fails_only_that_turn(
     assert str(bad_outcome) == "the model failed on this turn"
     assert isinstance(good_deltas, list) and not h_good.result.cancelled
     assert history_ids(engine, bad) == before  # the failed turn left no trace
-    assert state(bad).cache is None  # dropped: rebuilt on the next turn
+    assert engine.cached_tokens(bad) is None  # dropped: rebuilt on the next turn
     assert any("failed" in r.getMessage() for r in caplog.records)
     assert all("zebra" not in r.getMessage() for r in caplog.records)
     again = engine.submit(bad, TurnInput(text="Hello again."))

@@ -2,29 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from tests.helpers.engines import EngineFactory, collect, history_ids
 from tests.helpers.waiting import until
 from voice_agent.engine.base import AudioArray, TurnInput
-from voice_agent.engine.qwen2_audio import Qwen2AudioEngine, _ConvState
-
-
-def state(conv: Any) -> _ConvState:
-    assert isinstance(conv.state, _ConvState)
-    return conv.state
-
-
-def count_prefills(engine: Qwen2AudioEngine) -> list[int]:
-    calls = [0]
-    original = engine._prefill
-
-    def counted(*args: Any) -> None:
-        calls[0] += 1
-        original(*args)
-
-    setattr(engine, "_prefill", counted)  # noqa: B010 - patch the instance
-    return calls
 
 
 async def _reference(make_engine: EngineFactory, turns: list[TurnInput]) -> tuple[list[int], str]:
@@ -41,16 +21,15 @@ async def test_matching_turn_takes_over_the_speculative_prefill(
     turns = [TurnInput(text="Hello."), TurnInput(audio=speech)]
     ref_ids, ref_text = await _reference(make_engine, turns)
     engine = await make_engine(max_new_tokens=12)
-    calls = count_prefills(engine)
     conv = engine.new_conversation()
     await collect(engine.submit(conv, turns[0]))
-    assert calls[0] == 1
+    assert engine.stats["prefills"] == 1
     assert engine.prefill_speculative(conv, speech.copy())
-    await until(lambda: state(conv).spec is not None)
-    assert calls[0] == 2
+    await until(lambda: engine.speculating(conv))
+    assert engine.stats["prefills"] == 2
     handle = engine.submit(conv, TurnInput(audio=speech.copy()))
     await collect(handle)
-    assert calls[0] == 2  # no prefill for the real turn: decoding started at once
+    assert engine.stats["prefills"] == 2  # no prefill for the real turn: decoding started at once
     assert engine.stats["speculative_hits"] == 1
     assert handle.result.usage.cached_tokens > 0
     assert history_ids(engine, conv) == ref_ids
@@ -68,8 +47,9 @@ async def test_a_different_turn_discards_it(
     history = len(history_ids(engine, conv))
     # Speech resumed after the first 3 s: the real utterance is longer.
     assert engine.prefill_speculative(conv, speech[: 16000 * 3])
-    await until(lambda: state(conv).spec is not None)
-    assert state(conv).cache.get_seq_length() > history
+    await until(lambda: engine.speculating(conv))
+    cached = engine.cached_tokens(conv)
+    assert cached is not None and cached > history
     handle = engine.submit(conv, turns[1])
     await collect(handle)
     assert engine.stats == engine.stats | {"speculative_hits": 0, "speculative_misses": 1}
@@ -85,14 +65,13 @@ async def test_discard_crops_the_cache_back(
     engine = await make_engine(max_new_tokens=6)
     conv = engine.new_conversation()
     await collect(engine.submit(conv, TurnInput(text="Hello.")))
-    st = state(conv)
     assert engine.prefill_speculative(conv, short_speech)
-    await until(lambda: st.spec is not None)
+    await until(lambda: engine.speculating(conv))
     engine.discard_speculative(conv)
-    await until(lambda: st.spec is None)
+    await until(lambda: not engine.speculating(conv))
     # History tokens the speculative prefill fed (the reply's end) stay cached.
     history = len(history_ids(engine, conv))
-    assert st.cache.get_seq_length() == history
+    assert engine.cached_tokens(conv) == history
     handle = engine.submit(conv, TurnInput(text="Again."))
     await collect(handle)
     assert handle.result.usage.cached_tokens == history
@@ -107,4 +86,4 @@ async def test_no_speculation_while_a_turn_runs(
     assert not engine.prefill_speculative(conv, short_speech)  # a turn is queued: refused
     await collect(handle)
     assert engine.prefill_speculative(conv, short_speech)  # idle again
-    await until(lambda: state(conv).spec is not None)
+    await until(lambda: engine.speculating(conv))

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from voice_agent.engine.base import Conversation, Delta, Engine, TurnHandle
+from voice_agent.engine.base import Conversation, Delta, Engine, TurnHandle, TurnInput
 from voice_agent.engine.kv import bytes_per_token
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
 
@@ -18,23 +18,28 @@ async def collect(handle: TurnHandle) -> list[Delta]:
 
 
 class DecodeGate:
-    """Blocks the worker inside (batched) decode step number `at` until `release()`."""
+    """Blocks the worker before (batched) decode step number `at` until
+    `release()`, through the engine's public `probe` hook (chained to the
+    probe it finds there)."""
 
     def __init__(self, engine: Qwen2AudioEngine, at: int) -> None:
         self.at = at
         self.steps = 0
         self.reached = threading.Event()
         self.go = threading.Event()
-        original = engine._decode_batch
+        previous = engine.probe
 
-        def gated(batch: Any, turns: Any) -> Any:
+        def gate(point: str, turn: TurnInput | None) -> None:
+            if previous is not None:
+                previous(point, turn)
+            if point != "decode":
+                return
             self.steps += 1
             if self.steps == self.at:
                 self.reached.set()
                 self.go.wait(timeout=60)
-            return original(batch, turns)
 
-        setattr(engine, "_decode_batch", gated)  # noqa: B010 - patch the instance
+        engine.probe = gate
 
     def release(self) -> None:
         self.go.set()

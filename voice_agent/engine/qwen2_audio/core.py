@@ -14,16 +14,20 @@ import queue
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from voice_agent.engine.base import Delta, QueueTurnHandle
+from voice_agent.engine.base import Delta, QueueTurnHandle, TurnInput
 from voice_agent.engine.qwen2_audio.scheduler import Scheduler
 from voice_agent.engine.qwen2_audio.state import _ConvState, _Prefill, _Prep, _SpecRequest, _Turn
+
+# A test and diagnostics hook (Qwen2AudioEngine.probe): called on the worker
+# thread with the point reached and the turn there, if any.
+Probe = Callable[[str, TurnInput | None], None]
 
 if TYPE_CHECKING:
     from collections import deque
 
     import torch
 
-    from voice_agent.engine.base import AudioArray, TurnInput
+    from voice_agent.engine.base import AudioArray
     from voice_agent.engine.kv import DecodeBatch
 
 
@@ -43,6 +47,7 @@ class EngineCore:
     stats: dict[str, int]
     prefill_batch_tokens: int
     prefill_batch_slots: int
+    probe: Probe | None
 
     model: Any  # Qwen2AudioForConditionalGeneration | None
     processor: Any  # Qwen2AudioProcessor | None

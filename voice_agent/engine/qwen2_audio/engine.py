@@ -46,6 +46,7 @@ from voice_agent.engine.base import (
     TurnHandle,
     TurnInput,
 )
+from voice_agent.engine.qwen2_audio.core import Probe
 from voice_agent.engine.qwen2_audio.forward import _Forward
 from voice_agent.engine.qwen2_audio.loading import _Loading, tune_backends
 from voice_agent.engine.qwen2_audio.output import _Output
@@ -71,6 +72,15 @@ class Qwen2AudioEngine(_Worker, _Speculation, _Output, _Forward, _Prompting, _Lo
     # new block), the token slots of the padded batched cache it copies.
     prefill_batch_tokens = 8192
     prefill_batch_slots = 16384
+    # A test and diagnostics hook, off by default (None costs one attribute
+    # test per point). Called on the worker thread as probe(point, turn) at:
+    #   "prepare": before a turn's new ids and features are built (a
+    #              speculative prefill's too), with its TurnInput;
+    #   "decode":  before each batched decode step, with None.
+    # What it raises fails what that point serves, as a model error would:
+    # the turn being prepared; every turn of the decode step. It may block
+    # (a test holds the worker inside a step). Set it on the instance.
+    probe: Probe | None = None
 
     def __init__(
         self,
@@ -117,6 +127,7 @@ class Qwen2AudioEngine(_Worker, _Speculation, _Output, _Forward, _Prompting, _Lo
             "speculative_misses": 0,
             "batched_steps": 0,
             "max_batch_seen": 0,
+            "prefills": 0,  # prefills of one row (a turn alone, or a speculative one)
             "batched_prefills": 0,  # prefill forwards of two rows or more
             "batched_prefill_rows": 0,  # turns prefilled in those
             "max_prefill_rows": 0,
@@ -269,6 +280,27 @@ class Qwen2AudioEngine(_Worker, _Speculation, _Output, _Forward, _Prompting, _Lo
         st = conversation.state
         if isinstance(st, _ConvState) and self._thread is not None and not self._closed:
             self._inbox.put(_SpecRequest(st, None))
+
+    def cached_tokens(self, conversation: Conversation) -> int | None:
+        """Tokens in the KV cache the conversation keeps for its next turn;
+        None when it keeps none (no turn yet, dropped over the KV budget or
+        after a failed turn, without kv_reuse, or while a turn of it decodes:
+        the decode batch holds that cache then). For tests and diagnostics:
+        read without the worker's lock, so exact only between turns."""
+        cache = self._state(conversation).cache
+        return None if cache is None else int(cache.get_seq_length())
+
+    def speculating(self, conversation: Conversation) -> bool:
+        """A speculative prefill of the conversation's next turn is ready (see
+        `prefill_speculative`), not yet taken over by a turn or discarded."""
+        return self._state(conversation).spec is not None
+
+    @staticmethod
+    def _state(conversation: Conversation) -> _ConvState:
+        st = conversation.state
+        if not isinstance(st, _ConvState):
+            raise ValueError("conversation was not created by this engine")
+        return st
 
     def runtime_stats(self) -> EngineStats:
         """Rows of the decode batch, KV cache bytes (the batch's slots, pads

@@ -20,6 +20,7 @@ class _Forward(EngineCore):
     ) -> None:
         """Encode the new clips and prefill the new ids (one forward, extending the
         conversation's cache in place); sets t's prefill fields."""
+        self.stats["prefills"] += 1
         if prep is None:
             prep = self._prepare(t, st, turn)
         cache = prep.cache if prep.cache is not None else new_cache(self.model.config)
@@ -99,7 +100,7 @@ class _Forward(EngineCore):
         return [self._sample(row) for row in logits]
 
     def _decode_batch(self, batch: DecodeBatch, turns: list[_Turn]) -> torch.Tensor:
-        """The model step of all decoding turns (tests hook this)."""
+        """The model step of all decoding turns."""
         return batch.step(self.model, [t.reply[-1] for t in turns])
 
     def _leave(self, batch: DecodeBatch, turns: list[_Turn]) -> None:

@@ -41,6 +41,8 @@ class _Prompting(EngineCore):
         """Everything of a prefill but the forward: the new message rendered and
         tokenized, the prompt ids, the cache to extend and the clips to encode.
         Sets t's fields but next_token and cache; changes nothing in st."""
+        if self.probe is not None:
+            self.probe("prepare", turn)
         t.new_clips = [] if turn.audio is None else split_clips(turn.audio)
         t.new_message = prompt.user_message(len(st.clips), len(t.new_clips), turn.text)
         # The text the history ids already cover (nothing before the first turn,

@@ -213,6 +213,8 @@ class _Worker(EngineCore):
         """One batched decode step; returns the turns that have finished."""
         turns = [t for t in batch.owners if isinstance(t, _Turn)]
         try:
+            if self.probe is not None:
+                self.probe("decode", None)
             logits = self._decode_batch(batch, turns)
             self.stats["batched_steps"] += 1
             for t in turns:
