@@ -18,7 +18,7 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
-from voice_agent.engine.base import Conversation, TurnHandle, TurnInput
+from voice_agent.engine.base import Conversation, History, TurnHandle, TurnInput
 from voice_agent.errors import EngineError, ModelLoadError
 
 FAILED = "the model failed on this turn"
@@ -40,8 +40,6 @@ def child_main(conn: Connection, model: str, kwargs: dict[str, Any]) -> None:
 
 
 async def _serve(conn: Connection, engine: Any) -> None:
-    from voice_agent.engine.qwen2_audio import _ConvState
-
     loop = asyncio.get_running_loop()
     await engine.start()
     convs: dict[str, Conversation] = {}
@@ -59,14 +57,13 @@ async def _serve(conn: Connection, engine: Any) -> None:
             async for d in handle:
                 send(("delta", tid, d.text, d.tokens))
             r = handle.result
-            st = conv.state
-            assert isinstance(st, _ConvState)
+            history = History.of(conv.state, conv.turns)  # read as it is now, even if running
             snapshot = {
-                "messages": list(st.messages),
-                "ids": list(st.ids),
-                "clips": len(st.clips),
-                "clip_starts": list(st.clip_starts),
-                "turns": conv.turns,
+                "messages": history.messages,
+                "ids": history.ids,
+                "clips": len(history.clips),
+                "clip_starts": history.clip_starts,
+                "turns": history.turns,
             }
             usage = {
                 "prompt_tokens": r.usage.prompt_tokens,
