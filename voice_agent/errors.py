@@ -59,6 +59,23 @@ class BadMessage(VoiceAgentError):
     code = "bad_message"
 
 
+class InvalidField(BadMessage):
+    """A message field is wrong; `param` names it (the OpenAI Realtime
+    protocol's `error.param`, e.g. "session.audio.input.format")."""
+
+    def __init__(self, message: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class Unsupported(InvalidField):
+    """A feature of another protocol this server does not offer (OpenAI
+    Realtime tools and function calls, MCP, images, ...): refused by name,
+    never ignored in silence."""
+
+    code = "unsupported"
+
+
 class NotStarted(VoiceAgentError):
     """Anything but `session.start` before the session started."""
 
@@ -176,7 +193,15 @@ class BrokerAuthError(ConfigError):
 
 # Every code an `error` event or message can carry (PROTOCOL.md), then the
 # close-only codes above: each is exported on /metrics from the start.
-ERROR_CODES = ("bad_message", "not_started", "bad_audio", "busy", "policy", "internal")
+ERROR_CODES = (
+    "bad_message",
+    "unsupported",
+    "not_started",
+    "bad_audio",
+    "busy",
+    "policy",
+    "internal",
+)
 CLOSE_ONLY_CODES = (
     "slow_client",
     "idle",

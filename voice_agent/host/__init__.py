@@ -22,11 +22,13 @@ ConversationHost(config, engine, *, store=None, speech=None, bus=None,
     .speech                     tts Speech or None (the server does not speak)
 
     await .start_session(send, *, resume=None, owner="", sample_rate=16000,
-                         channels=1, system_prompt=None, device=None) -> LiveSession
+                         channels=1, system_prompt=None, device=None,
+                         session_config=None) -> LiveSession
         resumes `resume` (kept in memory or in the store, same owner, not in
         use) or starts a new conversation under a new id (live.session_id);
         registers it in .sessions; finished/cancelled replies save it; with a
-        bus and a device, commands go to and come from the bus.
+        bus and a device, commands go to and come from the bus;
+        session_config (a SessionConfig) replaces config_for(system_prompt).
     await .start_request(key, send, *, owner, transport, device=None,
                          check_store=None) -> (LiveSession, resumed)
         request/reply transports (MQTT): a session for one request on the

@@ -107,14 +107,17 @@ class ConversationHost:
         channels: int = 1,
         system_prompt: str | None = None,
         device: str | None = None,
+        session_config: SessionConfig | None = None,
     ) -> LiveSession:
         """A LiveSession: the conversation `resume` when it is kept or stored
         under `owner` and not in use, else a new one under a new id (read
         `live.session_id`). A resumed conversation keeps its device unless
         `device` is given. With a bus and a device, the session's commands go
         to the bus and the bus's commands for that device come to it.
-        Finished and cancelled replies save the conversation."""
-        config = self.config_for(system_prompt)
+        Finished and cancelled replies save the conversation. `session_config`
+        (a transport's own turn-taking, e.g. OpenAI's turn_detection) replaces
+        config_for(system_prompt)."""
+        config = session_config if session_config is not None else self.config_for(system_prompt)
         opened = None
         if resume:
             opened = await self.conversations.open(resume, owner, create=False)

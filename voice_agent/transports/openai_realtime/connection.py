@@ -1,0 +1,294 @@
+"""One OpenAI Realtime WebSocket on the conversation host: the glue.
+
+The translator (translator.py, pure) does the protocol; this class only
+pumps: each client text frame goes through `Translator.client`, whose GA
+events are queued to the outbox and whose calls run on the host in order
+(Start -> host.start_session with the translator's SessionConfig, or
+host.end_session + start_session on the same conversation for new
+turn-taking settings; Feed/Commit/Respond/Cancel -> the LiveSession;
+StopAudio -> the speaker; Failed -> host.report and an `error`). Every
+native event of the session goes through the speaker (host.speaker, at the
+output format's rate) and `Translator.server`; spoken PCM through
+`Translator.audio`. A reply's response.done waits for its audio: after
+reply.done, a small watch waits until the speaker is done with the reply
+(reply.audio.done, or no audio at all) and then calls `Translator.settled`.
+
+Limits: the outbox is bounded (send_queue); a client that stops reading is
+closed with 1008 (errors.SlowClient), as on the native protocol. Binary
+frames are not part of this protocol: `error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from websockets.exceptions import ConnectionClosed
+
+from voice_agent.errors import CLOSE_POLICY, BadMessage, SlowClient
+from voice_agent.host import ConversationHost
+from voice_agent.live import LiveSession
+from voice_agent.protocol import ReplyAudioStarted, ReplyDone, ServerEvent
+from voice_agent.transports.openai_realtime.translator import (
+    Cancel,
+    Commit,
+    Failed,
+    Feed,
+    Out,
+    Respond,
+    Start,
+    StopAudio,
+    Translator,
+)
+from voice_agent.transports.sansio import Connection
+from voice_agent.transports.websocket.outbox import Outbox, close_or_abort
+from voice_agent.tts.speaker import ReplySpeaker
+
+if TYPE_CHECKING:
+    from voice_agent.config import Config
+
+logger = logging.getLogger("voice_agent.transports.openai_realtime")
+
+TRANSPORT = "openai"  # the label this transport's errors are counted under
+SETTLE_POLL_S = 0.02  # how often the response.done watch looks at the speaker
+
+
+def _dumps(event: dict[str, Any]) -> str:
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+
+
+class RealtimeConnection:
+    """One OpenAI Realtime connection; see the module doc."""
+
+    def __init__(
+        self, host: ConversationHost, config: Config, ws: Connection, *, owner: str = ""
+    ) -> None:
+        self.host = host
+        self.config = config
+        self.ws = ws
+        self.owner = owner
+        self.outbox = Outbox(ws, config.send_queue)
+        engine = host.engine
+        self.t = Translator(
+            host.config_for,
+            model=engine.model_name,
+            tag=secrets.token_hex(4),
+            can_speak=host.speech is not None,
+            token_limit=config.max_new_tokens or 4096,
+        )
+        self.live: LiveSession | None = None
+        self.speaker: ReplySpeaker | None = None
+        self._audio_reply: str | None = None  # the reply whose audio is being sent
+        self._closing = False
+        self._tasks: set[asyncio.Future[Any]] = set()  # cancelled at the end
+        self._closes: set[asyncio.Future[Any]] = set()  # awaited at the end
+        self._audio_out: bool | None = None  # the output modality applied to the speaker
+
+    @property
+    def session_id(self) -> str:
+        return self.live.session_id if self.live is not None else ""
+
+    @property
+    def queued(self) -> int:
+        """Events waiting to be written (the send queue)."""
+        return self.outbox.queued
+
+    @property
+    def fast_frames(self) -> int:
+        """Always 0: audio comes as JSON here, the binary fast path is not used."""
+        return 0
+
+    async def flush(self, timeout: float) -> None:
+        await self.outbox.flush(timeout)
+
+    # -- out ---------------------------------------------------------------------
+
+    def _put(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            if self._closing:
+                return
+            if not self.outbox.put(_dumps(event)):
+                self._too_slow()
+                return
+
+    def _too_slow(self) -> None:
+        self._closing = True
+        wire = self.host.report(SlowClient(), transport=TRANSPORT, session_id=self.session_id)
+        self.outbox.stop_writing()
+        closing = asyncio.ensure_future(
+            close_or_abort(self.ws, wire.close_code or CLOSE_POLICY, wire.message)
+        )
+        self._closes.add(closing)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def send(self, event: ServerEvent) -> None:
+        """The session's native events (LiveSession's send)."""
+        if self._closing:
+            return
+        speaker = self.speaker
+        if speaker is not None:
+            speaker.observe(event)
+        self._put(self.t.server(event))
+        if isinstance(event, ReplyDone):
+            if speaker is None or speaker.muted or speaker.reply_id != event.reply_id:
+                self._put(self.t.settled(event.reply_id))
+            else:
+                self._spawn(self._settle(speaker, event.reply_id))
+
+    async def _settle(self, speaker: ReplySpeaker, reply_id: str) -> None:
+        while speaker.reply_id == reply_id and not self._closing:
+            await asyncio.sleep(SETTLE_POLL_S)
+        self._put(self.t.settled(reply_id))
+
+    async def _speaker_event(self, event: ServerEvent) -> None:
+        if isinstance(event, ReplyAudioStarted):
+            self._audio_reply = event.reply_id
+        self._put(self.t.server(event))
+
+    async def _speaker_audio(self, pcm: bytes) -> None:
+        if self._closing:
+            return
+        self._put(self.t.audio(pcm, self._audio_reply))  # paced by the speaker
+
+    async def _playback(self, reply_id: str, playing: bool) -> None:
+        if self.live is not None:
+            await self.live.playback(reply_id, playing)
+
+    # -- in ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.outbox.start()
+        self._put(self.t.opening())
+        try:
+            while not self._closing:
+                try:
+                    message = await self.ws.recv()
+                except ConnectionClosed:
+                    break
+                if isinstance(message, bytes):
+                    outs: list[Out] = [Failed(BadMessage("binary frames are not used here"), None)]
+                else:
+                    outs = self.t.client(message)
+                for out in outs:
+                    if isinstance(out, dict):
+                        self._put([out])
+                        continue
+                    try:
+                        await self._call(out)
+                    except Exception as exc:
+                        await self._fail(exc, None)
+                        break  # the rest of this event's calls depended on this one
+                self._sync()
+        finally:
+            await self._end()
+
+    async def _fail(self, exc: BaseException, event_id: str | None) -> None:
+        wire = self.host.report(exc, transport=TRANSPORT, session_id=self.session_id)
+        if wire.close_code is not None:
+            self._closing = True
+            await self.outbox.flush(1.0)
+            await close_or_abort(self.ws, wire.close_code, wire.message)
+            return
+        self._put([self.t.error(exc, event_id)])
+
+    async def _call(self, call: Out) -> None:
+        if isinstance(call, Failed):
+            await self._fail(call.exc, call.event_id)
+            return
+        if isinstance(call, Start):
+            await self._start(call)
+            return
+        live = self.live
+        if isinstance(call, StopAudio):
+            if self.speaker is not None:
+                self.speaker.stop()
+            return
+        if live is None:  # the translator starts the session before any of these
+            raise BadMessage("the session has not started")
+        if isinstance(call, Feed):
+            await live.feed_audio(call.pcm)
+        elif isinstance(call, Commit):
+            await live.commit()
+        elif isinstance(call, Respond):
+            self._sync()
+            if call.max_output_tokens is not None:
+                live.max_new_tokens = call.max_output_tokens
+            if self.speaker is not None:
+                self.speaker.set_muted(not call.audio)
+            await live.turn(call.turn)
+        elif isinstance(call, Cancel):
+            await live.cancel()
+
+    async def _start(self, call: Start) -> None:
+        old = self.live
+        resume = None
+        if old is not None:
+            resume = None if call.fresh else old.session_id
+            self.live = None
+            await self.host.end_session(old)
+        live = await self.host.start_session(
+            self.send,
+            resume=resume,
+            owner=self.owner,
+            sample_rate=call.sample_rate,
+            session_config=call.config,
+        )
+        if self._closing:
+            await self.host.end_session(live)
+            return
+        self.live = live
+        self._sync()
+        logger.info(
+            "openai realtime session started",
+            extra={"session_id": live.session_id, "resumed": resume is not None},
+        )
+
+    def _sync(self) -> None:
+        """Output settings onto the session and the speaker: max_output_tokens,
+        spoken or not, the output rate (a new speaker when it changed)."""
+        live = self.live
+        if live is None:
+            return
+        s = self.t.settings
+        live.max_new_tokens = s.max_output_tokens or self.config.max_new_tokens
+        speaker = self.speaker
+        rate = self.t.output_rate
+        if speaker is not None and speaker.sample_rate != rate and not speaker.speaking:
+            self._spawn(speaker.close())
+            self.speaker = speaker = None
+            self._audio_out = None
+        if speaker is None and self.host.speech is not None:
+            speaker = self.host.speaker(
+                rate, self._speaker_event, self._speaker_audio, on_playback=self._playback
+            )
+            self.speaker = speaker
+        if speaker is not None:
+            live.stop_audio = speaker.stop
+            if self._audio_out != s.audio_out:  # (Respond mutes per response)
+                self._audio_out = s.audio_out
+                speaker.set_muted(not s.audio_out)
+
+    async def _end(self) -> None:
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._closes, return_exceptions=True)
+        live = self.live
+        if live is not None:
+            await live.close()
+        if self.speaker is not None:
+            await self.speaker.close()
+        await self.outbox.close()
+        if live is not None:
+            await self.host.end_session(live)
+            logger.info(
+                "openai realtime session ended",
+                extra={"session_id": live.session_id, "close_code": self.ws.close_code},
+            )

@@ -1,0 +1,90 @@
+"""Ids and the conversation's items as the GA API shows them (pure).
+
+Ids are numbered per connection under one random tag the connection gives
+(`item_<tag><n>`, `resp_<tag><n>`, `event_<tag><n>`), so they are unique
+enough for clients and deterministic in tests.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+
+class Ids:
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self._n = 0
+
+    def next(self, prefix: str) -> str:
+        self._n += 1
+        return f"{prefix}_{self.tag}{self._n:04d}"
+
+    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """A server event: `type`, a fresh `event_id`, then the fields."""
+        return {"type": kind, "event_id": self.next("event"), **fields}
+
+
+def user_item(item_id: str, texts: tuple[str, ...] = (), audio: int = 0) -> dict[str, Any]:
+    """A user message item: its text parts, then `audio` input_audio parts
+    (their audio is not kept; transcript null: transcription is off)."""
+    content: list[dict[str, Any]] = [{"type": "input_text", "text": t} for t in texts]
+    content += [{"type": "input_audio", "transcript": None} for _ in range(audio)]
+    return {
+        "id": item_id,
+        "object": "realtime.item",
+        "type": "message",
+        "status": "completed",
+        "role": "user",
+        "content": content,
+    }
+
+
+def message_item(item_id: str, role: str, texts: tuple[str, ...]) -> dict[str, Any]:
+    kind = "output_text" if role == "assistant" else "input_text"
+    return {
+        "id": item_id,
+        "object": "realtime.item",
+        "type": "message",
+        "status": "completed",
+        "role": role,
+        "content": [{"type": kind, "text": t} for t in texts],
+    }
+
+
+class Items:
+    """The conversation's items in order, by id. `pending` are user items
+    not yet answered (not in the model's history yet: they may be deleted)."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.pending: set[str] = set()
+
+    @property
+    def last_id(self) -> str | None:
+        return next(reversed(self._items), None) if self._items else None
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._items
+
+    def ids(self) -> list[str]:
+        return list(self._items)
+
+    def get(self, item_id: str) -> dict[str, Any] | None:
+        return self._items.get(item_id)
+
+    def add(self, item: dict[str, Any], *, pending: bool = False) -> str | None:
+        """Append `item`; returns the previous last item's id."""
+        previous = self.last_id
+        self._items[item["id"]] = item
+        if pending:
+            self.pending.add(item["id"])
+        return previous
+
+    def remove(self, item_id: str) -> None:
+        self._items.pop(item_id, None)
+        self.pending.discard(item_id)
+
+    def answered(self) -> None:
+        """The pending items went to the model."""
+        self.pending.clear()

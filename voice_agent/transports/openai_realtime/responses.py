@@ -1,0 +1,269 @@
+"""Native replies -> GA responses (pure).
+
+One native reply (reply.started ... reply.done | reply.cancelled | error with
+its reply_id) is one GA response with one assistant message item and one
+content part:
+
+    reply.started   -> response.created, response.output_item.added,
+                       conversation.item.added, response.content_part.added
+    reply.delta     -> response.output_text.delta (text output) or
+                       response.output_audio_transcript.delta (audio output)
+    spoken PCM      -> response.output_audio.delta (base64, output format)
+    reply.done      -> (audio output: once the reply's audio has all gone
+                       out, reply.audio.done or `settled`) response.output_
+                       {text|audio_transcript}.done [+ output_audio.done],
+                       response.content_part.done, response.output_item.done,
+                       conversation.item.done, response.done (completed, with
+                       usage), rate_limits.updated
+    reply.cancelled -> the same closing events at once, status cancelled
+                       (reason turn_detected for a barge-in, client_cancelled)
+    error(reply_id) -> the same, status failed (status_details.error)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from voice_agent.transports.openai_realtime.codec import format_object
+from voice_agent.transports.openai_realtime.items import Ids, Items
+
+_REASONS = {"barge_in": "turn_detected", "client": "client_cancelled"}
+
+
+@dataclass
+class Response:
+    id: str
+    reply_id: str
+    item_id: str
+    audio: bool  # audio output (audio deltas + transcript)
+    modalities: tuple[str, ...]
+    max_output_tokens: int | None
+    metadata: dict[str, Any] | None
+    text: str = ""
+    text_done: bool = False
+    audio_done: bool = False
+    usage: dict[str, Any] = field(default_factory=dict)
+    status: str = "in_progress"
+    details: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a response is asked to be (the session's settings or response.create's)."""
+
+    modalities: tuple[str, ...]
+    audio: bool  # audio deltas will come (the server speaks and audio is asked)
+    max_output_tokens: int | None
+    metadata: dict[str, Any] | None
+    output_format: str
+    voice: str
+
+
+def usage_of(native: dict[str, int]) -> dict[str, Any]:
+    """Native usage {prompt_tokens, cached_tokens, completion_tokens} -> GA usage."""
+    prompt = int(native.get("prompt_tokens", 0))
+    out = int(native.get("completion_tokens", 0))
+    return {
+        "total_tokens": prompt + out,
+        "input_tokens": prompt,
+        "output_tokens": out,
+        "input_token_details": {"cached_tokens": int(native.get("cached_tokens", 0))},
+        "output_token_details": {"text_tokens": out, "audio_tokens": 0},
+    }
+
+
+class Responses:
+    def __init__(self, ids: Ids, items: Items, conversation_id: str, token_limit: int) -> None:
+        self.ids = ids
+        self.items = items
+        self.conversation_id = conversation_id
+        self.token_limit = token_limit
+        self.open: dict[str, Response] = {}  # by native reply id
+        self._formats: dict[str, Options] = {}
+
+    @property
+    def in_progress(self) -> Response | None:
+        """The newest response not finished yet."""
+        return next(reversed(self.open.values()), None) if self.open else None
+
+    def by_id(self, response_id: str) -> Response | None:
+        return next((r for r in self.open.values() if r.id == response_id), None)
+
+    def _object(self, r: Response) -> dict[str, Any]:
+        opts = self._formats[r.id]
+        done = r.status != "in_progress"
+        return {
+            "object": "realtime.response",
+            "id": r.id,
+            "status": r.status,
+            "status_details": r.details,
+            "output": [self._item(r)] if done else [],
+            "conversation_id": self.conversation_id,
+            "output_modalities": list(r.modalities),
+            "max_output_tokens": "inf" if r.max_output_tokens is None else r.max_output_tokens,
+            "audio": {"output": {"format": format_object(opts.output_format), "voice": opts.voice}},
+            "usage": r.usage if done else None,
+            "metadata": r.metadata,
+        }
+
+    def _part(self, r: Response) -> dict[str, Any]:
+        if r.audio or "audio" in r.modalities:
+            return {"type": "audio", "transcript": r.text}
+        return {"type": "text", "text": r.text}
+
+    def _item(self, r: Response) -> dict[str, Any]:
+        part = self._part(r)
+        content = (
+            [{"type": "output_audio", "transcript": r.text}]
+            if part["type"] == "audio"
+            else [{"type": "output_text", "text": r.text}]
+        )
+        status = r.status if r.status in ("in_progress", "completed") else "incomplete"
+        return {
+            "id": r.item_id,
+            "object": "realtime.item",
+            "type": "message",
+            "status": status,
+            "role": "assistant",
+            "content": content if r.text or r.status != "in_progress" else [],
+        }
+
+    def _where(self, r: Response) -> dict[str, Any]:
+        return {"response_id": r.id, "item_id": r.item_id, "output_index": 0, "content_index": 0}
+
+    def start(self, reply_id: str, opts: Options) -> list[dict[str, Any]]:
+        """reply.started: finish what still waits for its audio (the speaker
+        stops it for the new reply), then open the new response."""
+        out: list[dict[str, Any]] = []
+        for old in list(self.open.values()):
+            out += self._finish(old, "cancelled", {"type": "cancelled", "reason": "turn_detected"})
+        r = Response(
+            self.ids.next("resp"),
+            reply_id,
+            self.ids.next("item"),
+            opts.audio,
+            opts.modalities,
+            opts.max_output_tokens,
+            opts.metadata,
+        )
+        self._formats[r.id] = opts
+        self.open[reply_id] = r
+        item = self._item(r)
+        previous = self.items.add(item)
+        e = self.ids.event
+        out += [
+            e("response.created", response=self._object(r)),
+            e("response.output_item.added", response_id=r.id, output_index=0, item=item),
+            e("conversation.item.added", previous_item_id=previous, item=item),
+            e("response.content_part.added", **self._where(r), part=self._part(r)),
+        ]
+        return out
+
+    def delta(self, reply_id: str, text: str) -> list[dict[str, Any]]:
+        r = self.open.get(reply_id)
+        if r is None or r.text_done:
+            return []
+        r.text += text
+        audio = r.audio or "audio" in r.modalities
+        kind = "response.output_audio_transcript.delta" if audio else "response.output_text.delta"
+        return [self.ids.event(kind, **self._where(r), delta=text)]
+
+    def audio(self, reply_id: str | None, b64: str) -> list[dict[str, Any]]:
+        r = self.open.get(reply_id) if reply_id is not None else self.in_progress
+        if r is None or not r.audio or r.audio_done:
+            return []
+        return [self.ids.event("response.output_audio.delta", **self._where(r), delta=b64)]
+
+    def done(self, reply_id: str, text: str, usage: dict[str, int]) -> list[dict[str, Any]]:
+        r = self.open.get(reply_id)
+        if r is None:
+            return []
+        r.text, r.text_done, r.usage = text, True, usage_of(usage)
+        if r.audio and not r.audio_done:
+            return []  # response.done once its audio has gone out
+        return self._finish(r, "completed", None)
+
+    def audio_done(self, reply_id: str, cancelled: bool) -> list[dict[str, Any]]:
+        """The reply's audio has all gone out (or was stopped), or none will come."""
+        r = self.open.get(reply_id)
+        if r is None or r.audio_done:
+            return []
+        r.audio_done = True
+        if cancelled:
+            return self._finish(r, "cancelled", {"type": "cancelled", "reason": "turn_detected"})
+        return self._finish(r, "completed", None) if r.text_done else []
+
+    def cancelled(self, reply_id: str, reason: str, text: str) -> list[dict[str, Any]]:
+        r = self.open.get(reply_id)
+        if r is None:
+            return []
+        r.text = text
+        details = {"type": "cancelled", "reason": _REASONS.get(reason, "client_cancelled")}
+        return self._finish(r, "cancelled", details)
+
+    def cancel_held(self) -> list[dict[str, Any]]:
+        """response.cancel of a response whose text is done and whose audio
+        still goes out: it ends now, cancelled."""
+        out: list[dict[str, Any]] = []
+        for r in list(self.open.values()):
+            if r.text_done:
+                details = {"type": "cancelled", "reason": "client_cancelled"}
+                out += self._finish(r, "cancelled", details)
+        return out
+
+    def failed(self, reply_id: str, code: str, message: str) -> list[dict[str, Any]]:
+        r = self.open.get(reply_id)
+        if r is None:
+            return []
+        kind = "invalid_request_error" if code == "bad_message" else "server_error"
+        details = {"type": "failed", "error": {"type": kind, "code": code, "message": message}}
+        return self._finish(r, "failed", details)
+
+    def _finish(
+        self, r: Response, status: str, details: dict[str, Any] | None
+    ) -> list[dict[str, Any]]:
+        del self.open[r.reply_id]
+        r.status, r.details, r.audio_done, r.text_done = status, details, True, True
+        where = self._where(r)
+        e = self.ids.event
+        out: list[dict[str, Any]] = []
+        if r.audio or "audio" in r.modalities:
+            if r.audio:
+                out.append(e("response.output_audio.done", **where))
+            out.append(e("response.output_audio_transcript.done", **where, transcript=r.text))
+        else:
+            out.append(e("response.output_text.done", **where, text=r.text))
+        item = self._item(r)
+        self.items.add(item)  # (replaces the in-progress copy in place)
+        out += [
+            e("response.content_part.done", **where, part=self._part(r)),
+            e("response.output_item.done", response_id=r.id, output_index=0, item=item),
+            e("conversation.item.done", previous_item_id=self._previous(r.item_id), item=item),
+            e("response.done", response=self._object(r)),
+        ]
+        used = int(r.usage.get("output_tokens", 0))
+        limit = r.max_output_tokens or self.token_limit
+        out.append(
+            e(
+                "rate_limits.updated",
+                rate_limits=[
+                    {
+                        "name": "tokens",
+                        "limit": limit,
+                        "remaining": max(0, limit - used),
+                        "reset_seconds": 0.0,
+                    }
+                ],
+            )
+        )
+        self._formats.pop(r.id, None)
+        return out
+
+    def _previous(self, item_id: str) -> str | None:
+        previous = None
+        for key in self.items.ids():
+            if key == item_id:
+                return previous
+            previous = key
+        return previous

@@ -1,0 +1,439 @@
+"""The translator (pure, sans-I/O): GA client events -> host calls and GA
+events; the session's native ServerEvents -> GA server events.
+
+    t = Translator(config_for, model=..., tag=..., can_speak=...)
+    t.opening()            -> [session.created]
+    t.client(text)         -> [GA event dict | Call ...]   (in order)
+    t.server(event)        -> [GA event dict ...]          (a native ServerEvent)
+    t.audio(pcm)           -> [response.output_audio.delta] (spoken PCM16 at t.output_rate)
+    t.settled(reply_id)    -> [...]  the speaker is done with that reply
+
+Calls the connection runs on the host, in order with the events around them:
+Start (start the LiveSession, or restart it on the same conversation for
+new turn-taking settings; `fresh` for a new conversation), Feed (PCM16 at
+the input format's rate), Commit, Respond (a whole user turn: the pending
+items), Cancel, StopAudio, Failed (report the error, send t.error(...)).
+
+Turns: with turn_detection (server_vad / semantic_vad) the input audio goes
+to the Session, whose VAD cuts and answers the turns (speech.* -> input_audio_
+buffer.*, a user item per utterance). With turn_detection null the audio
+waits in the input buffer here until input_audio_buffer.commit makes it a
+user item; items wait (pending) until response.create sends them to the
+model as one turn. A malformed or unsupported event gets an `error` (its
+event_id) and changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from voice_agent.audio import pcm16_to_float, resample
+from voice_agent.engine.types import AudioArray, TurnInput
+from voice_agent.errors import BadAudio, InvalidField, Unsupported
+from voice_agent.protocol import (
+    ErrorEvent,
+    ReplyAudioDone,
+    ReplyCancelled,
+    ReplyDelta,
+    ReplyDone,
+    ReplyStarted,
+    ServerEvent,
+    SpeechStartedEvent,
+    SpeechStoppedEvent,
+)
+from voice_agent.session import SessionConfig
+from voice_agent.transports.openai_realtime import events as ev
+from voice_agent.transports.openai_realtime import settings as st
+from voice_agent.transports.openai_realtime.codec import (
+    FORMATS,
+    b64decode,
+    b64encode,
+    from_pcm16,
+    to_pcm16,
+)
+from voice_agent.transports.openai_realtime.items import Ids, Items, user_item
+from voice_agent.transports.openai_realtime.responses import Options, Responses
+
+MAX_BUFFER_MS = 30_000  # manual-turn input buffer (the model hears at most 30 s a clip)
+
+
+@dataclass(frozen=True)
+class Start:
+    config: SessionConfig
+    sample_rate: int
+    fresh: bool = False  # a new conversation (the instructions changed before any turn)
+
+
+@dataclass(frozen=True)
+class Feed:
+    pcm: bytes  # PCM16 mono at the Start's sample_rate
+
+
+@dataclass(frozen=True)
+class Commit:
+    pass
+
+
+@dataclass(frozen=True)
+class Respond:
+    turn: TurnInput
+    audio: bool  # this response is spoken
+    max_output_tokens: int | None
+
+
+@dataclass(frozen=True)
+class Cancel:
+    pass
+
+
+@dataclass(frozen=True)
+class StopAudio:
+    pass
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A client event was refused: report `exc` (host.report counts it) and
+    send `t.error(exc, event_id)`."""
+
+    exc: BaseException
+    event_id: str | None
+
+
+Call = Start | Feed | Commit | Respond | Cancel | StopAudio | Failed
+Out = dict[str, Any] | Call
+
+
+@dataclass
+class _Pending:
+    item_id: str
+    text: str | None
+    audio: AudioArray | None
+
+
+class Translator:
+    def __init__(
+        self,
+        config_for: Callable[[str | None], SessionConfig],
+        *,
+        model: str,
+        tag: str,
+        can_speak: bool,
+        token_limit: int = 4096,
+    ) -> None:
+        self.config_for = config_for
+        self.model = model
+        self.can_speak = can_speak
+        self.ids = Ids(tag)
+        self.session_id = f"sess_{tag}"
+        self.settings = st.initial(config_for(None))
+        self._prompt_set = False  # instructions given by the client
+        self.items = Items()
+        self.responses = Responses(self.ids, self.items, f"conv_{tag}", token_limit)
+        self.started: Start | None = None
+        self._answered = False  # a response has started: the history is not empty
+        self._buffer = bytearray()  # manual turns: input audio not committed yet
+        self._pending: list[_Pending] = []
+        self._asked: deque[ev.ResponseCreate] = deque()
+        self._utterances: dict[str, str] = {}  # native utterance id -> item id
+        self._open_utterance: str | None = None
+
+    # -- settings -------------------------------------------------------------
+
+    @property
+    def input_rate(self) -> int:
+        return FORMATS[self.settings.input_format]
+
+    @property
+    def output_rate(self) -> int:
+        return FORMATS[self.settings.output_format]
+
+    def _start(self) -> Start:
+        prompt = self.settings.instructions if self._prompt_set else None
+        base = self.config_for(prompt)
+        return Start(st.session_config(base, self.settings), self.input_rate)
+
+    def _session_object(self) -> dict[str, Any]:
+        return st.session_object(self.settings, self.session_id, self.model)
+
+    def opening(self) -> list[dict[str, Any]]:
+        return [self.ids.event("session.created", session=self._session_object())]
+
+    def _ensure_started(self) -> list[Out]:
+        if self.started is not None:
+            return []
+        self.started = self._start()
+        return [self.started]
+
+    # -- client events ----------------------------------------------------------
+
+    def client(self, text: str | bytes) -> list[Out]:
+        """One client text frame -> GA events and host calls; an error event
+        (with the client's event_id) for anything wrong, nothing changed."""
+        try:
+            request = ev.parse(text)
+        except Exception as exc:
+            return [Failed(exc, ev.event_id_of(text))]
+        try:
+            return self._handle(request)
+        except Exception as exc:
+            return [Failed(exc, request.event_id)]
+
+    def error(self, exc: BaseException, event_id: str | None = None) -> dict[str, Any]:
+        return self.ids.event("error", error=ev.error_body(exc, event_id))
+
+    def _handle(self, r: ev.Request) -> list[Out]:
+        if isinstance(r, ev.SessionUpdate):
+            return self._update(r)
+        if isinstance(r, ev.AudioAppend):
+            return self._append(r)
+        if isinstance(r, ev.AudioCommit):
+            return self._commit()
+        if isinstance(r, ev.AudioClear):
+            self._buffer.clear()
+            return [self.ids.event("input_audio_buffer.cleared")]
+        if isinstance(r, ev.ItemCreate):
+            return self._create(r)
+        if isinstance(r, ev.ItemRetrieve):
+            item = self.items.get(r.item_id)
+            if item is None:
+                raise InvalidField(f"no item with id {r.item_id[:64]!r}", "item_id")
+            return [self.ids.event("conversation.item.retrieved", item=item)]
+        if isinstance(r, ev.ItemDelete):
+            return self._delete(r)
+        if isinstance(r, ev.ItemTruncate):
+            raise Unsupported(
+                "conversation.item.truncate is not supported yet (the reply stays whole)", "item_id"
+            )
+        if isinstance(r, ev.ResponseCreate):
+            return self._respond(r)
+        if isinstance(r, ev.ResponseCancel):
+            return self._cancel(r)
+        # output_audio_buffer.clear: stop the audio now
+        return [StopAudio(), *self.responses.cancel_held()]
+
+    def _update(self, r: ev.SessionUpdate) -> list[Out]:
+        old = self.settings
+        new, refused = st.update(old, r.session)
+        prompt_changed = "instructions" in r.session and new.instructions != old.instructions
+        restart = self.started is not None and (
+            prompt_changed
+            or new.input_format != old.input_format
+            or new.turn_detection != old.turn_detection
+        )
+        if restart and self.responses.open:
+            raise Unsupported(
+                "changing instructions, the input format or turn detection "
+                "while a response is in progress",
+                "session",
+            )
+        if restart and prompt_changed and self._answered:
+            raise Unsupported(
+                "changing instructions after the first response (the history "
+                "is kept as the model's KV cache)",
+                "session.instructions",
+            )
+        self.settings = new
+        self._prompt_set = self._prompt_set or "instructions" in r.session
+        out: list[Out] = []
+        if new.input_format != old.input_format:
+            self._buffer.clear()
+        if restart:
+            start = self._start()
+            out.append(Start(start.config, start.sample_rate, fresh=prompt_changed))
+            self.started = start
+            self._open_utterance = None
+        out.append(self.ids.event("session.updated", session=self._session_object()))
+        return out + [Failed(exc, r.event_id) for exc in refused]
+
+    def _append(self, r: ev.AudioAppend) -> list[Out]:
+        data = b64decode(r.audio, "audio")
+        pcm = to_pcm16(data, self.settings.input_format)
+        if not pcm:
+            return []
+        if self.settings.vad:
+            return [*self._ensure_started(), Feed(pcm)]
+        limit = 2 * self.input_rate * MAX_BUFFER_MS // 1000
+        if len(self._buffer) + len(pcm) > limit:
+            raise BadAudio(
+                f"the input audio buffer holds at most {MAX_BUFFER_MS // 1000} s: commit it first"
+            )
+        self._buffer += pcm
+        return []
+
+    def _commit(self) -> list[Out]:
+        if self.settings.vad:
+            if self._open_utterance is None:
+                raise InvalidField("no speech in the input audio buffer to commit", "type")
+            return [Commit()]
+        if not self._buffer:
+            raise InvalidField("the input audio buffer is empty", "type")
+        audio = resample(pcm16_to_float(bytes(self._buffer)), self.input_rate)
+        self._buffer.clear()
+        item_id = self.ids.next("item")
+        item = user_item(item_id, audio=1)
+        previous = self.items.add(item, pending=True)
+        self._pending.append(_Pending(item_id, None, audio))
+        e = self.ids.event
+        return [
+            e("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id),
+            e("conversation.item.added", previous_item_id=previous, item=item),
+            e("conversation.item.done", previous_item_id=previous, item=item),
+        ]
+
+    def _create(self, r: ev.ItemCreate) -> list[Out]:
+        item_in = r.item
+        if r.previous_item_id is not None and r.previous_item_id != self.items.last_id:
+            raise Unsupported(
+                "inserting an item anywhere but at the end of the conversation",
+                "previous_item_id",
+            )
+        if item_in.role != "user":
+            raise Unsupported(
+                f"{item_in.role} messages are not supported (the history holds what "
+                "the model heard and said; use session.update instructions)",
+                "item.role",
+            )
+        item_id = item_in.id or self.ids.next("item")
+        if item_id in self.items:
+            raise InvalidField(f"an item with id {item_id[:64]!r} exists", "item.id")
+        audio: AudioArray | None = None
+        if item_in.audio:
+            pcm = b"".join(
+                to_pcm16(b64decode(a, f"item.content[{i}].audio"), self.settings.input_format)
+                for i, a in enumerate(item_in.audio)
+            )
+            audio = resample(pcm16_to_float(pcm), self.input_rate)
+        text = "\n".join(item_in.texts) if item_in.texts else None
+        if audio is None and not (text and text.strip()):
+            raise InvalidField("the item has no text", "item.content")
+        item = user_item(item_id, item_in.texts, len(item_in.audio))
+        previous = self.items.add(item, pending=True)
+        self._pending.append(_Pending(item_id, text, audio))
+        e = self.ids.event
+        return [
+            e("conversation.item.added", previous_item_id=previous, item=item),
+            e("conversation.item.done", previous_item_id=previous, item=item),
+        ]
+
+    def _delete(self, r: ev.ItemDelete) -> list[Out]:
+        if r.item_id not in self.items:
+            raise InvalidField(f"no item with id {r.item_id[:64]!r}", "item_id")
+        if r.item_id not in self.items.pending:
+            raise Unsupported(
+                "deleting an item the model has already heard or said (its KV cache is kept)",
+                "item_id",
+            )
+        self.items.remove(r.item_id)
+        self._pending = [p for p in self._pending if p.item_id != r.item_id]
+        return [self.ids.event("conversation.item.deleted", item_id=r.item_id)]
+
+    def _respond(self, r: ev.ResponseCreate) -> list[Out]:
+        if r.conversation == "none":
+            raise Unsupported(
+                "out-of-band responses (conversation none) are not supported",
+                "response.conversation",
+            )
+        texts = [p.text for p in self._pending if p.text]
+        if r.instructions:  # mapped: the response's instructions join the user turn as text
+            texts.append(r.instructions)
+        if not texts and not any(p.audio is not None for p in self._pending):
+            raise InvalidField(
+                "response.create needs new user input (commit audio or create a user "
+                "item) or instructions",
+                "response",
+            )
+        clips = [p.audio for p in self._pending if p.audio is not None]
+        audio = np.concatenate(clips) if clips else None
+        turn = TurnInput(audio=audio, text="\n".join(texts) if texts else None)
+        self._pending.clear()
+        self.items.answered()
+        self._asked.append(r)
+        opts = self._options(r)
+        return [*self._ensure_started(), Respond(turn, opts.audio, opts.max_output_tokens)]
+
+    def _cancel(self, r: ev.ResponseCancel) -> list[Out]:
+        current = self.responses.in_progress
+        if r.response_id is not None and self.responses.by_id(r.response_id) is None:
+            raise InvalidField("no such response in progress", "response_id")
+        if current is None:
+            raise InvalidField("no response is in progress", "response_id")
+        if current.text_done:
+            return [StopAudio(), *self.responses.cancel_held()]
+        return [StopAudio(), Cancel()]
+
+    def _options(self, r: ev.ResponseCreate | None) -> Options:
+        s = self.settings
+        modalities = s.output_modalities
+        tokens = s.max_output_tokens
+        metadata = None
+        if r is not None:
+            modalities = r.output_modalities or modalities
+            if r.max_tokens_set:
+                tokens = r.max_output_tokens
+            metadata = r.metadata
+        audio = "audio" in modalities and self.can_speak
+        return Options(modalities, audio, tokens, metadata, s.output_format, s.voice)
+
+    # -- native events -> GA ----------------------------------------------------
+
+    def server(self, event: ServerEvent) -> list[dict[str, Any]]:
+        e = self.ids.event
+        if isinstance(event, SpeechStartedEvent):
+            item_id = self.ids.next("item")
+            self._utterances[event.utterance_id] = item_id
+            self._open_utterance = event.utterance_id
+            return [
+                e(
+                    "input_audio_buffer.speech_started",
+                    audio_start_ms=event.start_ms,
+                    item_id=item_id,
+                )
+            ]
+        if isinstance(event, SpeechStoppedEvent):
+            self._open_utterance = None
+            item_id = self._utterances.get(event.utterance_id) or self.ids.next("item")
+            item = user_item(item_id, audio=1)
+            previous = self.items.add(item)
+            return [
+                e("input_audio_buffer.speech_stopped", audio_end_ms=event.end_ms, item_id=item_id),
+                e("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id),
+                e("conversation.item.added", previous_item_id=previous, item=item),
+                e("conversation.item.done", previous_item_id=previous, item=item),
+            ]
+        if isinstance(event, ReplyStarted):
+            asked = self._asked.popleft() if event.utterance_id is None and self._asked else None
+            self._answered = True
+            if event.utterance_id is not None:
+                self._utterances.pop(event.utterance_id, None)
+            return self.responses.start(event.reply_id, self._options(asked))
+        if isinstance(event, ReplyDelta):
+            return self.responses.delta(event.reply_id, event.text)
+        if isinstance(event, ReplyDone):
+            return self.responses.done(event.reply_id, event.text, event.usage)
+        if isinstance(event, ReplyCancelled):
+            return self.responses.cancelled(event.reply_id, event.reason, event.text)
+        if isinstance(event, ReplyAudioDone):
+            return self.responses.audio_done(event.reply_id, event.cancelled)
+        if isinstance(event, ErrorEvent):
+            if event.reply_id is not None:
+                return self.responses.failed(event.reply_id, event.code, event.message)
+            kind = "server_error" if event.code in ("internal", "busy") else "invalid_request_error"
+            body = {"type": kind, "code": event.code, "message": event.message}
+            return [e("error", error={**body, "param": None, "event_id": None})]
+        return []  # session.started, reply.audio.started, command: nothing on this wire
+
+    def audio(self, pcm: bytes, reply_id: str | None = None) -> list[dict[str, Any]]:
+        """Spoken PCM16 at output_rate -> response.output_audio.delta."""
+        data = from_pcm16(pcm, self.settings.output_format)
+        return self.responses.audio(reply_id, b64encode(data))
+
+    def settled(self, reply_id: str) -> list[dict[str, Any]]:
+        """The speaker has finished with `reply_id` (its audio went out, was
+        stopped, or never came)."""
+        return self.responses.audio_done(reply_id, False)
