@@ -10,7 +10,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.ports import free_port
 from tests.helpers.servers import json_logs, server_process
@@ -22,6 +21,8 @@ from voice_agent.engine.scripted import ScriptedEngine, words
 from voice_agent.protocol import ReplyDone, SpeechStoppedEvent
 from voice_agent.transports.websocket import WebSocketServerApp, running_server
 
+from .ws_support import http_get, scrape
+
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,34 +32,6 @@ REPLY = "It is a fine day for a walk by the sea."
 @pytest.fixture
 def config() -> Config:
     return Config(host="127.0.0.1", port=0, turn_detection="silence")
-
-
-async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
-    """A plain HTTP/1.1 GET on loopback."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-    await writer.drain()
-    data = await asyncio.wait_for(reader.read(), 20)
-    writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        key, _, value = line.partition(":")
-        headers[key.strip().lower()] = value.strip()
-    return int(lines[0].split()[1]), headers, body
-
-
-async def scrape(port: int) -> dict[str, float]:
-    """GET /metrics, parsed with prometheus_client's parser: {name{labels}: value}."""
-    status, headers, body = await http_get(port, "/metrics")
-    assert status == 200 and headers["content-type"].startswith("text/plain")
-    out = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
 
 
 async def readyz(port: int) -> tuple[int, dict[str, object]]:

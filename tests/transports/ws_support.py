@@ -76,8 +76,8 @@ async def scrape(port: int) -> dict[str, float]:
     """GET /metrics, parsed: {sample name with its labels: value}."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    status, _, body = await http_get(port, "/metrics")
-    assert status == 200
+    status, headers, body = await http_get(port, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
     out = {}
     for family in text_string_to_metric_families(body.decode()):
         for sample in family.samples:

@@ -306,7 +306,7 @@ class WebSocketServerApp:
             await host.close_sessions()
             # Closed here, bounded: a client that does not read cannot hold shutdown up.
             await asyncio.gather(
-                *(close_or_abort(c.ws, CLOSE_GOING_AWAY, "server shutting down") for c in conns),
+                *(close_or_abort(c.ws, CLOSE_GOING_AWAY, ShuttingDown.reason) for c in conns),
                 return_exceptions=True,
             )
             if self._server is not None:
