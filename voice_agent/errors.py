@@ -76,6 +76,24 @@ class Unsupported(InvalidField):
     code = "unsupported"
 
 
+# Refusals of the OpenAI Realtime protocol under OpenAI's own codes (clients
+# key on them: Pipecat ignores the first two, LiveKit the third).
+class NoActiveResponse(InvalidField):
+    code = "response_cancel_not_active"
+
+
+class ResponseActive(InvalidField):
+    code = "conversation_already_has_active_response"
+
+
+class CommitEmpty(InvalidField):
+    code = "input_audio_buffer_commit_empty"
+
+
+class DuplicateItem(InvalidField):
+    code = "item_create_duplicate_item_id"
+
+
 class NotStarted(VoiceAgentError):
     """Anything but `session.start` before the session started."""
 
@@ -196,6 +214,10 @@ class BrokerAuthError(ConfigError):
 ERROR_CODES = (
     "bad_message",
     "unsupported",
+    "response_cancel_not_active",
+    "conversation_already_has_active_response",
+    "input_audio_buffer_commit_empty",
+    "item_create_duplicate_item_id",
     "not_started",
     "bad_audio",
     "busy",

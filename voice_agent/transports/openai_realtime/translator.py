@@ -34,7 +34,15 @@ import numpy as np
 
 from voice_agent.audio import pcm16_to_float, resample
 from voice_agent.engine.types import AudioArray, TurnInput
-from voice_agent.errors import BadAudio, InvalidField, Unsupported
+from voice_agent.errors import (
+    BadAudio,
+    CommitEmpty,
+    DuplicateItem,
+    InvalidField,
+    NoActiveResponse,
+    ResponseActive,
+    Unsupported,
+)
 from voice_agent.protocol import (
     ErrorEvent,
     ReplyAudioDone,
@@ -269,10 +277,10 @@ class Translator:
     def _commit(self) -> list[Out]:
         if self.settings.vad:
             if self._open_utterance is None:
-                raise InvalidField("no speech in the input audio buffer to commit", "type")
+                raise CommitEmpty("no speech in the input audio buffer to commit", "type")
             return [Commit()]
         if not self._buffer:
-            raise InvalidField("the input audio buffer is empty", "type")
+            raise CommitEmpty("the input audio buffer is empty", "type")
         audio = resample(pcm16_to_float(bytes(self._buffer)), self.input_rate)
         self._buffer.clear()
         item_id = self.ids.next("item")
@@ -301,7 +309,7 @@ class Translator:
             )
         item_id = item_in.id or self.ids.next("item")
         if item_id in self.items:
-            raise InvalidField(f"an item with id {item_id[:64]!r} exists", "item.id")
+            raise DuplicateItem(f"an item with id {item_id[:64]!r} exists", "item.id")
         audio: AudioArray | None = None
         if item_in.audio:
             pcm = b"".join(
@@ -339,6 +347,9 @@ class Translator:
                 "out-of-band responses (conversation none) are not supported",
                 "response.conversation",
             )
+        current = self.responses.in_progress
+        if current is not None and not current.text_done:
+            raise ResponseActive("a response is in progress: cancel it or wait", "response")
         texts = [p.text for p in self._pending if p.text]
         if r.instructions:  # mapped: the response's instructions join the user turn as text
             texts.append(r.instructions)
@@ -360,9 +371,9 @@ class Translator:
     def _cancel(self, r: ev.ResponseCancel) -> list[Out]:
         current = self.responses.in_progress
         if r.response_id is not None and self.responses.by_id(r.response_id) is None:
-            raise InvalidField("no such response in progress", "response_id")
+            raise NoActiveResponse("no such response in progress", "response_id")
         if current is None:
-            raise InvalidField("no response is in progress", "response_id")
+            raise NoActiveResponse("no response is in progress", "response_id")
         if current.text_done:
             return [StopAudio(), *self.responses.cancel_held()]
         return [StopAudio(), Cancel()]
