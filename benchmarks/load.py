@@ -323,6 +323,10 @@ async def step(
         "server_rss_mib": round(rss1, 1),
         "server_rss_growth_mib": round(rss1 - rss0, 1),
         "server_cpu_percent": round(100 * (cpu1 - cpu0) / max(1e-9, hi - lo), 1),
+        # the same CPU as work per frame sent (what was compared with old main)
+        "server_cpu_s": round(cpu1 - cpu0, 3),
+        "stream_s": round(hi - lo, 3),
+        "server_cpu_ms_per_frame": round(1000 * (cpu1 - cpu0) / max(1, totals.sent), 4),
     }
     result["ok"] = (
         result["errors"] == 0
