@@ -128,3 +128,11 @@ class Access:
     def owner(self, token: str | None) -> str:
         """The owner of a session.start's token, or PolicyViolation."""
         return check_token(token, self.tokens)
+
+    def key_owner(self, key: str | None) -> str | None:
+        """The owner of an OpenAI Realtime API key, checked like a token;
+        None: refused (the handshake answers HTTP 401)."""
+        try:
+            return check_token(key, self.tokens)
+        except PolicyViolation:
+            return None

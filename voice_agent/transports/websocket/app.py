@@ -17,7 +17,12 @@ handshake and then closes with the close code of errors.py's one mapping
 (reported through host.report): OriginRefused 1008, ShuttingDown 1001,
 ModelLoading 1013 ("the model is loading, ..."), ServerFull 1013,
 TooManyFromAddress 1013. An accepted connection takes an admission ticket
-for its lifetime; its handler is one `_Connection.run()`.
+for its lifetime; its handler is one `_Connection.run()`. A /v1/realtime
+request with a `model` query parameter speaks the OpenAI Realtime protocol
+instead (openai_realtime/route.py): its API key (Bearer, or the
+`openai-insecure-api-key.KEY` subprotocol) is checked like a token at the
+handshake (a wrong one: HTTP 401), the `realtime` subprotocol is selected
+when offered, and its handler is one `RealtimeConnection.run()`.
 
 Lifecycle: `start()` listens, then starts the engine (a DeferredEngine loads
 the model now: /healthz answers and /readyz says 503 meanwhile) and tells
@@ -45,7 +50,7 @@ import contextlib
 import logging
 import ssl
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -57,6 +62,7 @@ from voice_agent.engine.base import Engine
 from voice_agent.errors import (
     CLOSE_GOING_AWAY,
     ConfigError,
+    PolicyViolation,
     ShuttingDown,
     VoiceAgentError,
 )
@@ -64,16 +70,23 @@ from voice_agent.host import ConversationHost, Kept
 from voice_agent.hub import CommandBus
 from voice_agent.live import LiveSession
 from voice_agent.metrics import Metric, Metrics, counter
+from voice_agent.transports.openai_realtime import route as openai_route
 from voice_agent.transports.sansio import Connection, Server
 from voice_agent.transports.sansio import serve as ws_serve
 from voice_agent.transports.websocket.access import Access, is_loopback
 from voice_agent.transports.websocket.connection import TRANSPORT, _Connection
-from voice_agent.transports.websocket.http import REALTIME_PATH, Routes, default_web_dir
+from voice_agent.transports.websocket.http import (
+    REALTIME_PATH,
+    Routes,
+    default_web_dir,
+    text_response,
+)
 from voice_agent.transports.websocket.outbox import CLOSE_TIMEOUT, close_or_abort
 from voice_agent.tts.speaker import Speech
 
 if TYPE_CHECKING:
     from voice_agent.host.saving import StoreLike
+    from voice_agent.transports.openai_realtime import RealtimeConnection
     from voice_agent.transports.webrtc import WebRTCInput
 
 logger = logging.getLogger("voice_agent.transports.websocket")
@@ -117,9 +130,11 @@ class WebSocketServerApp:
         self.metrics.add_collector(self._families)
         # "stopped" -> "loading" (listening, the engine starts) -> "started"
         self.engine_state = "stopped"
-        self._connections: set[_Connection] = set()
+        self._connections: set[_Connection | RealtimeConnection] = set()
         # Handshakes refused by process_request, closed by the handler.
         self._refused: weakref.WeakKeyDictionary[Any, VoiceAgentError] = weakref.WeakKeyDictionary()
+        # OpenAI Realtime handshakes whose key passed: the owner of the key.
+        self._openai: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._background: set[asyncio.Future[Any]] = set()
         self._server: Server | None = None
         self._port: int | None = None
@@ -239,6 +254,7 @@ class WebSocketServerApp:
             self.config.host,
             self.config.port,
             process_request=self._process_request,
+            select_subprotocol=self._select_subprotocol,
             max_size=self.config.max_message_bytes,
             ping_interval=self.config.ping_interval or None,
             ping_timeout=self.config.ping_timeout or None,
@@ -333,12 +349,26 @@ class WebSocketServerApp:
                 raise ShuttingDown()
             headers = request.headers
             self.access.check_origin(headers.get("Origin"), headers.get("Host"))
+            if openai_route.is_openai(request.path):
+                owner = self.access.key_owner(openai_route.api_key(headers))
+                if owner is None:
+                    self.counters["auth_failures_total"] += 1
+                    self.host.report(PolicyViolation(), transport="openai")
+                    return text_response(401, "missing or wrong API key\n")
+                self._openai[connection] = owner
             self.host.admission.check(_address(connection))
         except VoiceAgentError as exc:
             self._refused[connection] = exc  # closed with its code once open
         return None
 
+    def _select_subprotocol(self, connection: Connection, offered: Sequence[str]) -> str | None:
+        """OpenAI Realtime: `realtime` when offered (route.py); native: none."""
+        if connection in self._openai:
+            return openai_route.select_subprotocol(offered)
+        return None
+
     async def _handle(self, ws: Connection) -> None:
+        owner = self._openai.pop(ws, None)  # not None: the OpenAI Realtime protocol
         refusal = self._refused.pop(ws, None)
         ticket = None
         if refusal is None:
@@ -347,10 +377,17 @@ class WebSocketServerApp:
             except VoiceAgentError as exc:  # the room went while the handshake ran
                 refusal = exc
         if refusal is not None or ticket is None:
-            wire = self.host.report(refusal or ShuttingDown(), transport=TRANSPORT)
+            transport = TRANSPORT if owner is None else "openai"
+            wire = self.host.report(refusal or ShuttingDown(), transport=transport)
             await ws.close(wire.close_code or CLOSE_GOING_AWAY, wire.message)
             return
-        conn = _Connection(self, ws)
+        conn: _Connection | RealtimeConnection
+        if owner is None:
+            conn = _Connection(self, ws)
+        else:
+            from voice_agent.transports.openai_realtime import RealtimeConnection
+
+            conn = RealtimeConnection(self.host, self.config, ws, owner=owner)
         self._connections.add(conn)
         try:
             with ticket:
