@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from websockets.exceptions import ConnectionClosed
@@ -27,7 +27,11 @@ from websockets.typing import Subprotocol
 
 from voice_agent.transports.sansio.inbox import Inbox, Message
 from voice_agent.transports.sansio.keepalive import Keepalive
-from voice_agent.transports.sansio.settings import PROTOCOL_LOGGER, Settings
+from voice_agent.transports.sansio.settings import (
+    PROTOCOL_LOGGER,
+    Settings,
+    subprotocol_selector,
+)
 
 if TYPE_CHECKING:
     from voice_agent.transports.sansio.server import Server
@@ -56,7 +60,7 @@ class Connection(asyncio.Protocol):
         select = settings.select_subprotocol
         self._protocol = ServerProtocol(
             subprotocols=[Subprotocol(name) for name in settings.subprotocols or ()] or None,
-            select_subprotocol=self._selector(select) if select is not None else None,
+            select_subprotocol=subprotocol_selector(self, select) if select else None,
             max_size=settings.max_size,
             logger=PROTOCOL_LOGGER,
         )
@@ -85,17 +89,6 @@ class Connection(asyncio.Protocol):
         self.writing_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
 
-    def _selector(
-        self, select: Callable[[Connection, Sequence[str]], str | None]
-    ) -> Callable[[ServerProtocol, Sequence[Subprotocol]], Subprotocol | None]:
-        def select_subprotocol(
-            protocol: ServerProtocol, offered: Sequence[Subprotocol]
-        ) -> Subprotocol | None:
-            chosen = select(self, list(offered))
-            return None if chosen is None else Subprotocol(chosen)
-
-        return select_subprotocol
-
     # -- what a handler reads ------------------------------------------------
 
     @property
@@ -112,7 +105,8 @@ class Connection(asyncio.Protocol):
 
     @property
     def close_code(self) -> int | None:
-        """The close code (None while open; 1006 when the TCP dropped without one)."""
+        """The close code the peer sent, as in websockets (None until closed;
+        1006 when none came: the TCP dropped, or this side failed it)."""
         return self._protocol.close_code
 
     @property

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
 
 if TYPE_CHECKING:
     from voice_agent.transports.sansio.connection import Connection
@@ -69,3 +71,18 @@ class Settings:
             raise ValueError("max_queue must be at least 1 (or None: unbounded)")
         if self.close_timeout <= 0:
             raise ValueError("close_timeout must be positive")
+
+
+def subprotocol_selector(
+    connection: Connection, select: SelectSubprotocol
+) -> Callable[[ServerProtocol, Sequence[Subprotocol]], Subprotocol | None]:
+    """`select` in the shape ServerProtocol calls it (with the protocol, not
+    the connection, as first argument)."""
+
+    def select_subprotocol(
+        protocol: ServerProtocol, offered: Sequence[Subprotocol]
+    ) -> Subprotocol | None:
+        chosen = select(connection, list(offered))
+        return None if chosen is None else Subprotocol(chosen)
+
+    return select_subprotocol
