@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from tests.transports.openai_realtime.support import b64, events, send, translator, types
-from voice_agent.protocol import SpeechStartedEvent, SpeechStoppedEvent
+from voice_agent.protocol import ReplyStarted, SpeechStartedEvent, SpeechStoppedEvent
 from voice_agent.transports.openai_realtime.codec import g711_encode
 from voice_agent.transports.openai_realtime.translator import (
     Failed,
@@ -256,3 +256,36 @@ def test_empty_tools_and_livekit_defaults_are_accepted() -> None:
     outs = send(t, "session.update", session=session)
     assert types(outs) == ["session.updated", "Failed"]  # the rest applies; transcription refused
     assert isinstance(outs[1], Failed) and "transcription" in str(outs[1].exc)
+
+
+def speech_then_silence() -> bytes:
+    t = np.arange(24000) / 24000
+    voice = np.sin(2 * np.pi * 220 * t) * 8000 * (1 + np.sin(2 * np.pi * 3 * t)) / 2
+    return voice.astype("<i2").tobytes() + bytes(2 * 24000)
+
+
+def test_create_response_false_cuts_turns_here_and_waits_for_response_create() -> None:
+    t = translator()
+    td = {"type": "server_vad", "create_response": False, "silence_duration_ms": 400}
+    send(t, "session.update", session={"audio": {"input": {"turn_detection": td}}})
+    audio = speech_then_silence()
+    outs = []
+    for i in range(0, len(audio), 4800):
+        outs += send(t, "input_audio_buffer.append", audio=b64(audio[i : i + 4800]))
+    assert types(outs) == [
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed",
+        "conversation.item.added",
+        "conversation.item.done",
+    ]
+    assert t.started is None  # nothing went to the Session
+    respond = send(t, "response.create")
+    assert types(respond) == ["Start", "Respond"]
+    assert isinstance(respond[1], Respond) and respond[1].turn.audio is not None
+    # speech while a response generates cancels it (interrupt_response)
+    t.server(ReplyStarted("r1", None))
+    again = []
+    for i in range(0, len(audio), 4800):
+        again += send(t, "input_audio_buffer.append", audio=b64(audio[i : i + 4800]))
+    assert types(again)[:3] == ["input_audio_buffer.speech_started", "StopAudio", "Cancel"]

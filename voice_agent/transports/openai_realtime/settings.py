@@ -102,7 +102,13 @@ class Settings:
     def vad(self) -> bool:
         """The Session's VAD cuts the turns and answers them (server_vad or
         semantic_vad with create_response)."""
-        return self.turn_detection is not None
+        return self.turn_detection is not None and self.turn_detection.create_response
+
+    @property
+    def own_vad(self) -> bool:
+        """create_response false: the translator's own Segmenter cuts the turns
+        (silence only) and they wait for response.create."""
+        return self.turn_detection is not None and not self.turn_detection.create_response
 
 
 def initial(base: SessionConfig) -> Settings:
@@ -196,11 +202,6 @@ def _turn_detection(value: Any, old: TurnDetection | None, param: str) -> TurnDe
         raise InvalidField(f"{param}.idle_timeout_ms must be from 5000 to 30000", param)
     if idle is not None:
         raise Unsupported("idle_timeout_ms is not supported yet", f"{param}.idle_timeout_ms")
-    if changes.get("create_response") is False:
-        raise Unsupported(
-            "create_response false is not supported yet (use turn_detection null)",
-            f"{param}.create_response",
-        )
     return dataclasses.replace(td, **changes)
 
 

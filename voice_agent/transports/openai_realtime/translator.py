@@ -16,7 +16,10 @@ items), Cancel, StopAudio, Failed (report the error, send t.error(...)).
 
 Turns: with turn_detection (server_vad / semantic_vad) the input audio goes
 to the Session, whose VAD cuts and answers the turns (speech.* -> input_audio_
-buffer.*, a user item per utterance). With turn_detection null the audio
+buffer.*, a user item per utterance). With create_response false a Segmenter
+here (the same pure VAD, silence only) cuts them into pending user items and
+interrupt_response cancels the response in flight at speech start. With
+turn_detection null the audio
 waits in the input buffer here until input_audio_buffer.commit makes it a
 user item; items wait (pending) until response.create sends them to the
 model as one turn. A malformed or unsupported event gets an `error` (its
@@ -25,6 +28,7 @@ event_id) and changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,6 +70,7 @@ from voice_agent.transports.openai_realtime.codec import (
 )
 from voice_agent.transports.openai_realtime.items import Ids, Items, user_item
 from voice_agent.transports.openai_realtime.responses import Options, Responses
+from voice_agent.vad import Segmenter, SpeechStarted, SpeechStopped
 
 MAX_BUFFER_MS = 30_000  # manual-turn input buffer (the model hears at most 30 s a clip)
 
@@ -150,6 +155,8 @@ class Translator:
         self._asked: deque[ev.ResponseCreate] = deque()
         self._utterances: dict[str, str] = {}  # native utterance id -> item id
         self._open_utterance: str | None = None
+        self._segmenter: Segmenter | None = None  # create_response false
+        self._own_item: str | None = None  # the item of its open utterance
 
     # -- settings -------------------------------------------------------------
 
@@ -204,6 +211,7 @@ class Translator:
             return self._commit()
         if isinstance(r, ev.AudioClear):
             self._buffer.clear()
+            self._segmenter = self._own_item = None
             return [self.ids.event("input_audio_buffer.cleared")]
         if isinstance(r, ev.ItemCreate):
             return self._create(r)
@@ -251,6 +259,8 @@ class Translator:
         out: list[Out] = []
         if new.input_format != old.input_format:
             self._buffer.clear()
+        if new.turn_detection != old.turn_detection or new.input_format != old.input_format:
+            self._segmenter = self._own_item = None
         if restart:
             start = self._start()
             out.append(Start(start.config, start.sample_rate, fresh=prompt_changed))
@@ -266,6 +276,8 @@ class Translator:
             return []
         if self.settings.vad:
             return [*self._ensure_started(), Feed(pcm)]
+        if self.settings.own_vad:
+            return self._segments(self._vad().feed(pcm))
         limit = 2 * self.input_rate * MAX_BUFFER_MS // 1000
         if len(self._buffer) + len(pcm) > limit:
             raise BadAudio(
@@ -274,7 +286,63 @@ class Translator:
         self._buffer += pcm
         return []
 
+    def _vad(self) -> Segmenter:
+        if self._segmenter is None:
+            vad = self._start().config.vad
+            vad = dataclasses.replace(vad, turn_check=False)
+            self._segmenter = Segmenter(vad, self.input_rate, 1, pause_events=False)
+        return self._segmenter
+
+    def _segments(self, events: list[Any]) -> list[Out]:
+        """create_response false: the Segmenter's events -> GA events; each
+        utterance a pending user item (answered at response.create)."""
+        out: list[Out] = []
+        e = self.ids.event
+        td = self.settings.turn_detection
+        for event in events:
+            if isinstance(event, SpeechStarted):
+                self._own_item = self.ids.next("item")
+                out.append(
+                    e(
+                        "input_audio_buffer.speech_started",
+                        audio_start_ms=event.start_ms,
+                        item_id=self._own_item,
+                    )
+                )
+                if td is not None and td.interrupt_response:
+                    out += self._interrupt()
+            elif isinstance(event, SpeechStopped):
+                item_id = self._own_item or self.ids.next("item")
+                self._own_item = None
+                item = user_item(item_id, audio=1)
+                previous = self.items.add(item, pending=True)
+                self._pending.append(_Pending(item_id, None, event.audio))
+                out += [
+                    e(
+                        "input_audio_buffer.speech_stopped",
+                        audio_end_ms=event.end_ms,
+                        item_id=item_id,
+                    ),
+                    e("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id),
+                    e("conversation.item.added", previous_item_id=previous, item=item),
+                    e("conversation.item.done", previous_item_id=previous, item=item),
+                ]
+        return out
+
+    def _interrupt(self) -> list[Out]:
+        """Speech started: cancel the response in flight (interrupt_response)."""
+        current = self.responses.in_progress
+        if current is None:
+            return []
+        if current.text_done:
+            return [StopAudio(), *self.responses.cancel_held()]
+        return [StopAudio(), Cancel()]
+
     def _commit(self) -> list[Out]:
+        if self.settings.own_vad:
+            if self._own_item is None:
+                raise CommitEmpty("no speech in the input audio buffer to commit", "type")
+            return self._segments(self._vad().commit())
         if self.settings.vad:
             if self._open_utterance is None:
                 raise CommitEmpty("no speech in the input audio buffer to commit", "type")
