@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from tests.transports.openai_realtime.support import send, translator, types
+from tests.transports.openai_realtime.support import events, send, translator, types
 from voice_agent.protocol import (
     ErrorEvent,
     ReplyAudioDone,
@@ -184,3 +184,49 @@ def test_a_new_reply_ends_the_one_still_speaking() -> None:
     assert types(out)[-5:] == ["rate_limits.updated", *OPENING]
     first_done = next(e for e in out if e["type"] == "response.done")["response"]
     assert first_done["status"] == "cancelled"
+
+
+def test_truncate_cuts_the_transcript_to_what_was_heard() -> None:
+    t = translator()
+    item_id = t.server(ReplyStarted("r1", "u1"))[1]["item"]["id"]
+    t.server(ReplyDelta("r1", "one two three four"))
+    t.audio(bytes(2 * 24000), "r1")  # one second of audio went out
+    t.server(ReplyDone("r1", "one two three four", USAGE, TIMING))
+    outs = send(t, "conversation.item.truncate", item_id=item_id, content_index=0, audio_end_ms=500)
+    assert isinstance(outs[0], StopAudio)  # its audio stops; the response ends cancelled
+    done = next(o for o in outs if isinstance(o, dict) and o["type"] == "response.done")
+    assert done["response"]["status"] == "cancelled"
+    truncated = next(o for o in outs if isinstance(o, dict) and o["type"].endswith("truncated"))
+    assert truncated == {
+        "type": "conversation.item.truncated",
+        "event_id": truncated["event_id"],
+        "item_id": item_id,
+        "content_index": 0,
+        "audio_end_ms": 500,
+    }
+    item = send(t, "conversation.item.retrieve", item_id=item_id)[0]["item"]
+    assert item["content"][0]["transcript"] == "one two"
+
+
+def test_truncate_of_a_reply_still_generating_cancels_it() -> None:
+    t = translator()
+    item_id = t.server(ReplyStarted("r1", "u1"))[1]["item"]["id"]
+    t.server(ReplyDelta("r1", "alpha beta"))
+    t.audio(bytes(2 * 2400), "r1")  # 100 ms
+    outs = send(t, "conversation.item.truncate", item_id=item_id, content_index=0, audio_end_ms=50)
+    assert types(outs) == ["StopAudio", "Cancel", "conversation.item.truncated"]
+    t.server(ReplyDelta("r1", " gamma"))
+    end = t.server(ReplyCancelled("r1", "client", "alpha beta gamma"))
+    done = next(e for e in end if e["type"] == "response.done")["response"]
+    assert done["output"][0]["content"][0]["transcript"] == "alpha"
+
+
+def test_truncate_refuses_what_it_cannot_cut() -> None:
+    t = translator()
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]}
+    user_id = events(send(t, "conversation.item.create", item=item))[0]["item"]["id"]
+    for item_id in (user_id, "unknown"):
+        [failed] = send(
+            t, "conversation.item.truncate", item_id=item_id, content_index=0, audio_end_ms=1
+        )
+        assert isinstance(failed, Failed) and failed.exc.code == "bad_message"

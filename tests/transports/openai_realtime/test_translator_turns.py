@@ -213,7 +213,7 @@ def test_refused_things_name_themselves_and_change_nothing() -> None:
     t = translator()
     for kind, fields in [
         ("session.update", {"session": {"tools": [{"type": "function", "name": "f"}]}}),
-        ("conversation.item.truncate", {"item_id": "x", "content_index": 0, "audio_end_ms": 1}),
+        ("session.update", {"session": {"type": "transcription"}}),
         ("response.create", {"response": {"conversation": "none"}}),
         ("conversation.item.create", {"item": {"type": "function_call_output"}}),
     ]:

@@ -29,6 +29,7 @@ from voice_agent.transports.openai_realtime.codec import format_object
 from voice_agent.transports.openai_realtime.items import Ids, Items
 
 _REASONS = {"barge_in": "turn_detected", "client": "client_cancelled"}
+FINISHED_KEPT = 32  # finished responses kept for conversation.item.truncate
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Response:
     text_done: bool = False
     audio_done: bool = False
     usage: dict[str, Any] = field(default_factory=dict)
+    audio_ms: float = 0.0  # audio sent so far
+    truncated: bool = False  # the text is what was heard (conversation.item.truncate)
     status: str = "in_progress"
     details: dict[str, Any] | None = None
 
@@ -80,6 +83,7 @@ class Responses:
         self.conversation_id = conversation_id
         self.token_limit = token_limit
         self.open: dict[str, Response] = {}  # by native reply id
+        self.finished: dict[str, Response] = {}  # by item id, the last FINISHED_KEPT
         self._formats: dict[str, Options] = {}
 
     @property
@@ -162,17 +166,23 @@ class Responses:
 
     def delta(self, reply_id: str, text: str) -> list[dict[str, Any]]:
         r = self.open.get(reply_id)
-        if r is None or r.text_done:
+        if r is None or r.text_done or r.truncated:
             return []
         r.text += text
         audio = r.audio or "audio" in r.modalities
         kind = "response.output_audio_transcript.delta" if audio else "response.output_text.delta"
         return [self.ids.event(kind, **self._where(r), delta=text)]
 
-    def audio(self, reply_id: str | None, b64: str) -> list[dict[str, Any]]:
+    def by_item(self, item_id: str) -> Response | None:
+        return self.finished.get(item_id) or next(
+            (r for r in self.open.values() if r.item_id == item_id), None
+        )
+
+    def audio(self, reply_id: str | None, b64: str, ms: float) -> list[dict[str, Any]]:
         r = self.open.get(reply_id) if reply_id is not None else self.in_progress
         if r is None or not r.audio or r.audio_done:
             return []
+        r.audio_ms += ms
         return [self.ids.event("response.output_audio.delta", **self._where(r), delta=b64)]
 
     def done(self, reply_id: str, text: str, usage: dict[str, int]) -> list[dict[str, Any]]:
@@ -198,7 +208,8 @@ class Responses:
         r = self.open.get(reply_id)
         if r is None:
             return []
-        r.text = text
+        if not r.truncated:
+            r.text = text
         details = {"type": "cancelled", "reason": _REASONS.get(reason, "client_cancelled")}
         return self._finish(r, "cancelled", details)
 
@@ -258,7 +269,23 @@ class Responses:
             )
         )
         self._formats.pop(r.id, None)
+        self.finished[r.item_id] = r
+        while len(self.finished) > FINISHED_KEPT:
+            del self.finished[next(iter(self.finished))]
         return out
+
+    def truncate(self, r: Response, audio_end_ms: int) -> dict[str, Any]:
+        """Cut the item's transcript to what was heard by `audio_end_ms` (the
+        share of its audio, back to a word boundary); the truncated item."""
+        heard = min(1.0, audio_end_ms / r.audio_ms) if r.audio_ms > 0 else 0.0
+        cut = r.text[: round(len(r.text) * heard)]
+        if len(cut) < len(r.text) and " " in cut:
+            cut = cut[: cut.rindex(" ")]
+        r.text = cut.rstrip() if heard < 1.0 else r.text
+        r.truncated = True
+        item = self._item(r)
+        self.items.add(item)
+        return item
 
     def _previous(self, item_id: str) -> str | None:
         previous = None

@@ -223,9 +223,7 @@ class Translator:
         if isinstance(r, ev.ItemDelete):
             return self._delete(r)
         if isinstance(r, ev.ItemTruncate):
-            raise Unsupported(
-                "conversation.item.truncate is not supported yet (the reply stays whole)", "item_id"
-            )
+            return self._truncate(r)
         if isinstance(r, ev.ResponseCreate):
             return self._respond(r)
         if isinstance(r, ev.ResponseCancel):
@@ -409,6 +407,37 @@ class Translator:
         self._pending = [p for p in self._pending if p.item_id != r.item_id]
         return [self.ids.event("conversation.item.deleted", item_id=r.item_id)]
 
+    def _truncate(self, r: ev.ItemTruncate) -> list[Out]:
+        """The user heard the assistant item up to audio_end_ms: its audio
+        stops, a reply still generating is cancelled, the item's transcript
+        is cut. (The model's own history keeps the reply as generated: see
+        docs/openai-realtime.md.)"""
+        item = self.items.get(r.item_id)
+        if item is None:
+            raise InvalidField(f"no item with id {r.item_id[:64]!r}", "item_id")
+        response = self.responses.by_item(r.item_id)
+        if item.get("role") != "assistant" or response is None:
+            raise InvalidField("only a recent assistant item can be truncated", "item_id")
+        if r.content_index != 0:
+            raise InvalidField("the item has one content part (index 0)", "content_index")
+        out: list[Out] = []
+        if response.status == "in_progress":
+            out.append(StopAudio())
+            if response.text_done:
+                out += self.responses.cancel_held()
+            else:
+                out.append(Cancel())
+        self.responses.truncate(response, r.audio_end_ms)
+        out.append(
+            self.ids.event(
+                "conversation.item.truncated",
+                item_id=r.item_id,
+                content_index=0,
+                audio_end_ms=r.audio_end_ms,
+            )
+        )
+        return out
+
     def _respond(self, r: ev.ResponseCreate) -> list[Out]:
         if r.conversation == "none":
             raise Unsupported(
@@ -510,7 +539,8 @@ class Translator:
     def audio(self, pcm: bytes, reply_id: str | None = None) -> list[dict[str, Any]]:
         """Spoken PCM16 at output_rate -> response.output_audio.delta."""
         data = from_pcm16(pcm, self.settings.output_format)
-        return self.responses.audio(reply_id, b64encode(data))
+        ms = len(pcm) / 2 / self.output_rate * 1000
+        return self.responses.audio(reply_id, b64encode(data), ms)
 
     def settled(self, reply_id: str) -> list[dict[str, Any]]:
         """The speaker has finished with `reply_id` (its audio went out, was
