@@ -22,12 +22,18 @@ real-time pace, one utterance per turn, and measures on its own clock:
   (tts/split.py's early cut, computed on the client with the same splitter)
   to the first reply audio: what text to speech adds to the first sound.
 
+The `openai` transport is the OpenAI Realtime API (GA) on the same server
+through the official `openai` SDK (benchmarks/voice_openai.py): voice_to_voice
+from `input_audio_buffer.speech_stopped`, end_of_speech_to_audio as above, both
+to the first `response.output_audio.delta`; `openai_minus_ws_ms` compares the
+two protocols' end_of_speech_to_audio (p50, p99) measured in the same run.
+
 After the first audio of each turn the client cancels the reply and waits
 for the audio to stop, so turns do not overlap. One warm-up turn per
 engine and transport is not counted. Progress on stderr, JSON on stdout.
 
     python benchmarks/voice.py [--turns 10] [--engines tiny,scripted]
-        [--transports ws,webrtc] [--tts piper|espeak] > docs/benchmarks/voice.json
+        [--transports ws,webrtc,openai] [--tts piper|espeak] > docs/benchmarks/voice.json
 """
 
 from __future__ import annotations
@@ -373,6 +379,29 @@ def make_speech(kind: str) -> Speech:
     return speech
 
 
+async def openai_results(app: WebSocketServerApp, turns: int) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+    from benchmarks.voice_openai import run_openai_turns
+
+    clips = [clip_pcm(name) for name in CLIPS]
+    got = await run_openai_turns(app.port, clips, turns, TURN_TIMEOUT_S, log)
+    return {
+        "voice_to_voice": summary(got["voice_to_voice"]),
+        "end_of_speech_to_audio": summary(got["end_of_speech"]),
+    }
+
+
+def compare(by_transport: dict[str, Any]) -> None:
+    """openai_minus_ws_ms: what the OpenAI protocol adds to the native one
+    (end of speech to the first audio, p50 and p99, same server, same run)."""
+    ws = by_transport.get("ws", {}).get("end_of_speech_to_audio", {})
+    oa = by_transport.get("openai", {}).get("end_of_speech_to_audio", {})
+    if ws.get("n") and oa.get("n"):
+        by_transport["openai_minus_ws_ms"] = {
+            q: round(oa[f"{q}_ms"] - ws[f"{q}_ms"], 1) for q in ("p50", "p99")
+        }
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -390,6 +419,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 results[kind] = {}
                 async with running_server(config, engine, speech=speech) as app:
                     for transport in args.transports.split(","):
+                        if transport == "openai":
+                            results[kind][transport] = await openai_results(app, args.turns)
+                            continue
                         if transport == "webrtc" and app.webrtc is None:
                             log("webrtc: aiortc is missing, skipped")
                             continue
@@ -408,6 +440,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                                 else {}
                             ),
                         }
+                compare(results[kind])
     finally:
         speech.close()
     return {
@@ -429,7 +462,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--turns", type=int, default=10, help="measured turns (plus one warm-up)")
     ap.add_argument("--engines", default="tiny,scripted")
-    ap.add_argument("--transports", default="ws,webrtc")
+    ap.add_argument("--transports", default="ws,webrtc,openai")
     ap.add_argument("--tts", default="piper" if piper_installed() else "espeak")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
