@@ -176,14 +176,14 @@ def test_response_create_options_and_metadata_reach_the_response() -> None:
     assert next(e for e in done if e["type"] == "response.done")["response"]["metadata"] == meta
 
 
-def test_a_new_reply_ends_the_one_still_speaking() -> None:
+def test_a_new_reply_completes_the_one_still_speaking() -> None:
     t = translator()
     t.server(ReplyStarted("r1", "u1"))
     t.server(ReplyDone("r1", "a", USAGE, TIMING))
     out = t.server(ReplyStarted("r2", "u2"))
     assert types(out)[-5:] == ["rate_limits.updated", *OPENING]
     first_done = next(e for e in out if e["type"] == "response.done")["response"]
-    assert first_done["status"] == "cancelled"
+    assert first_done["status"] == "completed"  # its text was all generated
 
 
 def test_truncate_cuts_the_transcript_to_what_was_heard() -> None:
@@ -223,6 +223,12 @@ def test_truncate_of_a_reply_still_generating_cancels_it() -> None:
 
 def test_truncate_refuses_what_it_cannot_cut() -> None:
     t = translator()
+    item_id = t.server(ReplyStarted("r1", "u1"))[1]["item"]["id"]
+    t.audio(bytes(2 * 2400), "r1")  # 100 ms
+    [past] = send(
+        t, "conversation.item.truncate", item_id=item_id, content_index=0, audio_end_ms=900
+    )
+    assert isinstance(past, Failed) and past.exc.param == "audio_end_ms"  # type: ignore[attr-defined]
     item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]}
     user_id = events(send(t, "conversation.item.create", item=item))[0]["item"]["id"]
     for item_id in (user_id, "unknown"):

@@ -8,6 +8,7 @@ from tests.transports.openai_realtime.support import b64, events, send, translat
 from voice_agent.protocol import ReplyStarted, SpeechStartedEvent, SpeechStoppedEvent
 from voice_agent.transports.openai_realtime.codec import g711_encode
 from voice_agent.transports.openai_realtime.translator import (
+    SPEAK_FIRST,
     Failed,
     Feed,
     Respond,
@@ -188,11 +189,24 @@ def test_a_typed_item_then_response_create() -> None:
     assert respond.turn.text == "hello\nanswer in French"
 
 
-def test_response_create_without_input_is_an_error_that_changes_nothing() -> None:
+def test_response_create_without_input_replies_to_the_conversation_as_it_stands() -> None:
     t = translator()
-    outs = send(t, "response.create", event_id="r1")
-    assert isinstance(outs[0], Failed) and outs[0].event_id == "r1"
-    assert t.started is None
+    outs = send(t, "response.create", event_id="r1")  # Pipecat's "bot speaks first"
+    assert types(outs) == ["Start", "Respond"]
+    assert isinstance(outs[1], Respond) and outs[1].turn.text == SPEAK_FIRST
+
+
+def test_root_is_the_end_of_an_empty_conversation() -> None:
+    t = translator()
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]}
+    first = send(t, "conversation.item.create", item=item, previous_item_id="root")
+    assert types(first) == ["conversation.item.added", "conversation.item.done"]
+    last = first[0]["item"]["id"]
+    assert types(send(t, "conversation.item.create", item=item, previous_item_id=last))[0] == (
+        "conversation.item.added"
+    )
+    [refused] = send(t, "conversation.item.create", item=item, previous_item_id="root")
+    assert isinstance(refused, Failed) and refused.exc.code == "unsupported"
 
 
 def test_pending_items_may_be_deleted_heard_ones_not() -> None:

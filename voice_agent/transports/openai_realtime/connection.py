@@ -32,6 +32,7 @@ from voice_agent.errors import CLOSE_POLICY, BadMessage, SlowClient
 from voice_agent.host import ConversationHost
 from voice_agent.live import LiveSession
 from voice_agent.protocol import ReplyAudioStarted, ReplyDone, ServerEvent
+from voice_agent.transports.openai_realtime.route import requested_model
 from voice_agent.transports.openai_realtime.translator import (
     Cancel,
     Commit,
@@ -71,10 +72,9 @@ class RealtimeConnection:
         self.ws = ws
         self.owner = owner
         self.outbox = Outbox(ws, config.send_queue)
-        engine = host.engine
         self.t = Translator(
             host.config_for,
-            model=engine.model_name,
+            model=requested_model(ws) or host.engine.model_name,
             tag=secrets.token_hex(4),
             can_speak=host.speech is not None,
             token_limit=config.max_new_tokens or 4096,

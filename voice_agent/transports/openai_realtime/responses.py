@@ -137,11 +137,12 @@ class Responses:
         return {"response_id": r.id, "item_id": r.item_id, "output_index": 0, "content_index": 0}
 
     def start(self, reply_id: str, opts: Options) -> list[dict[str, Any]]:
-        """reply.started: finish what still waits for its audio (the speaker
-        stops it for the new reply), then open the new response."""
+        """reply.started: finish what still waits for its audio (completed:
+        its text was generated; the speaker stops its audio for the new
+        reply), then open the new response."""
         out: list[dict[str, Any]] = []
-        for old in list(self.open.values()):
-            out += self._finish(old, "cancelled", {"type": "cancelled", "reason": "turn_detected"})
+        for old in list(self.open.values()):  # its text is done: only its audio is cut
+            out += self._finish(old, "completed", None)
         r = Response(
             self.ids.next("resp"),
             reply_id,

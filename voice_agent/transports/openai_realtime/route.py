@@ -27,6 +27,17 @@ def is_openai(path: str) -> bool:
     return url.path == REALTIME_PATH and "model" in parse_qs(url.query, keep_blank_values=True)
 
 
+def requested_model(ws: object) -> str | None:
+    """The `model` query parameter of a connection's handshake (echoed as
+    session.model: the engine's own name can be a server path)."""
+    request = getattr(ws, "request", None)
+    path = getattr(request, "path", None)
+    if not isinstance(path, str):
+        return None
+    values = parse_qs(urlsplit(path).query).get("model")
+    return values[0][:200] if values else None
+
+
 def offered_subprotocols(headers: Mapping[str, str] | object) -> list[str]:
     """The Sec-WebSocket-Protocol values a handshake offers."""
     get_all = getattr(headers, "get_all", None)

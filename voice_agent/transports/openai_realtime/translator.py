@@ -29,6 +29,7 @@ event_id) and changes nothing.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +74,9 @@ from voice_agent.transports.openai_realtime.responses import Options, Responses
 from voice_agent.vad import Segmenter, SpeechStarted, SpeechStopped
 
 MAX_BUFFER_MS = 30_000  # manual-turn input buffer (the model hears at most 30 s a clip)
+# The user turn of a response.create with no new input and no instructions
+# (a bot that speaks first, or speaks again): the model needs a user turn.
+SPEAK_FIRST = "(Go on: it is your turn to speak.)"
 
 
 @dataclass(frozen=True)
@@ -362,7 +366,11 @@ class Translator:
 
     def _create(self, r: ev.ItemCreate) -> list[Out]:
         item_in = r.item
-        if r.previous_item_id is not None and r.previous_item_id != self.items.last_id:
+        previous = r.previous_item_id
+        at_end = previous == self.items.last_id or (
+            previous == "root" and self.items.last_id is None
+        )
+        if previous is not None and not at_end:
             raise Unsupported(
                 "inserting an item anywhere but at the end of the conversation",
                 "previous_item_id",
@@ -420,6 +428,11 @@ class Translator:
             raise InvalidField("only a recent assistant item can be truncated", "item_id")
         if r.content_index != 0:
             raise InvalidField("the item has one content part (index 0)", "content_index")
+        if r.audio_end_ms > math.ceil(response.audio_ms):
+            raise InvalidField(
+                f"audio_end_ms is past the item's audio ({math.ceil(response.audio_ms)} ms)",
+                "audio_end_ms",
+            )
         out: list[Out] = []
         if response.status == "in_progress":
             out.append(StopAudio())
@@ -451,11 +464,7 @@ class Translator:
         if r.instructions:  # mapped: the response's instructions join the user turn as text
             texts.append(r.instructions)
         if not texts and not any(p.audio is not None for p in self._pending):
-            raise InvalidField(
-                "response.create needs new user input (commit audio or create a user "
-                "item) or instructions",
-                "response",
-            )
+            texts.append(SPEAK_FIRST)  # mapped: a reply to the conversation as it stands
         clips = [p.audio for p in self._pending if p.audio is not None]
         audio = np.concatenate(clips) if clips else None
         turn = TurnInput(audio=audio, text="\n".join(texts) if texts else None)
