@@ -8,7 +8,8 @@ import json
 from typing import Any
 
 from voice_agent.session import SessionConfig
-from voice_agent.transports.openai_realtime.translator import Out, Translator
+from voice_agent.transports.openai_realtime.calls import Out
+from voice_agent.transports.openai_realtime.translator import Translator
 
 BASE = SessionConfig(system_prompt="server prompt")
 

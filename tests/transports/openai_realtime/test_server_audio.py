@@ -124,3 +124,31 @@ async def test_barge_in_cancels_the_reply_in_flight(app: WebSocketServerApp) -> 
         assert "input_audio_buffer.speech_started" in [e.type for e in seen]
         assert done.response.status == "cancelled"
         assert done.response.status_details.reason == "turn_detected"
+
+
+async def test_input_transcription_of_a_committed_turn(app: WebSocketServerApp) -> None:
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{app.port}/v1", api_key="k")
+    async with client.realtime.connect(model="qwen2-audio") as conn:
+        await conn.session.update(
+            session={
+                "type": "realtime",
+                "output_modalities": ["text"],
+                "audio": {
+                    "input": {
+                        "turn_detection": None,
+                        "transcription": {"model": "gpt-4o-mini-transcribe"},
+                    }
+                },
+            }
+        )
+        audio = voice(0.5)
+        await conn.input_audio_buffer.append(audio=base64.b64encode(audio).decode())
+        await conn.input_audio_buffer.commit()
+        seen: list[Any] = []
+        done = await until(conn, "conversation.item.input_audio_transcription.completed", seen)
+        assert done.transcript  # the scripted engine's answer to the transcription turn
+        committed = next(e for e in seen if e.type == "input_audio_buffer.committed")
+        assert done.item_id == committed.item_id
+        await conn.conversation.item.retrieve(item_id=done.item_id)
+        item = (await until(conn, "conversation.item.retrieved", seen)).item
+        assert item.content[0].transcript == done.transcript

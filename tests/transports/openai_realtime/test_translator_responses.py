@@ -16,7 +16,8 @@ from voice_agent.protocol import (
     SpeechStartedEvent,
     SpeechStoppedEvent,
 )
-from voice_agent.transports.openai_realtime.translator import Cancel, Failed, StopAudio, Translator
+from voice_agent.transports.openai_realtime.calls import Cancel, Failed, StopAudio
+from voice_agent.transports.openai_realtime.translator import Translator
 
 USAGE = {"prompt_tokens": 30, "cached_tokens": 12, "completion_tokens": 2}
 TIMING = {"queue_ms": 1.0, "ttft_ms": 2.0, "total_ms": 3.0}

@@ -6,14 +6,9 @@ import numpy as np
 
 from tests.transports.openai_realtime.support import b64, events, send, translator, types
 from voice_agent.protocol import ReplyStarted, SpeechStartedEvent, SpeechStoppedEvent
+from voice_agent.transports.openai_realtime.calls import Failed, Feed, Respond, Start, Transcribe
 from voice_agent.transports.openai_realtime.codec import g711_encode
-from voice_agent.transports.openai_realtime.translator import (
-    SPEAK_FIRST,
-    Failed,
-    Feed,
-    Respond,
-    Start,
-)
+from voice_agent.transports.openai_realtime.translator import SPEAK_FIRST
 
 
 def test_session_created_reports_the_server_settings() -> None:
@@ -266,10 +261,10 @@ def test_empty_tools_and_livekit_defaults_are_accepted() -> None:
         },
     }
     assert types(send(t, "session.update", session=session)) == ["session.updated"]
-    session["audio"]["input"]["transcription"] = {"model": "gpt-4o-mini-transcribe"}  # type: ignore[index]
+    session["audio"]["input"]["noise_reduction"] = {"type": "near_field"}  # type: ignore[index]
     outs = send(t, "session.update", session=session)
-    assert types(outs) == ["session.updated", "Failed"]  # the rest applies; transcription refused
-    assert isinstance(outs[1], Failed) and "transcription" in str(outs[1].exc)
+    assert types(outs) == ["session.updated", "Failed"]  # the rest applies; noise_reduction refused
+    assert isinstance(outs[1], Failed) and "noise_reduction" in str(outs[1].exc)
 
 
 def speech_then_silence() -> bytes:
@@ -303,3 +298,37 @@ def test_create_response_false_cuts_turns_here_and_waits_for_response_create() -
     for i in range(0, len(audio), 4800):
         again += send(t, "input_audio_buffer.append", audio=b64(audio[i : i + 4800]))
     assert types(again)[:3] == ["input_audio_buffer.speech_started", "StopAudio", "Cancel"]
+
+
+def test_transcription_is_asked_for_each_user_audio_item() -> None:
+    t = translator()
+    transcription = {"model": "gpt-4o-mini-transcribe", "language": "en"}
+    outs = send(t, "session.update", session={"audio": {"input": {"transcription": transcription}}})
+    assert types(outs) == ["session.updated"]
+    assert outs[0]["session"]["audio"]["input"]["transcription"] == transcription
+    audio = speech_then_silence()
+    for i in range(0, len(audio), 4800):
+        send(t, "input_audio_buffer.append", audio=b64(audio[i : i + 4800]))
+    t.server(SpeechStartedEvent("u1", 100))
+    outs = list(t.server(SpeechStoppedEvent("u1", 100, 900)))
+    assert types(outs)[-1] == "Transcribe"
+    call = outs[-1]
+    assert isinstance(call, Transcribe) and call.language == "en"
+    # from 100 ms minus the 300 ms pre-roll (clipped at 0) to 900 ms, at 16 kHz
+    assert len(call.audio) == 900 * 16
+    item_id = call.item_id
+    delta = t.transcript(item_id, "hel", done=False)
+    assert delta["type"] == "conversation.item.input_audio_transcription.delta"
+    done = t.transcript(item_id, "hello", done=True, seconds=0.9)
+    assert done["type"] == "conversation.item.input_audio_transcription.completed"
+    assert done["transcript"] == "hello" and done["usage"]["type"] == "duration"
+    item = send(t, "conversation.item.retrieve", item_id=item_id)[0]["item"]
+    assert item["content"][0]["transcript"] == "hello"
+    failed = t.transcript_failed(item_id, RuntimeError("secret"))
+    assert failed["error"]["code"] == "internal" and "secret" not in failed["error"]["message"]
+
+
+def test_transcription_is_off_by_default() -> None:
+    t = translator()
+    t.server(SpeechStartedEvent("u1", 0))
+    assert "Transcribe" not in types(list(t.server(SpeechStoppedEvent("u1", 0, 900))))

@@ -24,16 +24,18 @@ import asyncio
 import json
 import logging
 import secrets
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from websockets.exceptions import ConnectionClosed
 
-from voice_agent.errors import CLOSE_POLICY, BadMessage, SlowClient
+from voice_agent.engine.types import SAMPLE_RATE, TurnInput
+from voice_agent.errors import CLOSE_POLICY, BadMessage, Busy, SlowClient
 from voice_agent.host import ConversationHost
 from voice_agent.live import LiveSession
 from voice_agent.protocol import ReplyAudioStarted, ReplyDone, ServerEvent
-from voice_agent.transports.openai_realtime.route import requested_model
-from voice_agent.transports.openai_realtime.translator import (
+from voice_agent.transports.openai_realtime import transcripts
+from voice_agent.transports.openai_realtime.calls import (
     Cancel,
     Commit,
     Failed,
@@ -42,8 +44,10 @@ from voice_agent.transports.openai_realtime.translator import (
     Respond,
     Start,
     StopAudio,
-    Translator,
+    Transcribe,
 )
+from voice_agent.transports.openai_realtime.route import requested_model
+from voice_agent.transports.openai_realtime.translator import Translator
 from voice_agent.transports.sansio import Connection
 from voice_agent.transports.websocket.outbox import Outbox, close_or_abort
 from voice_agent.tts.speaker import ReplySpeaker
@@ -55,6 +59,7 @@ logger = logging.getLogger("voice_agent.transports.openai_realtime")
 
 TRANSPORT = "openai"  # the label this transport's errors are counted under
 SETTLE_POLL_S = 0.02  # how often the response.done watch looks at the speaker
+MAX_TRANSCRIPTS = 4  # transcriptions waiting; beyond, an item's transcription fails (busy)
 
 
 def _dumps(event: dict[str, Any]) -> str:
@@ -86,6 +91,8 @@ class RealtimeConnection:
         self._tasks: set[asyncio.Future[Any]] = set()  # cancelled at the end
         self._closes: set[asyncio.Future[Any]] = set()  # awaited at the end
         self._audio_out: bool | None = None  # the output modality applied to the speaker
+        self._transcripts: asyncio.Queue[Transcribe] = asyncio.Queue(MAX_TRANSCRIPTS)
+        self._transcriber: asyncio.Future[Any] | None = None
 
     @property
     def session_id(self) -> str:
@@ -106,10 +113,15 @@ class RealtimeConnection:
 
     # -- out ---------------------------------------------------------------------
 
-    def _put(self, events: list[dict[str, Any]]) -> None:
+    def _put(self, events: Sequence[Out]) -> None:
         for event in events:
             if self._closing:
                 return
+            if isinstance(event, Transcribe):
+                self._transcribe(event)
+                continue
+            if not isinstance(event, dict):  # (the translator's server side makes no other call)
+                continue
             if not self.outbox.put(_dumps(event)):
                 self._too_slow()
                 return
@@ -146,6 +158,47 @@ class RealtimeConnection:
         while speaker.reply_id == reply_id and not self._closing:
             await asyncio.sleep(SETTLE_POLL_S)
         self._put(self.t.settled(reply_id))
+
+    # -- input transcription: one at a time, beside the conversation -----------
+
+    def _transcribe(self, call: Transcribe) -> None:
+        if self._transcriber is None:
+            self._transcriber = asyncio.ensure_future(self._transcribe_all())
+            self._tasks.add(self._transcriber)
+        try:
+            self._transcripts.put_nowait(call)
+        except asyncio.QueueFull:
+            busy = Busy("too many transcriptions waiting")
+            self._put([self.t.transcript_failed(call.item_id, busy)])
+
+    async def _transcribe_all(self) -> None:
+        engine = self.host.engine
+        n = 0
+        while True:
+            call = await self._transcripts.get()
+            n += 1
+            conversation = engine.new_conversation(
+                transcripts.SYSTEM, conversation_id=f"{self.t.session_id}-transcript-{n}"
+            )
+            turn = TurnInput(audio=call.audio, text=transcripts.request(call.language, call.prompt))
+            handle = None
+            try:
+                handle = engine.submit(conversation, turn, transcripts.MAX_TOKENS)
+                async for delta in handle:
+                    if delta.text:
+                        self._put([self.t.transcript(call.item_id, delta.text, done=False)])
+                text = handle.result.text.strip()
+                seconds = len(call.audio) / SAMPLE_RATE
+                self._put([self.t.transcript(call.item_id, text, done=True, seconds=seconds)])
+            except asyncio.CancelledError:
+                if handle is not None:
+                    handle.cancel()
+                raise
+            except Exception as exc:
+                self.host.report(exc, transport=TRANSPORT, session_id=self.session_id)
+                self._put([self.t.transcript_failed(call.item_id, exc)])
+            finally:
+                engine.release(conversation)
 
     async def _speaker_event(self, event: ServerEvent) -> None:
         if isinstance(event, ReplyAudioStarted):
@@ -204,6 +257,9 @@ class RealtimeConnection:
             return
         if isinstance(call, Start):
             await self._start(call)
+            return
+        if isinstance(call, Transcribe):
+            self._transcribe(call)
             return
         live = self.live
         if isinstance(call, StopAudio):

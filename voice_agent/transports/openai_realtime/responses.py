@@ -22,10 +22,14 @@ content part:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from voice_agent.errors import InvalidField, NoActiveResponse
+from voice_agent.transports.openai_realtime.calls import Cancel, Out, StopAudio
 from voice_agent.transports.openai_realtime.codec import format_object
+from voice_agent.transports.openai_realtime.events import ItemTruncate
 from voice_agent.transports.openai_realtime.items import Ids, Items
 
 _REASONS = {"barge_in": "turn_detected", "client": "client_cancelled"}
@@ -274,6 +278,53 @@ class Responses:
         while len(self.finished) > FINISHED_KEPT:
             del self.finished[next(iter(self.finished))]
         return out
+
+    def truncate_request(self, r: ItemTruncate) -> list[Out]:
+        """The user heard the assistant item up to audio_end_ms: its audio
+        stops, a reply still generating is cancelled, the item's transcript
+        is cut. (The model's own history keeps the reply as generated: see
+        docs/openai-realtime.md.)"""
+        item = self.items.get(r.item_id)
+        if item is None:
+            raise InvalidField(f"no item with id {r.item_id[:64]!r}", "item_id")
+        response = self.by_item(r.item_id)
+        if item.get("role") != "assistant" or response is None:
+            raise InvalidField("only a recent assistant item can be truncated", "item_id")
+        if r.content_index != 0:
+            raise InvalidField("the item has one content part (index 0)", "content_index")
+        if r.audio_end_ms > math.ceil(response.audio_ms):
+            raise InvalidField(
+                f"audio_end_ms is past the item's audio ({math.ceil(response.audio_ms)} ms)",
+                "audio_end_ms",
+            )
+        out: list[Out] = []
+        if response.status == "in_progress":
+            out.append(StopAudio())
+            if response.text_done:
+                out += self.cancel_held()
+            else:
+                out.append(Cancel())
+        self.truncate(response, r.audio_end_ms)
+        out.append(
+            self.ids.event(
+                "conversation.item.truncated",
+                item_id=r.item_id,
+                content_index=0,
+                audio_end_ms=r.audio_end_ms,
+            )
+        )
+        return out
+
+    def cancel_request(self, response_id: str | None) -> list[Out]:
+        """response.cancel: the response generating, or the audio still going out."""
+        current = self.in_progress
+        if response_id is not None and self.by_id(response_id) is None:
+            raise NoActiveResponse("no such response in progress", "response_id")
+        if current is None:
+            raise NoActiveResponse("no response is in progress", "response_id")
+        if current.text_done:
+            return [StopAudio(), *self.cancel_held()]
+        return [StopAudio(), Cancel()]
 
     def truncate(self, r: Response, audio_end_ms: int) -> dict[str, Any]:
         """Cut the item's transcript to what was heard by `audio_end_ms` (the

@@ -93,6 +93,7 @@ class Settings:
         default_factory=lambda: TurnDetection("server_vad")
     )
     max_output_tokens: int | None = None  # None: "inf"
+    transcription: dict[str, Any] | None = None  # input transcription on (echoed as given)
 
     @property
     def audio_out(self) -> bool:
@@ -205,6 +206,20 @@ def _turn_detection(value: Any, old: TurnDetection | None, param: str) -> TurnDe
     return dataclasses.replace(td, **changes)
 
 
+def _transcription(value: Any, param: str) -> dict[str, Any] | None:
+    """Input transcription: on with any model name (the server's own model
+    transcribes); language and prompt are passed to it."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidField(f"{param} must be an object or null", param)
+    _unknown(value, {"model", "language", "prompt", "delay", "keywords", "languages"}, param)
+    for key in ("model", "language", "prompt"):
+        if value.get(key) is not None and not isinstance(value[key], str):
+            raise InvalidField(f"{param}.{key} must be a string", f"{param}.{key}")
+    return dict(value)
+
+
 def _audio(
     audio: Any, s: Settings, changes: dict[str, Any], soft: list[Unsupported], param: str
 ) -> None:  # fills `changes` and `soft`
@@ -219,10 +234,8 @@ def _audio(
         _unknown(inp, {"format", "transcription", "noise_reduction", "turn_detection"}, p)
         if "format" in inp:
             changes["input_format"] = parse_format(inp["format"], f"{p}.format")
-        if inp.get("transcription") is not None:
-            soft.append(
-                Unsupported("input audio transcription is not supported", f"{p}.transcription")
-            )
+        if "transcription" in inp:
+            changes["transcription"] = _transcription(inp["transcription"], f"{p}.transcription")
         if inp.get("noise_reduction") is not None:
             soft.append(Unsupported("noise_reduction is not supported", f"{p}.noise_reduction"))
         if "turn_detection" in inp:
@@ -307,7 +320,7 @@ def session_object(s: Settings, session_id: str, model: str) -> dict[str, Any]:
         "audio": {
             "input": {
                 "format": format_object(s.input_format),
-                "transcription": None,
+                "transcription": s.transcription,
                 "noise_reduction": None,
                 "turn_detection": None if td is None else td.wire(),
             },

@@ -29,9 +29,8 @@ event_id) and changes nothing.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +43,6 @@ from voice_agent.errors import (
     CommitEmpty,
     DuplicateItem,
     InvalidField,
-    NoActiveResponse,
     ResponseActive,
     Unsupported,
 )
@@ -62,6 +60,17 @@ from voice_agent.protocol import (
 from voice_agent.session import SessionConfig
 from voice_agent.transports.openai_realtime import events as ev
 from voice_agent.transports.openai_realtime import settings as st
+from voice_agent.transports.openai_realtime import transcripts
+from voice_agent.transports.openai_realtime.calls import (
+    Cancel,
+    Commit,
+    Failed,
+    Feed,
+    Out,
+    Respond,
+    Start,
+    StopAudio,
+)
 from voice_agent.transports.openai_realtime.codec import (
     FORMATS,
     b64decode,
@@ -77,53 +86,6 @@ MAX_BUFFER_MS = 30_000  # manual-turn input buffer (the model hears at most 30 s
 # The user turn of a response.create with no new input and no instructions
 # (a bot that speaks first, or speaks again): the model needs a user turn.
 SPEAK_FIRST = "(Go on: it is your turn to speak.)"
-
-
-@dataclass(frozen=True)
-class Start:
-    config: SessionConfig
-    sample_rate: int
-    fresh: bool = False  # a new conversation (the instructions changed before any turn)
-
-
-@dataclass(frozen=True)
-class Feed:
-    pcm: bytes  # PCM16 mono at the Start's sample_rate
-
-
-@dataclass(frozen=True)
-class Commit:
-    pass
-
-
-@dataclass(frozen=True)
-class Respond:
-    turn: TurnInput
-    audio: bool  # this response is spoken
-    max_output_tokens: int | None
-
-
-@dataclass(frozen=True)
-class Cancel:
-    pass
-
-
-@dataclass(frozen=True)
-class StopAudio:
-    pass
-
-
-@dataclass(frozen=True)
-class Failed:
-    """A client event was refused: report `exc` (host.report counts it) and
-    send `t.error(exc, event_id)`."""
-
-    exc: BaseException
-    event_id: str | None
-
-
-Call = Start | Feed | Commit | Respond | Cancel | StopAudio | Failed
-Out = dict[str, Any] | Call
 
 
 @dataclass
@@ -161,6 +123,7 @@ class Translator:
         self._open_utterance: str | None = None
         self._segmenter: Segmenter | None = None  # create_response false
         self._own_item: str | None = None  # the item of its open utterance
+        self._kept = transcripts.Kept(self.input_rate)  # for transcription (Session VAD)
 
     # -- settings -------------------------------------------------------------
 
@@ -227,11 +190,11 @@ class Translator:
         if isinstance(r, ev.ItemDelete):
             return self._delete(r)
         if isinstance(r, ev.ItemTruncate):
-            return self._truncate(r)
+            return self.responses.truncate_request(r)
         if isinstance(r, ev.ResponseCreate):
             return self._respond(r)
         if isinstance(r, ev.ResponseCancel):
-            return self._cancel(r)
+            return self.responses.cancel_request(r.response_id)
         # output_audio_buffer.clear: stop the audio now
         return [StopAudio(), *self.responses.cancel_held()]
 
@@ -277,7 +240,11 @@ class Translator:
         if not pcm:
             return []
         if self.settings.vad:
-            return [*self._ensure_started(), Feed(pcm)]
+            start = self._ensure_started()
+            if start:
+                self._kept = transcripts.Kept(self.input_rate)
+            self._kept.keep(pcm, self.settings.transcription is not None)
+            return [*start, Feed(pcm)]
         if self.settings.own_vad:
             return self._segments(self._vad().feed(pcm))
         limit = 2 * self.input_rate * MAX_BUFFER_MS // 1000
@@ -316,19 +283,11 @@ class Translator:
             elif isinstance(event, SpeechStopped):
                 item_id = self._own_item or self.ids.next("item")
                 self._own_item = None
+                stopped = e(
+                    "input_audio_buffer.speech_stopped", audio_end_ms=event.end_ms, item_id=item_id
+                )
                 item = user_item(item_id, audio=1)
-                previous = self.items.add(item, pending=True)
-                self._pending.append(_Pending(item_id, None, event.audio))
-                out += [
-                    e(
-                        "input_audio_buffer.speech_stopped",
-                        audio_end_ms=event.end_ms,
-                        item_id=item_id,
-                    ),
-                    e("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id),
-                    e("conversation.item.added", previous_item_id=previous, item=item),
-                    e("conversation.item.done", previous_item_id=previous, item=item),
-                ]
+                out += [stopped, *self._user_item(item, None, event.audio, commit=True)]
         return out
 
     def _interrupt(self) -> list[Out]:
@@ -353,16 +312,7 @@ class Translator:
             raise CommitEmpty("the input audio buffer is empty", "type")
         audio = resample(pcm16_to_float(bytes(self._buffer)), self.input_rate)
         self._buffer.clear()
-        item_id = self.ids.next("item")
-        item = user_item(item_id, audio=1)
-        previous = self.items.add(item, pending=True)
-        self._pending.append(_Pending(item_id, None, audio))
-        e = self.ids.event
-        return [
-            e("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id),
-            e("conversation.item.added", previous_item_id=previous, item=item),
-            e("conversation.item.done", previous_item_id=previous, item=item),
-        ]
+        return self._user_item(user_item(self.ids.next("item"), audio=1), None, audio, commit=True)
 
     def _create(self, r: ev.ItemCreate) -> list[Out]:
         item_in = r.item
@@ -395,13 +345,7 @@ class Translator:
         if audio is None and not (text and text.strip()):
             raise InvalidField("the item has no text", "item.content")
         item = user_item(item_id, item_in.texts, len(item_in.audio))
-        previous = self.items.add(item, pending=True)
-        self._pending.append(_Pending(item_id, text, audio))
-        e = self.ids.event
-        return [
-            e("conversation.item.added", previous_item_id=previous, item=item),
-            e("conversation.item.done", previous_item_id=previous, item=item),
-        ]
+        return self._user_item(item, text, audio, commit=False)
 
     def _delete(self, r: ev.ItemDelete) -> list[Out]:
         if r.item_id not in self.items:
@@ -414,42 +358,6 @@ class Translator:
         self.items.remove(r.item_id)
         self._pending = [p for p in self._pending if p.item_id != r.item_id]
         return [self.ids.event("conversation.item.deleted", item_id=r.item_id)]
-
-    def _truncate(self, r: ev.ItemTruncate) -> list[Out]:
-        """The user heard the assistant item up to audio_end_ms: its audio
-        stops, a reply still generating is cancelled, the item's transcript
-        is cut. (The model's own history keeps the reply as generated: see
-        docs/openai-realtime.md.)"""
-        item = self.items.get(r.item_id)
-        if item is None:
-            raise InvalidField(f"no item with id {r.item_id[:64]!r}", "item_id")
-        response = self.responses.by_item(r.item_id)
-        if item.get("role") != "assistant" or response is None:
-            raise InvalidField("only a recent assistant item can be truncated", "item_id")
-        if r.content_index != 0:
-            raise InvalidField("the item has one content part (index 0)", "content_index")
-        if r.audio_end_ms > math.ceil(response.audio_ms):
-            raise InvalidField(
-                f"audio_end_ms is past the item's audio ({math.ceil(response.audio_ms)} ms)",
-                "audio_end_ms",
-            )
-        out: list[Out] = []
-        if response.status == "in_progress":
-            out.append(StopAudio())
-            if response.text_done:
-                out += self.responses.cancel_held()
-            else:
-                out.append(Cancel())
-        self.responses.truncate(response, r.audio_end_ms)
-        out.append(
-            self.ids.event(
-                "conversation.item.truncated",
-                item_id=r.item_id,
-                content_index=0,
-                audio_end_ms=r.audio_end_ms,
-            )
-        )
-        return out
 
     def _respond(self, r: ev.ResponseCreate) -> list[Out]:
         if r.conversation == "none":
@@ -474,16 +382,6 @@ class Translator:
         opts = self._options(r)
         return [*self._ensure_started(), Respond(turn, opts.audio, opts.max_output_tokens)]
 
-    def _cancel(self, r: ev.ResponseCancel) -> list[Out]:
-        current = self.responses.in_progress
-        if r.response_id is not None and self.responses.by_id(r.response_id) is None:
-            raise NoActiveResponse("no such response in progress", "response_id")
-        if current is None:
-            raise NoActiveResponse("no response is in progress", "response_id")
-        if current.text_done:
-            return [StopAudio(), *self.responses.cancel_held()]
-        return [StopAudio(), Cancel()]
-
     def _options(self, r: ev.ResponseCreate | None) -> Options:
         s = self.settings
         modalities = s.output_modalities
@@ -499,7 +397,46 @@ class Translator:
 
     # -- native events -> GA ----------------------------------------------------
 
-    def server(self, event: ServerEvent) -> list[dict[str, Any]]:
+    def _user_item(
+        self,
+        item: dict[str, Any],
+        text: str | None,
+        audio: AudioArray | None,
+        *,
+        commit: bool,
+        pending: bool = True,
+    ) -> list[Out]:
+        """A new user item: committed (from the input buffer), added, done,
+        and transcribed when that is on. Pending (answered at response.create)
+        unless the Session's VAD answers it itself (pending=False)."""
+        item_id = item["id"]
+        previous = self.items.add(item, pending=pending)
+        if pending:
+            self._pending.append(_Pending(item_id, text, audio))
+        e = self.ids.event
+        out: list[Out] = []
+        if commit:
+            out.append(
+                e("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
+            )
+        out += [
+            e("conversation.item.added", previous_item_id=previous, item=item),
+            e("conversation.item.done", previous_item_id=previous, item=item),
+        ]
+        return out + list(transcripts.calls(self.settings.transcription, item_id, audio))
+
+    def transcript(
+        self, item_id: str, text: str, *, done: bool, seconds: float = 0.0
+    ) -> dict[str, Any]:
+        """A transcription's next piece, or (done) its whole text."""
+        if done:
+            return transcripts.completed(self.ids, self.items, item_id, text, seconds)
+        return transcripts.delta(self.ids, item_id, text)
+
+    def transcript_failed(self, item_id: str, exc: BaseException) -> dict[str, Any]:
+        return transcripts.failed(self.ids, item_id, exc)
+
+    def server(self, event: ServerEvent) -> Sequence[Out]:
         e = self.ids.event
         if isinstance(event, SpeechStartedEvent):
             item_id = self.ids.next("item")
@@ -515,14 +452,15 @@ class Translator:
         if isinstance(event, SpeechStoppedEvent):
             self._open_utterance = None
             item_id = self._utterances.get(event.utterance_id) or self.ids.next("item")
+            clip = None
+            if self.settings.transcription is not None and self.started is not None:
+                preroll = self.started.config.vad.preroll_ms
+                clip = self._kept.cut(max(0, event.start_ms - preroll), event.end_ms)
+            stopped = e(
+                "input_audio_buffer.speech_stopped", audio_end_ms=event.end_ms, item_id=item_id
+            )
             item = user_item(item_id, audio=1)
-            previous = self.items.add(item)
-            return [
-                e("input_audio_buffer.speech_stopped", audio_end_ms=event.end_ms, item_id=item_id),
-                e("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id),
-                e("conversation.item.added", previous_item_id=previous, item=item),
-                e("conversation.item.done", previous_item_id=previous, item=item),
-            ]
+            return [stopped, *self._user_item(item, None, clip, commit=True, pending=False)]
         if isinstance(event, ReplyStarted):
             asked = self._asked.popleft() if event.utterance_id is None and self._asked else None
             self._answered = True
