@@ -91,8 +91,17 @@ LOWER = ["engine", "session", "vad", "audio.py", "protocol.py", "commands.py"]
     [
         (LOWER, ["voice_agent.host", "voice_agent.transports"]),
         (["host"], ["voice_agent.transports"]),
+        (["live.py"], ["voice_agent.host", "voice_agent.transports", "voice_agent.server"]),
+        (
+            ["engine"],
+            ["voice_agent.live", "voice_agent.session", "voice_agent.vad", "voice_agent.server"],
+        ),
+        (
+            ["session", "vad", "audio.py", "protocol.py", "commands.py"],
+            ["voice_agent.live", "voice_agent.server", "voice_agent.engine.base"],
+        ),
     ],
-    ids=["core-and-engine", "host"],
+    ids=["core-and-engine", "host", "live", "engine-below-sessions", "core-below-live"],
 )
 def test_imports_run_one_way(sources: list[str], forbidden: list[str]) -> None:
     files = _sources(*sources)
