@@ -87,7 +87,8 @@ report(exc, *, transport, metrics=None, session_id="", device="",
     voice_agent_transport_errors_total{transport,code} (everything) and
     voice_agent_errors_total{code} (only errors sent as error events or
     messages, i.e. no close code) + one structured log line. Transport
-    labels: "realtime" (the native WebSocket protocol), "mqtt".
+    labels: "realtime" (the native WebSocket protocol), "mqtt", "openai" (the
+    OpenAI Realtime protocol).
 
 Speaking (speaking.py, on tts/pipeline.py's SentenceAudio):
     reply_speaker(...) -> ReplySpeaker    streamed PCM frames (WebSocket)
