@@ -13,9 +13,12 @@ output format's rate) and `Translator.server`; spoken PCM through
 reply.done, a small watch waits until the speaker is done with the reply
 (reply.audio.done, or no audio at all) and then calls `Translator.settled`.
 
-Limits: the outbox is bounded (send_queue); a client that stops reading is
-closed with 1008 (errors.SlowClient), as on the native protocol. Binary
-frames are not part of this protocol: `error`.
+Limits, as on the native protocol: messages beyond `max_messages_per_second`
+and audio beyond `max_audio_speed` times real time (after a 10 s allowance)
+make the reader wait (limits.py); no client message for `idle_timeout`
+seconds while no reply runs closes with 1000 (errors.IdleTimeout); the
+outbox is bounded (send_queue) and a client that stops reading is closed with
+1008 (errors.SlowClient). Binary frames are not part of this protocol: `error`.
 """
 
 from __future__ import annotations
@@ -24,14 +27,23 @@ import asyncio
 import json
 import logging
 import secrets
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from websockets.exceptions import ConnectionClosed
 
 from voice_agent.engine.types import SAMPLE_RATE, TurnInput
-from voice_agent.errors import CLOSE_POLICY, BadMessage, Busy, SlowClient
+from voice_agent.errors import (
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    BadMessage,
+    Busy,
+    IdleTimeout,
+    SlowClient,
+)
 from voice_agent.host import ConversationHost
+from voice_agent.limits import AudioPacer, MessageLimiter
 from voice_agent.live import LiveSession
 from voice_agent.protocol import ReplyAudioStarted, ReplyDone, ServerEvent
 from voice_agent.transports.openai_realtime import transcripts
@@ -92,6 +104,9 @@ class RealtimeConnection:
         self._closes: set[asyncio.Future[Any]] = set()  # awaited at the end
         self._audio_out: bool | None = None  # the output modality applied to the speaker
         self._transcripts: asyncio.Queue[Transcribe] = asyncio.Queue(MAX_TRANSCRIPTS)
+        self._messages = MessageLimiter(config.max_messages_per_second, time.monotonic)
+        self._pacer = AudioPacer(config.max_audio_speed, time.monotonic)
+        self._last_seen = 0.0  # loop time of the last client message
         self._transcriber: asyncio.Future[Any] | None = None
 
     @property
@@ -216,15 +231,41 @@ class RealtimeConnection:
 
     # -- in ----------------------------------------------------------------------
 
+    async def _watch_idle(self, idle: float) -> None:
+        """Close (1000) after `idle` seconds without a client message while no
+        reply runs (as the native connection does)."""
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            await asyncio.sleep(max(0.05, self._last_seen + idle - loop.time()))
+            live = self.live
+            if live is not None and live.replies_in_flight:
+                self._last_seen = loop.time()  # idle counts from the reply's end
+                continue
+            if loop.time() - self._last_seen < idle:
+                continue
+            self._closing = True
+            wire = self.host.report(IdleTimeout(), transport=TRANSPORT, session_id=self.session_id)
+            await close_or_abort(self.ws, wire.close_code or CLOSE_NORMAL, wire.message)
+            return
+
     async def run(self) -> None:
         self.outbox.start()
         self._put(self.t.opening())
+        loop = asyncio.get_running_loop()
+        self._last_seen = loop.time()
+        idle = self.config.idle_timeout
+        if idle > 0:
+            self._spawn(self._watch_idle(idle))
         try:
             while not self._closing:
                 try:
                     message = await self.ws.recv()
                 except ConnectionClosed:
                     break
+                self._last_seen = loop.time()
+                wait = self._messages.message()
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 if isinstance(message, bytes):
                     outs: list[Out] = [Failed(BadMessage("binary frames are not used here"), None)]
                 else:
@@ -269,6 +310,10 @@ class RealtimeConnection:
         if live is None:  # the translator starts the session before any of these
             raise BadMessage("the session has not started")
         if isinstance(call, Feed):
+            assert self.t.started is not None
+            wait = self._pacer.audio(len(call.pcm) / (2 * self.t.started.sample_rate))
+            if wait > 0:
+                await asyncio.sleep(wait)
             await live.feed_audio(call.pcm)
         elif isinstance(call, Commit):
             await live.commit()
