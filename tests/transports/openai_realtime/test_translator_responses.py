@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from tests.transports.openai_realtime.support import events, send, translator, types
+from tests.transports.openai_realtime.support import b64, events, send, translator, types
 from voice_agent.protocol import (
     ErrorEvent,
     ReplyAudioDone,
@@ -237,3 +237,30 @@ def test_truncate_refuses_what_it_cannot_cut() -> None:
             t, "conversation.item.truncate", item_id=item_id, content_index=0, audio_end_ms=1
         )
         assert isinstance(failed, Failed) and failed.exc.code == "bad_message"
+
+
+def test_idle_timeout_triggers_a_response_after_the_last_one() -> None:
+    t = translator()
+    td = {"type": "server_vad", "idle_timeout_ms": 5000}
+    send(
+        t,
+        "session.update",
+        session={"output_modalities": ["text"], "audio": {"input": {"turn_detection": td}}},
+    )
+    second = b64(bytes(2 * 24000))
+    send(t, "input_audio_buffer.append", audio=second)  # (the session starts)
+    t.server(ReplyStarted("r1", "u1"))
+    t.server(ReplyDone("r1", "hi", USAGE, TIMING))  # response.done at 1000 ms: the timer starts
+    for _ in range(4):
+        assert types(send(t, "input_audio_buffer.append", audio=second)) == ["Feed"]
+    outs = send(t, "input_audio_buffer.append", audio=second)
+    assert types(outs) == [
+        "Feed",
+        "input_audio_buffer.timeout_triggered",
+        "input_audio_buffer.committed",
+        "conversation.item.added",
+        "conversation.item.done",
+        "Respond",
+    ]
+    assert (outs[1]["audio_start_ms"], outs[1]["audio_end_ms"]) == (1000, 6000)
+    assert types(send(t, "input_audio_buffer.append", audio=second)) == ["Feed"]  # once

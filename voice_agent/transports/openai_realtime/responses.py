@@ -315,6 +315,15 @@ class Responses:
         )
         return out
 
+    def interrupt(self) -> list[Out]:
+        """Speech started: cancel the response in flight (interrupt_response)."""
+        current = self.in_progress
+        if current is None:
+            return []
+        if current.text_done:
+            return [StopAudio(), *self.cancel_held()]
+        return [StopAudio(), Cancel()]
+
     def cancel_request(self, response_id: str | None) -> list[Out]:
         """response.cancel: the response generating, or the audio still going out."""
         current = self.in_progress

@@ -201,8 +201,6 @@ def _turn_detection(value: Any, old: TurnDetection | None, param: str) -> TurnDe
     idle = changes.get("idle_timeout_ms")
     if idle is not None and not 5000 <= idle <= 30000:
         raise InvalidField(f"{param}.idle_timeout_ms must be from 5000 to 30000", param)
-    if idle is not None:
-        raise Unsupported("idle_timeout_ms is not supported yet", f"{param}.idle_timeout_ms")
     return dataclasses.replace(td, **changes)
 
 
@@ -297,6 +295,31 @@ def update(s: Settings, obj: Any) -> tuple[Settings, list[Unsupported]]:
     if "audio" in obj:
         _audio(obj["audio"], s, changes, soft, f"{p}.audio")
     return dataclasses.replace(s, **changes), soft
+
+
+def needs_restart(
+    old: Settings, new: Settings, prompt_changed: bool, *, busy: bool, answered: bool
+) -> bool:
+    """Whether a started session must restart for `new` (on its conversation;
+    a new one when the prompt changed); Unsupported when it cannot now."""
+    restart = (
+        prompt_changed
+        or new.input_format != old.input_format
+        or new.turn_detection != old.turn_detection
+    )
+    if restart and busy:
+        raise Unsupported(
+            "changing instructions, the input format or turn detection "
+            "while a response is in progress",
+            "session",
+        )
+    if restart and prompt_changed and answered:
+        raise Unsupported(
+            "changing instructions after the first response (the history "
+            "is kept as the model's KV cache)",
+            "session.instructions",
+        )
+    return restart
 
 
 def session_object(s: Settings, session_id: str, model: str) -> dict[str, Any]:

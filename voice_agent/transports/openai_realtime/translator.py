@@ -14,16 +14,15 @@ new turn-taking settings; `fresh` for a new conversation), Feed (PCM16 at
 the input format's rate), Commit, Respond (a whole user turn: the pending
 items), Cancel, StopAudio, Failed (report the error, send t.error(...)).
 
-Turns: with turn_detection (server_vad / semantic_vad) the input audio goes
-to the Session, whose VAD cuts and answers the turns (speech.* -> input_audio_
-buffer.*, a user item per utterance). With create_response false a Segmenter
-here (the same pure VAD, silence only) cuts them into pending user items and
-interrupt_response cancels the response in flight at speech start. With
-turn_detection null the audio
-waits in the input buffer here until input_audio_buffer.commit makes it a
-user item; items wait (pending) until response.create sends them to the
-model as one turn. A malformed or unsupported event gets an `error` (its
-event_id) and changes nothing.
+Turns: with turn_detection the input audio goes to the Session, whose VAD
+cuts and answers the turns (speech.* -> input_audio_buffer.*, a user item
+per utterance; idle.py for idle_timeout_ms). With create_response false a
+Segmenter here (the same pure VAD, silence only) cuts them into pending
+user items, and interrupt_response cancels the response in flight at speech
+start. With turn_detection null the audio waits in the input buffer here
+until input_audio_buffer.commit makes it a user item; items wait (pending)
+until response.create sends them to the model as one turn. A malformed or
+unsupported event gets an `error` (its event_id) and changes nothing.
 """
 
 from __future__ import annotations
@@ -59,10 +58,9 @@ from voice_agent.protocol import (
 )
 from voice_agent.session import SessionConfig
 from voice_agent.transports.openai_realtime import events as ev
+from voice_agent.transports.openai_realtime import idle, transcripts
 from voice_agent.transports.openai_realtime import settings as st
-from voice_agent.transports.openai_realtime import transcripts
 from voice_agent.transports.openai_realtime.calls import (
-    Cancel,
     Commit,
     Failed,
     Feed,
@@ -124,6 +122,7 @@ class Translator:
         self._segmenter: Segmenter | None = None  # create_response false
         self._own_item: str | None = None  # the item of its open utterance
         self._kept = transcripts.Kept(self.input_rate)  # for transcription (Session VAD)
+        self._idle = idle.IdleTimer()
 
     # -- settings -------------------------------------------------------------
 
@@ -202,23 +201,9 @@ class Translator:
         old = self.settings
         new, refused = st.update(old, r.session)
         prompt_changed = "instructions" in r.session and new.instructions != old.instructions
-        restart = self.started is not None and (
-            prompt_changed
-            or new.input_format != old.input_format
-            or new.turn_detection != old.turn_detection
+        restart = self.started is not None and st.needs_restart(
+            old, new, prompt_changed, busy=bool(self.responses.open), answered=self._answered
         )
-        if restart and self.responses.open:
-            raise Unsupported(
-                "changing instructions, the input format or turn detection "
-                "while a response is in progress",
-                "session",
-            )
-        if restart and prompt_changed and self._answered:
-            raise Unsupported(
-                "changing instructions after the first response (the history "
-                "is kept as the model's KV cache)",
-                "session.instructions",
-            )
         self.settings = new
         self._prompt_set = self._prompt_set or "instructions" in r.session
         out: list[Out] = []
@@ -244,7 +229,7 @@ class Translator:
             if start:
                 self._kept = transcripts.Kept(self.input_rate)
             self._kept.keep(pcm, self.settings.transcription is not None)
-            return [*start, Feed(pcm)]
+            return [*start, Feed(pcm), *self._idle_check()]
         if self.settings.own_vad:
             return self._segments(self._vad().feed(pcm))
         limit = 2 * self.input_rate * MAX_BUFFER_MS // 1000
@@ -279,7 +264,7 @@ class Translator:
                     )
                 )
                 if td is not None and td.interrupt_response:
-                    out += self._interrupt()
+                    out += self.responses.interrupt()
             elif isinstance(event, SpeechStopped):
                 item_id = self._own_item or self.ids.next("item")
                 self._own_item = None
@@ -289,15 +274,6 @@ class Translator:
                 item = user_item(item_id, audio=1)
                 out += [stopped, *self._user_item(item, None, event.audio, commit=True)]
         return out
-
-    def _interrupt(self) -> list[Out]:
-        """Speech started: cancel the response in flight (interrupt_response)."""
-        current = self.responses.in_progress
-        if current is None:
-            return []
-        if current.text_done:
-            return [StopAudio(), *self.responses.cancel_held()]
-        return [StopAudio(), Cancel()]
 
     def _commit(self) -> list[Out]:
         if self.settings.own_vad:
@@ -437,6 +413,11 @@ class Translator:
         return transcripts.failed(self.ids, item_id, exc)
 
     def server(self, event: ServerEvent) -> Sequence[Out]:
+        if isinstance(event, SpeechStartedEvent | ReplyStarted):
+            self._idle.disarm()
+        return self._arm(list(self._server(event)))
+
+    def _server(self, event: ServerEvent) -> Sequence[Out]:
         e = self.ids.event
         if isinstance(event, SpeechStartedEvent):
             item_id = self.ids.next("item")
@@ -492,4 +473,27 @@ class Translator:
     def settled(self, reply_id: str) -> list[dict[str, Any]]:
         """The speaker has finished with `reply_id` (its audio went out, was
         stopped, or never came)."""
-        return self.responses.audio_done(reply_id, False)
+        return self._arm(self.responses.audio_done(reply_id, False))
+
+    def _arm(self, out: list[Any]) -> list[Any]:
+        """A response ended and none runs: the idle timer starts."""
+        done = any(isinstance(e, dict) and e["type"] == "response.done" for e in out)
+        if done and not self.responses.open:
+            self._idle.arm(self._kept.fed * 1000 // self.input_rate)
+        return out
+
+    def _idle_check(self) -> list[Out]:
+        td = self.settings.turn_detection
+        now = self._kept.fed * 1000 // self.input_rate
+        start = None if td is None else self._idle.due(now, td.idle_timeout_ms)
+        if start is None or self._open_utterance:
+            return []
+        item_id = self.ids.next("item")
+        item = user_item(item_id, audio=1)
+        self._asked.append(ev.ResponseCreate(None))
+        opts = self._options(None)
+        return [
+            idle.triggered(self.ids, start, now, item_id),
+            *self._user_item(item, None, None, commit=True, pending=False),
+            Respond(TurnInput(text=idle.IDLE_TEXT), opts.audio, opts.max_output_tokens),
+        ]
