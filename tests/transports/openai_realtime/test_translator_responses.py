@@ -264,3 +264,16 @@ def test_idle_timeout_triggers_a_response_after_the_last_one() -> None:
     ]
     assert (outs[1]["audio_start_ms"], outs[1]["audio_end_ms"]) == (1000, 6000)
     assert types(send(t, "input_audio_buffer.append", audio=second)) == ["Feed"]  # once
+
+
+def test_a_reply_cut_at_max_output_tokens_is_incomplete() -> None:
+    t = translator()
+    text_mode(t)
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]}
+    send(t, "conversation.item.create", item=item)
+    send(t, "response.create", response={"max_output_tokens": 2})
+    t.server(ReplyStarted("r1", None))
+    out = t.server(ReplyDone("r1", "a b", USAGE, TIMING))  # 2 completion tokens
+    done = next(e for e in out if e["type"] == "response.done")["response"]
+    assert done["status"] == "incomplete"
+    assert done["status_details"] == {"type": "incomplete", "reason": "max_output_tokens"}

@@ -146,7 +146,7 @@ class Responses:
         reply), then open the new response."""
         out: list[dict[str, Any]] = []
         for old in list(self.open.values()):  # its text is done: only its audio is cut
-            out += self._finish(old, "completed", None)
+            out += self._complete(old)
         r = Response(
             self.ids.next("resp"),
             reply_id,
@@ -197,7 +197,7 @@ class Responses:
         r.text, r.text_done, r.usage = text, True, usage_of(usage)
         if r.audio and not r.audio_done:
             return []  # response.done once its audio has gone out
-        return self._finish(r, "completed", None)
+        return self._complete(r)
 
     def audio_done(self, reply_id: str, cancelled: bool) -> list[dict[str, Any]]:
         """The reply's audio has all gone out (or was stopped), or none will come."""
@@ -207,7 +207,14 @@ class Responses:
         r.audio_done = True
         if cancelled:
             return self._finish(r, "cancelled", {"type": "cancelled", "reason": "turn_detected"})
-        return self._finish(r, "completed", None) if r.text_done else []
+        return self._complete(r) if r.text_done else []
+
+    def _complete(self, r: Response) -> list[dict[str, Any]]:
+        """Finished: `incomplete` when the reply stopped at its token limit."""
+        if r.usage.get("output_tokens", 0) >= (r.max_output_tokens or self.token_limit):
+            details = {"type": "incomplete", "reason": "max_output_tokens"}
+            return self._finish(r, "incomplete", details)
+        return self._finish(r, "completed", None)
 
     def cancelled(self, reply_id: str, reason: str, text: str) -> list[dict[str, Any]]:
         r = self.open.get(reply_id)
