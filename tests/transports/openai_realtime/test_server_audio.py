@@ -152,3 +152,26 @@ async def test_input_transcription_of_a_committed_turn(app: WebSocketServerApp) 
         await conn.conversation.item.retrieve(item_id=done.item_id)
         item = (await until(conn, "conversation.item.retrieved", seen)).item
         assert item.content[0].transcript == done.transcript
+
+
+async def test_per_response_modality_and_g711_output(app: WebSocketServerApp) -> None:
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{app.port}/v1", api_key="k")
+    async with client.realtime.connect(model="qwen2-audio") as conn:
+        await conn.session.update(
+            session={"type": "realtime", "audio": {"output": {"format": {"type": "audio/pcmu"}}}}
+        )
+        await conn.conversation.item.create(item=USER)  # type: ignore[arg-type]
+        await conn.response.create(response={"output_modalities": ["text"]})
+        seen: list[Any] = []
+        done = await until(conn, "response.done", seen)
+        assert done.response.status == "completed"
+        assert "response.output_text.delta" in [e.type for e in seen]
+        assert "response.output_audio.delta" not in [e.type for e in seen]
+        seen.clear()
+        await conn.conversation.item.create(item=USER)  # type: ignore[arg-type]
+        await conn.response.create()  # the session's modality: audio, G.711 mu-law at 8 kHz
+        await until(conn, "response.done", seen)
+        audio = b"".join(
+            base64.b64decode(e.delta) for e in seen if e.type == "response.output_audio.delta"
+        )
+        assert len(audio) == 2 * round(0.25 * 8000)  # one byte a sample

@@ -45,7 +45,7 @@ from voice_agent.errors import (
 from voice_agent.host import ConversationHost
 from voice_agent.limits import AudioPacer, MessageLimiter
 from voice_agent.live import LiveSession
-from voice_agent.protocol import ReplyAudioStarted, ReplyDone, ServerEvent
+from voice_agent.protocol import ReplyAudioStarted, ReplyDone, ReplyStarted, ServerEvent
 from voice_agent.transports.openai_realtime import transcripts
 from voice_agent.transports.openai_realtime.calls import (
     Cancel,
@@ -160,9 +160,15 @@ class RealtimeConnection:
         if self._closing:
             return
         speaker = self.speaker
+        outs = self.t.server(event)
         if speaker is not None:
+            if isinstance(event, ReplyStarted):  # spoken or not: the response's modality
+                response = self.t.responses.open.get(event.reply_id)
+                spoken = response is not None and response.audio
+                if speaker.muted == spoken:
+                    speaker.set_muted(not spoken)
             speaker.observe(event)
-        self._put(self.t.server(event))
+        self._put(outs)
         if isinstance(event, ReplyDone):
             if speaker is None or speaker.muted or speaker.reply_id != event.reply_id:
                 self._put(self.t.settled(event.reply_id))
@@ -321,8 +327,6 @@ class RealtimeConnection:
             self._sync()
             if call.max_output_tokens is not None:
                 live.max_new_tokens = call.max_output_tokens
-            if self.speaker is not None:
-                self.speaker.set_muted(not call.audio)
             await live.turn(call.turn)
         elif isinstance(call, Cancel):
             await live.cancel()
