@@ -119,3 +119,29 @@ async def test_sdk_and_native_clients_on_one_server() -> None:
         async with ws_connect(url, subprotocols=protocols) as ws:  # type: ignore[arg-type]
             assert ws.subprotocol == "realtime"
             assert json.loads(await ws.recv())["type"] == "session.created"
+
+
+async def test_new_turn_detection_restarts_the_session_on_its_conversation() -> None:
+    config = Config(host="127.0.0.1", port=0)
+    async with running_server(config, ScriptedEngine(echo, token_delay=0.001)) as app:
+        client = AsyncOpenAI(base_url=f"http://127.0.0.1:{app.port}/v1", api_key="k")
+        async with client.realtime.connect(model="qwen2-audio") as conn:
+            assert (await asyncio.wait_for(conn.recv(), WAIT)).type == "session.created"
+            text = {"type": "message", "role": "user", "content": []}
+            text["content"] = [{"type": "input_text", "text": "first"}]
+            await conn.conversation.item.create(item=text)  # type: ignore[arg-type]
+            await conn.response.create()
+            async with asyncio.timeout(WAIT):
+                while (await conn.recv()).type != "response.done":
+                    pass
+            [first] = list(app.host.sessions)
+            td = {"type": "server_vad", "silence_duration_ms": 900}
+            await conn.session.update(session={"audio": {"input": {"turn_detection": td}}})
+            async with asyncio.timeout(WAIT):
+                while (event := await conn.recv()).type != "session.updated":
+                    pass
+            assert event.session.audio.input.turn_detection.silence_duration_ms == 900
+            [live] = app.host.sessions.values()
+            assert live.session_id == first  # the same conversation, its history kept
+            assert live.session.config.vad.hangover_ms == 900
+            assert "first" in app.engine.history_text(live.conversation)
