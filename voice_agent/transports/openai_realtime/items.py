@@ -52,9 +52,13 @@ def message_item(item_id: str, role: str, texts: tuple[str, ...]) -> dict[str, A
     }
 
 
+MAX_ITEMS = 4096  # items kept for retrieve/delete/truncate; the oldest go first
+
+
 class Items:
-    """The conversation's items in order, by id. `pending` are user items
-    not yet answered (not in the model's history yet: they may be deleted)."""
+    """The conversation's items in order, by id (the last MAX_ITEMS: older
+    ones can no longer be retrieved). `pending` are user items not yet
+    answered (not in the model's history yet: they may be deleted)."""
 
     def __init__(self) -> None:
         self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -79,6 +83,9 @@ class Items:
         self._items[item["id"]] = item
         if pending:
             self.pending.add(item["id"])
+        while len(self._items) > MAX_ITEMS:
+            oldest = next(iter(self._items))
+            self.remove(oldest)
         return previous
 
     def remove(self, item_id: str) -> None:

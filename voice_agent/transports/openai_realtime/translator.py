@@ -432,7 +432,7 @@ class Translator:
             ]
         if isinstance(event, SpeechStoppedEvent):
             self._open_utterance = None
-            item_id = self._utterances.get(event.utterance_id) or self.ids.next("item")
+            item_id = self._utterances.pop(event.utterance_id, None) or self.ids.next("item")
             clip = None
             if self.settings.transcription is not None and self.started is not None:
                 preroll = self.started.config.vad.preroll_ms
@@ -445,8 +445,6 @@ class Translator:
         if isinstance(event, ReplyStarted):
             asked = self._asked.popleft() if event.utterance_id is None and self._asked else None
             self._answered = True
-            if event.utterance_id is not None:
-                self._utterances.pop(event.utterance_id, None)
             return self.responses.start(event.reply_id, self._options(asked))
         if isinstance(event, ReplyDelta):
             return self.responses.delta(event.reply_id, event.text)
