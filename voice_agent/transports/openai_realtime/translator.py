@@ -351,6 +351,8 @@ class Translator:
             texts.append(SPEAK_FIRST)  # mapped: a reply to the conversation as it stands
         clips = [p.audio for p in self._pending if p.audio is not None]
         audio = np.concatenate(clips) if clips else None
+        if audio is not None and len(audio) > MAX_BUFFER_MS * 16:  # (16 kHz samples)
+            raise BadAudio(f"the pending audio is over {MAX_BUFFER_MS // 1000} s: delete some")
         turn = TurnInput(audio=audio, text="\n".join(texts) if texts else None)
         self._pending.clear()
         self.items.answered()
