@@ -41,6 +41,13 @@ def test_the_rule_and_the_key() -> None:
     assert route.select_subprotocol(["openai-insecure-api-key.k"]) == "openai-insecure-api-key.k"
     assert route.select_subprotocol([]) is None
 
+    class Handshake:
+        class request:  # noqa: N801 (a stand-in for websockets' Request)
+            path = "/v1/realtime?model=qwen2-audio&x=1"
+
+    assert route.requested_model(Handshake()) == "qwen2-audio"
+    assert route.requested_model(object()) is None
+
 
 def speech_then_silence() -> bytes:
     t = np.arange(24000) / 24000
