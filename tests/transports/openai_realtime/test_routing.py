@@ -42,7 +42,7 @@ def test_the_rule_and_the_key() -> None:
     assert route.select_subprotocol([]) is None
 
     class Handshake:
-        class request:  # noqa: N801 (a stand-in for websockets' Request)
+        class request:  # a stand-in for websockets' Request
             path = "/v1/realtime?model=qwen2-audio&x=1"
 
     assert route.requested_model(Handshake()) == "qwen2-audio"
