@@ -33,6 +33,7 @@ from voice_agent.tts.speaker import Speech
 KEY = "o2-test-key"
 MODEL = "qwen2-audio"
 RATE = 24000  # audio/pcm in the GA API: 24 kHz mono PCM16 little-endian
+MAX_TOKENS = 12  # the test server's max_new_tokens (config() below)
 WAIT = 90.0  # generous: 2 shared cores, a real model
 
 Event = dict[str, Any]
@@ -78,7 +79,7 @@ def config(**fields: Any) -> Config:
         "host": "127.0.0.1",
         "port": 0,
         "db": "none",
-        "max_new_tokens": 12,
+        "max_new_tokens": MAX_TOKENS,
         "token": KEY,
     }
     return Config(**{**base, **fields})
@@ -249,6 +250,20 @@ def response_events(log: EventLog, response_id: str) -> list[Event]:
         if rid == response_id:
             out.append(e)
     return out
+
+
+def finished(done: Event, limit: int = MAX_TOKENS) -> bool:
+    """The response of `done` (response.done) ran to its end: `completed`,
+    or `incomplete` for max_output_tokens with exactly `limit` tokens out
+    (the tiny model's noise often runs to the token limit)."""
+    response = done["response"]
+    if response["status"] == "incomplete":
+        details = response.get("status_details") or {}
+        return bool(
+            details.get("reason") == "max_output_tokens"
+            and response["usage"]["output_tokens"] == limit
+        )
+    return bool(response["status"] == "completed")
 
 
 def check_response(log: EventLog, done: Event, *, modality: str) -> Event:
