@@ -63,6 +63,7 @@ async def test_sdk_and_native_clients_on_one_server() -> None:
         async with client.realtime.connect(model="qwen2-audio") as conn:
             created = await asyncio.wait_for(conn.recv(), WAIT)
             assert created.type == "session.created"
+            assert created.session.model == "qwen2-audio"  # as asked, not the engine's path
             await conn.session.update(
                 session={
                     "type": "realtime",
