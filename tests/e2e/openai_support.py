@@ -127,7 +127,7 @@ def pcm_of(deltas: list[Event]) -> bytes:
 
 
 async def append_audio(
-    send: Callable[[Event], Any], pcm: bytes, *, chunk_ms: int = 40, speed: float = 2.0
+    send: Callable[[Any], Any], pcm: bytes, *, chunk_ms: int = 40, speed: float = 2.0
 ) -> None:
     """input_audio_buffer.append events of `chunk_ms`, paced at `speed` x real
     time (0 or less: as fast as possible)."""
