@@ -6,6 +6,7 @@ import numpy as np
 
 from tests.transports.openai_realtime.support import b64, events, send, translator, types
 from voice_agent.protocol import ReplyStarted, SpeechStartedEvent, SpeechStoppedEvent
+from voice_agent.transports.openai_realtime import transcripts
 from voice_agent.transports.openai_realtime.calls import Failed, Feed, Respond, Start, Transcribe
 from voice_agent.transports.openai_realtime.codec import g711_encode
 from voice_agent.transports.openai_realtime.translator import SPEAK_FIRST
@@ -317,14 +318,14 @@ def test_transcription_is_asked_for_each_user_audio_item() -> None:
     # from 100 ms minus the 300 ms pre-roll (clipped at 0) to 900 ms, at 16 kHz
     assert len(call.audio) == 900 * 16
     item_id = call.item_id
-    delta = t.transcript(item_id, "hel", done=False)
+    delta = transcripts.delta(t.ids, item_id, "hel")
     assert delta["type"] == "conversation.item.input_audio_transcription.delta"
-    done = t.transcript(item_id, "hello", done=True, seconds=0.9)
+    done = transcripts.completed(t.ids, t.items, item_id, "hello", 0.9)
     assert done["type"] == "conversation.item.input_audio_transcription.completed"
     assert done["transcript"] == "hello" and done["usage"]["type"] == "duration"
     item = send(t, "conversation.item.retrieve", item_id=item_id)[0]["item"]
     assert item["content"][0]["transcript"] == "hello"
-    failed = t.transcript_failed(item_id, RuntimeError("secret"))
+    failed = transcripts.failed(t.ids, item_id, RuntimeError("secret"))
     assert failed["error"]["code"] == "internal" and "secret" not in failed["error"]["message"]
 
 

@@ -190,7 +190,7 @@ class RealtimeConnection:
             self._transcripts.put_nowait(call)
         except asyncio.QueueFull:
             busy = Busy("too many transcriptions waiting")
-            self._put([self.t.transcript_failed(call.item_id, busy)])
+            self._put([transcripts.failed(self.t.ids, call.item_id, busy)])
 
     async def _transcribe_all(self) -> None:
         engine = self.host.engine
@@ -207,17 +207,18 @@ class RealtimeConnection:
                 handle = engine.submit(conversation, turn, transcripts.MAX_TOKENS)
                 async for delta in handle:
                     if delta.text:
-                        self._put([self.t.transcript(call.item_id, delta.text, done=False)])
+                        self._put([transcripts.delta(self.t.ids, call.item_id, delta.text)])
                 text = handle.result.text.strip()
                 seconds = len(call.audio) / SAMPLE_RATE
-                self._put([self.t.transcript(call.item_id, text, done=True, seconds=seconds)])
+                done = transcripts.completed(self.t.ids, self.t.items, call.item_id, text, seconds)
+                self._put([done])
             except asyncio.CancelledError:
                 if handle is not None:
                     handle.cancel()
                 raise
             except Exception as exc:
                 self.host.report(exc, transport=TRANSPORT, session_id=self.session_id)
-                self._put([self.t.transcript_failed(call.item_id, exc)])
+                self._put([transcripts.failed(self.t.ids, call.item_id, exc)])
             finally:
                 engine.release(conversation)
 
@@ -283,7 +284,7 @@ class RealtimeConnection:
                     try:
                         await self._call(out)
                     except Exception as exc:
-                        await self._fail(exc, None)
+                        await self._fail(exc, self.t.event_id)
                         break  # the rest of this event's calls depended on this one
                 self._sync()
         finally:

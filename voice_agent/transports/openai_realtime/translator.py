@@ -123,6 +123,7 @@ class Translator:
         self._own_item: str | None = None  # the item of its open utterance
         self._kept = transcripts.Kept(self.input_rate)  # for transcription (Session VAD)
         self._idle = idle.IdleTimer()
+        self.event_id: str | None = None  # of the client event handled last
 
     # -- settings -------------------------------------------------------------
 
@@ -160,6 +161,7 @@ class Translator:
             request = ev.parse(text)
         except Exception as exc:
             return [Failed(exc, ev.event_id_of(text))]
+        self.event_id = request.event_id  # (a call that fails reports it)
         try:
             return self._handle(request)
         except Exception as exc:
@@ -403,17 +405,6 @@ class Translator:
         ]
         return out + list(transcripts.calls(self.settings.transcription, item_id, audio))
 
-    def transcript(
-        self, item_id: str, text: str, *, done: bool, seconds: float = 0.0
-    ) -> dict[str, Any]:
-        """A transcription's next piece, or (done) its whole text."""
-        if done:
-            return transcripts.completed(self.ids, self.items, item_id, text, seconds)
-        return transcripts.delta(self.ids, item_id, text)
-
-    def transcript_failed(self, item_id: str, exc: BaseException) -> dict[str, Any]:
-        return transcripts.failed(self.ids, item_id, exc)
-
     def server(self, event: ServerEvent) -> Sequence[Out]:
         if isinstance(event, SpeechStartedEvent | ReplyStarted):
             self._idle.disarm()
@@ -434,7 +425,7 @@ class Translator:
             ]
         if isinstance(event, SpeechStoppedEvent):
             self._open_utterance = None
-            item_id = self._utterances.pop(event.utterance_id, None) or self.ids.next("item")
+            item_id = self._utterances.pop(event.utterance_id, "") or self.ids.next("item")
             clip = None
             if self.settings.transcription is not None and self.started is not None:
                 preroll = self.started.config.vad.preroll_ms
