@@ -295,3 +295,28 @@ async def test_native_and_openai_clients_on_one_server(tiny_engine: Qwen2AudioEn
             await say(conn, log, "Hello")
             done = await respond(conn, log)
         assert finished(done), done["response"]
+
+
+async def test_origin_rules_are_the_native_ones(tiny_engine: Qwen2AudioEngine) -> None:
+    """A browser page of another site is refused (as a native session is:
+    close 1008, or an HTTP refusal at the handshake); the server's own page
+    and an allowed origin get their session."""
+    async with openai_server(tiny_engine, allowed_origins=("https://home.example",)) as app:
+        url = f"ws://127.0.0.1:{app.port}/v1/realtime?model={MODEL}"
+        offered = ["realtime", f"openai-insecure-api-key.{KEY}"]
+        for origin in ("http://evil.example", "https://home.example.evil"):
+            try:
+                async with connect(url, subprotocols=offered, origin=origin) as ws:  # type: ignore[arg-type]
+                    async with EventLog(ws.recv) as log, asyncio.timeout(30):
+                        while log.closed is None:
+                            await asyncio.sleep(0.05)
+                    assert not log.of("session.created"), origin
+                    assert ws.close_code == 1008, (origin, ws.close_code)
+            except InvalidStatus as refused:
+                assert refused.response.status_code in (401, 403), origin
+        for origin in ("https://home.example", f"http://127.0.0.1:{app.port}"):
+            async with (
+                connect(url, subprotocols=offered, origin=origin) as ws,  # type: ignore[arg-type]
+                EventLog(ws.recv) as log,
+            ):
+                await log.wait("session.created")
