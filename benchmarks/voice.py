@@ -25,15 +25,17 @@ real-time pace, one utterance per turn, and measures on its own clock:
 The `openai` transport is the OpenAI Realtime API (GA) on the same server
 through the official `openai` SDK (benchmarks/voice_openai.py): voice_to_voice
 from `input_audio_buffer.speech_stopped`, end_of_speech_to_audio as above, both
-to the first `response.output_audio.delta`; `openai_minus_ws_ms` compares the
-two protocols' end_of_speech_to_audio (p50, p99) measured in the same run.
+to the first `response.output_audio.delta`. `ws24` is the native WebSocket
+client sending 24 kHz, as OpenAI clients do (the server resamples to 16 kHz):
+`openai_minus_ws_ms` and `openai_minus_ws24_ms` compare end_of_speech_to_audio
+(p50, p99) of the protocols measured in the same run.
 
 After the first audio of each turn the client cancels the reply and waits
 for the audio to stop, so turns do not overlap. One warm-up turn per
 engine and transport is not counted. Progress on stderr, JSON on stdout.
 
     python benchmarks/voice.py [--turns 10] [--engines tiny,scripted]
-        [--transports ws,webrtc,openai] [--tts piper|espeak] > docs/benchmarks/voice.json
+        [--transports ws,ws24,webrtc,openai] [--tts piper|espeak] > docs/benchmarks/voice.json
 """
 
 from __future__ import annotations
@@ -241,7 +243,9 @@ def clip_pcm(name: str) -> bytes:
     return float_to_pcm16(np.concatenate([audio, np.zeros(int(SILENCE_AFTER_S * 16000))]))
 
 
-async def one_turn(client: RealtimeClient, marks: Marks, pcm: bytes, mic: Any) -> tuple[str, str]:
+async def one_turn(
+    client: RealtimeClient, marks: Marks, pcm: bytes, mic: Any, rate: int = 16000
+) -> tuple[str, str]:
     """Speak `pcm`; wait for the first reply audio, cancel, wait for quiet.
     (utterance id, reply id)."""
     seen = set(marks.stopped)
@@ -249,7 +253,7 @@ async def one_turn(client: RealtimeClient, marks: Marks, pcm: bytes, mic: Any) -
         samples = np.frombuffer(pcm, "<i2").astype(np.float32) / np.float32(32768)
         mic.play(np.frombuffer(float_to_pcm16(resample(samples, 16000, WEBRTC_RATE)), np.int16))
     else:
-        await send_paced(client, PcmAudio(pcm), pcm, 1.0)
+        await send_paced(client, PcmAudio(pcm, rate), pcm, 1.0)
     await until(lambda: set(marks.stopped) - seen)
     utterance = max(set(marks.stopped) - seen, key=lambda u: marks.stopped[u][0])
     await until(lambda: marks.reply_of.get(utterance) in marks.first_audio)
@@ -264,16 +268,17 @@ async def one_turn(client: RealtimeClient, marks: Marks, pcm: bytes, mic: Any) -
 
 async def run_turns(app: WebSocketServerApp, transport: str, turns: int) -> dict[str, list[float]]:
     marks = Marks()
-    pcms = [clip_pcm(name) for name in CLIPS]
+    rate = 24000 if transport == "ws24" else 16000  # ws24: what the OpenAI path sends
+    pcms = [at_rate(clip_pcm(name), rate) for name in CLIPS]
     out: dict[str, list[float]] = {
         "voice_to_voice": [],
         "arrival": [],
         "end_of_speech": [],
         "tts_added": [],
     }
-    on_audio = (lambda pcm: marks.audio()) if transport == "ws" else None
+    on_audio = (lambda pcm: marks.audio()) if transport in ("ws", "ws24") else None
     async with RealtimeClient(app.url, on_event=marks.event, on_audio=on_audio) as client:
-        session = await client.start(16000, 1)
+        session = await client.start(rate, 1)
         pc = mic = recorder = None
         if transport == "webrtc":
             pc, mic, recorder = await connect_webrtc(app, client, session.session_id, marks)
@@ -282,7 +287,7 @@ async def run_turns(app: WebSocketServerApp, transport: str, turns: int) -> dict
             for turn in range(turns + 1):
                 pcm = pcms[turn % len(pcms)]
                 t_start = time.perf_counter()
-                utterance, reply = await one_turn(client, marks, pcm, mic)
+                utterance, reply = await one_turn(client, marks, pcm, mic, rate)
                 t_stopped, end_ms = marks.stopped[utterance]
                 t_audio = marks.first_audio[reply]
                 v2v = (t_audio - t_stopped) * 1000
@@ -295,14 +300,14 @@ async def run_turns(app: WebSocketServerApp, transport: str, turns: int) -> dict
                     + (" (warm-up)" if turn == 0 else "")
                 )
                 end_of_speech = t_start + (end_ms - position_ms) / 1000  # WebSocket only
-                position_ms += len(pcm) * 1000 // 32000
+                position_ms += len(pcm) * 1000 // (2 * rate)
                 if turn == 0:
                     continue
                 out["voice_to_voice"].append(v2v)
                 out["tts_added"].append(tts)
                 if arrival is not None:
                     out["arrival"].append(arrival)
-                if transport == "ws":
+                if transport in ("ws", "ws24"):
                     out["end_of_speech"].append((t_audio - end_of_speech) * 1000)
         finally:
             if recorder is not None:
@@ -391,15 +396,25 @@ async def openai_results(app: WebSocketServerApp, turns: int) -> dict[str, Any]:
     }
 
 
+def at_rate(pcm: bytes, rate: int) -> bytes:
+    """16 kHz PCM16 at `rate`."""
+    if rate == 16000:
+        return pcm
+    samples = np.frombuffer(pcm, "<i2").astype(np.float32) / np.float32(32768)
+    return float_to_pcm16(resample(samples, 16000, rate))
+
+
 def compare(by_transport: dict[str, Any]) -> None:
-    """openai_minus_ws_ms: what the OpenAI protocol adds to the native one
-    (end of speech to the first audio, p50 and p99, same server, same run)."""
-    ws = by_transport.get("ws", {}).get("end_of_speech_to_audio", {})
+    """openai_minus_ws_ms / openai_minus_ws24_ms: what the OpenAI protocol
+    adds to the native one at 16 kHz / at the same 24 kHz input (end of speech
+    to the first audio, p50 and p99, same server, same run)."""
     oa = by_transport.get("openai", {}).get("end_of_speech_to_audio", {})
-    if ws.get("n") and oa.get("n"):
-        by_transport["openai_minus_ws_ms"] = {
-            q: round(oa[f"{q}_ms"] - ws[f"{q}_ms"], 1) for q in ("p50", "p99")
-        }
+    for native in ("ws", "ws24"):
+        ws = by_transport.get(native, {}).get("end_of_speech_to_audio", {})
+        if ws.get("n") and oa.get("n"):
+            by_transport[f"openai_minus_{native}_ms"] = {
+                q: round(oa[f"{q}_ms"] - ws[f"{q}_ms"], 1) for q in ("p50", "p99")
+            }
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -462,7 +477,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--turns", type=int, default=10, help="measured turns (plus one warm-up)")
     ap.add_argument("--engines", default="tiny,scripted")
-    ap.add_argument("--transports", default="ws,webrtc,openai")
+    ap.add_argument("--transports", default="ws,ws24,webrtc,openai")
     ap.add_argument("--tts", default="piper" if piper_installed() else "espeak")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
