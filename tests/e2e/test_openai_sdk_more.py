@@ -21,7 +21,10 @@ import soundfile
 import soxr
 
 from tests.e2e.openai_support import (
+    KEY,
+    MODEL,
     append_audio,
+    base_url,
     check_response,
     finished,
     openai_server,
@@ -235,3 +238,34 @@ async def test_input_buffer_clear_and_odd_bytes(tiny_engine: Qwen2AudioEngine) -
     assert empty["error"]["code"] == "input_audio_buffer_commit_empty"
     assert odd_error["error"]["event_id"] == "evt_odd"
     assert finished(done), done["response"]
+
+
+def sync_turn(url: str) -> tuple[list[str], str]:
+    """One typed turn with the SDK's synchronous client (its own thread)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key=KEY, max_retries=0)
+    kinds: list[str] = []
+    with client.realtime.connect(model=MODEL) as conn:
+        conn.session.update(session={"type": "realtime", "output_modalities": ["text"]})
+        conn.conversation.item.create(
+            item={
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "Hello"}],
+            }
+        )
+        conn.response.create()
+        for event in conn:
+            kinds.append(event.type)
+            if event.type == "response.done":
+                return kinds, event.response.status or ""
+    return kinds, ""
+
+
+async def test_the_synchronous_client(tiny_engine: Qwen2AudioEngine) -> None:
+    async with openai_server(tiny_engine) as app:
+        kinds, status = await asyncio.to_thread(sync_turn, base_url(app))
+    assert kinds[0] == "session.created" and kinds[-1] == "response.done", kinds
+    assert "error" not in kinds, kinds
+    assert status in ("completed", "incomplete")
