@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
-	$(PY) -m pip install --quiet -e '.[webrtc,mqtt,mic,turn,remote,tts,postgres,dev]'
+	$(PY) -m pip install --quiet -e '.[webrtc,mqtt,mic,turn,remote,tts,postgres,wyoming,dev]'
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,6 +289,15 @@ class Config:
     devices: str | None = _f(
         None, "TOML file listing the devices and the actions (and value ranges) allowed for each"
     )
+    # Home Assistant (Wyoming protocol; transports/wyoming/)
+    wyoming: str | None = _f(
+        None,
+        "Wyoming server for Home Assistant (speech to text, conversation, text to speech), "
+        "tcp://HOST:PORT (10700 is the usual port); off when unset",
+    )
+    wyoming_zeroconf: bool = _f(
+        False, "announce the Wyoming server as _wyoming._tcp with zeroconf (mDNS) for discovery"
+    )
     # operations
     log_level: str = _f("info", "debug, info, warning or error")
     log_format: str = _f("text", "text or json (one JSON object per line)")
@@ -354,6 +364,8 @@ class Config:
             problems.append("mqtt_share_group must be 1 to 64 characters of [A-Za-z0-9_-]")
         if self.mqtt_max_payload < 1024:
             problems.append("mqtt_max_payload must be at least 1024")
+        if self.wyoming and tcp_address(self.wyoming) is None:
+            problems.append("wyoming must be tcp://HOST:PORT")
         if self.max_utterance_ms > 30000 or self.max_utterance_ms < 1000:
             problems.append("max_utterance_ms must be 1000..30000 (the encoder sees 30 s)")
         if problems:
@@ -390,6 +402,20 @@ def _recheck_problems(text: str, min_silence_ms: int, max_silence_ms: int) -> li
     if any(not min_silence_ms < ms < max_silence_ms for ms, _ in rechecks):
         return ["turn_rechecks silences must lie between min_silence_ms and max_silence_ms"]
     return []
+
+
+def tcp_address(url: str) -> tuple[str, int] | None:
+    """(host, port) of a tcp://HOST:PORT URL (the Wyoming server's), None if it is not one."""
+    parsed = urllib.parse.urlsplit(url.strip())
+    try:
+        port = parsed.port
+    except ValueError:
+        return None
+    if parsed.scheme != "tcp" or not parsed.hostname or port is None:
+        return None
+    if parsed.path not in ("", "/"):
+        return None
+    return parsed.hostname, port
 
 
 def _valid_prefix(prefix: str) -> bool:

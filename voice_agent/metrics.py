@@ -96,7 +96,7 @@ TURN_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 
 # Every protocol error code (errors.py), so each one is exported from the start.
 
 # The transports errors are counted for (errors_by_transport), from the start.
-TRANSPORTS = ("realtime", "mqtt", "openai")
+TRANSPORTS = ("realtime", "mqtt", "openai", "wyoming")
 
 Families = Callable[[], Iterable[Metric]]
 Depths = Callable[[], Iterable[int]]

@@ -2,8 +2,10 @@
 
 `run(config, engine)` is the CLI's blocking entry point: it serves the page,
 /healthz, /readyz, /metrics and /v1/realtime on one port (and, with `--mqtt`,
-the MQTT topics) until SIGINT or SIGTERM, then stops accepting, stops the MQTT
-side (which publishes `offline` on PREFIX/status), cancels replies in flight,
+the MQTT topics; with `--wyoming`, Home Assistant's Wyoming protocol on its own
+port, transports/wyoming/) until SIGINT or SIGTERM, then stops accepting, stops
+the MQTT side (which publishes `offline` on PREFIX/status) and the Wyoming server,
+cancels replies in flight,
 closes every connection with 1001 and closes the engine. A second signal
 during shutdown exits at once. The port opens before the engine starts (the
 CLI hands over an engine.deferred.DeferredEngine, which loads the model
@@ -52,6 +54,7 @@ from voice_agent.tts.speaker import Speech
 
 if TYPE_CHECKING:
     from voice_agent.transports.mqtt import MqttTransport
+    from voice_agent.transports.wyoming import WyomingServer
 
 logger = logging.getLogger("voice_agent.server")
 
@@ -69,6 +72,7 @@ class Services:
     bus: CommandBus
     store: Store | None = None
     host: ConversationHost | None = None
+    wyoming: WyomingServer | None = None  # --wyoming (transports/wyoming/)
 
 
 @contextlib.asynccontextmanager
@@ -100,6 +104,7 @@ async def running(
     host = ConversationHost(config, engine, store=store, speech=speech, bus=bus, devices=devices)
     app = WebSocketServerApp(config, engine, host=host, close_engine=False)
     mqtt: MqttTransport | None = None
+    wyoming: WyomingServer | None = None
     try:
         await app.start()  # listens, starts the engine, opens admission
         if config.mqtt:
@@ -107,7 +112,12 @@ async def running(
 
             mqtt = MqttTransport(config, host, **mqtt_kwargs)
             await mqtt.start()
-        yield Services(app, mqtt, bus, store, host)
+        if config.wyoming:
+            from voice_agent.transports.wyoming import WyomingServer
+
+            wyoming = WyomingServer(config, host)
+            await wyoming.start()
+        yield Services(app, mqtt, bus, store, host, wyoming)
     finally:
         try:
             host.begin_shutdown()
@@ -115,10 +125,14 @@ async def running(
                 if mqtt is not None:
                     await mqtt.close()
             finally:
-                await app.shutdown()  # host.drain, host.close_sessions, close 1001
-                await host.close()
-                if close_engine:
-                    await engine.close()
+                try:
+                    if wyoming is not None:
+                        await wyoming.close()  # its turns cancelled, conversations saved
+                finally:
+                    await app.shutdown()  # host.drain, host.close_sessions, close 1001
+                    await host.close()
+                    if close_engine:
+                        await engine.close()
         finally:
             if store is not None:
                 store.close()
@@ -197,6 +211,8 @@ async def serve_until_signal(config: Config, engine: Engine) -> None:
                     config.mqtt_prefix,
                     extra={"devices_file": config.devices or ""},
                 )
+            if services.wyoming is not None:
+                logger.info("Wyoming (Home Assistant) on %s", services.wyoming.url)
             await stop.wait()
     finally:
         for sig in _SIGNALS:

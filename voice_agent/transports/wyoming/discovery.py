@@ -1,0 +1,84 @@
+"""Zeroconf (mDNS): announce the Wyoming server as `_wyoming._tcp`, the way
+Home Assistant's Wyoming integration discovers services (--wyoming-zeroconf).
+
+zeroconf is imported only here and only when the announcement is asked for
+(the `wyoming` extra). Announcing fails soft: a network without multicast is
+logged and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from typing import Any
+
+logger = logging.getLogger("voice_agent.wyoming")
+
+SERVICE_TYPE = "_wyoming._tcp.local."
+MDNS_GROUP = "224.0.0.251"
+
+
+def service_name(hostname: str | None = None) -> str:
+    """An mDNS instance name for this host: voice_agent-HOSTNAME (letters,
+    digits and '-' only, at most 63 characters)."""
+    host = re.sub(r"[^A-Za-z0-9-]+", "-", hostname or socket.gethostname()).strip("-")
+    return f"voice_agent-{host or 'server'}"[:63]
+
+
+def announce_address(host: str) -> str:
+    """The IPv4 address to announce for a server listening on `host`: itself,
+    or for a wildcard the address this host reaches the mDNS group from."""
+    if host not in ("", "0.0.0.0", "::"):
+        try:
+            return socket.gethostbyname(host)
+        except OSError:
+            return host
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect((MDNS_GROUP, 1))  # no packet is sent: this only picks the interface
+        address: str = probe.getsockname()[0]
+        return address
+    finally:
+        probe.close()
+
+
+class Announcement:
+    """One registered service; `await close()` withdraws it."""
+
+    def __init__(self, zeroconf: Any, info: Any) -> None:
+        self._zeroconf = zeroconf
+        self._info = info
+
+    async def close(self) -> None:
+        try:
+            await self._zeroconf.async_unregister_service(self._info)
+        except Exception as exc:
+            logger.warning("zeroconf: withdrawing the service failed: %s", type(exc).__name__)
+        await self._zeroconf.async_close()
+
+
+async def announce(host: str, port: int, name: str | None = None) -> Announcement | None:
+    """Register `name`._wyoming._tcp.local. at (host, port); None when it failed (logged)."""
+    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+    instance = name or service_name()
+    zeroconf: Any = None
+    try:
+        address = announce_address(host)
+        info = AsyncServiceInfo(
+            SERVICE_TYPE,
+            f"{instance}.{SERVICE_TYPE}",
+            addresses=[socket.inet_aton(address)],
+            port=port,
+        )
+        zeroconf = AsyncZeroconf()
+        registering = await zeroconf.async_register_service(info)
+        await registering
+    except Exception as exc:
+        logger.warning("zeroconf: announcing the Wyoming service failed: %s", type(exc).__name__)
+        if zeroconf is not None:
+            await zeroconf.async_close()
+        return None
+    logger.info("zeroconf: announced %s at %s:%d", instance, address, port)
+    return Announcement(zeroconf, info)
