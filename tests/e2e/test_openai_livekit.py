@@ -192,3 +192,48 @@ async def test_livekit_hears_the_microphone_and_speaks(piper: Speech, audio_dir:
     assert out_rate == 24000
     assert voiced_fraction(spoken, out_rate) > 0.4
     assert text.strip() == REPLY  # the audio transcript
+
+
+async def test_livekit_interrupt_and_truncate(piper: Speech) -> None:
+    """What AgentSession does when the user talks over the agent: interrupt()
+    (response.cancel), then truncate() the assistant message at what was
+    played: the response ends cancelled, the item is truncated, no error."""
+    long = " ".join(f"This is sentence number {n} of a very long answer." for n in range(60))
+    engine = ScriptedEngine([long], token_delay=0.05)
+    async with (
+        openai_server(engine, speech=piper, max_new_tokens=1000) as app,
+        livekit_session(app, modalities=["audio"], input_audio_transcription=None) as (
+            session,
+            errors,
+            events,
+        ),
+    ):
+        chat = llm.ChatContext.empty()
+        chat.add_message(role="user", content="Talk to me.")
+        await asyncio.wait_for(session.update_chat_ctx(chat), WAIT)
+        generation = await asyncio.wait_for(session.generate_reply(), WAIT)
+        message = await asyncio.wait_for(anext(aiter(generation.message_stream)), WAIT)
+        frames: list[rtc.AudioFrame] = []
+
+        async def listen() -> None:
+            async for frame in message.audio_stream:
+                frames.append(frame)
+
+        listening = asyncio.create_task(listen())
+        async with asyncio.timeout(WAIT):  # a second of the answer has come
+            while sum(f.duration for f in frames) < 1.0:
+                await asyncio.sleep(0.02)
+        assert {f.sample_rate for f in frames} == {24000}
+        session.interrupt()
+        (done,) = await wait_done(events)
+        session.truncate(
+            message_id=message.message_id, modalities=["audio", "text"], audio_end_ms=500
+        )
+        async with asyncio.timeout(WAIT):
+            while not [e for e in events if e["type"] == "conversation.item.truncated"]:
+                await asyncio.sleep(0.05)
+        await asyncio.wait_for(listening, WAIT)  # the stream ends with the response
+    assert done["response"]["status"] == "cancelled"
+    (truncated,) = [e for e in events if e["type"] == "conversation.item.truncated"]
+    assert truncated["item_id"] == message.message_id and truncated["audio_end_ms"] == 500
+    assert not errors, errors
