@@ -50,17 +50,19 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serving(tmp_path: Path, *, speak: bool = True, **overrides: Any) -> AsyncIterator[Served]:
+async def serving(
+    tmp_path: Path, *, speak: bool = True, token_delay: float = 0.001, **overrides: Any
+) -> AsyncIterator[Served]:
+    overrides.setdefault("db", "none")
     config = Config(
         host="127.0.0.1",
         port=0,
-        db="none",
         tts="none",
         devices=str(write_devices(tmp_path)),
         wyoming="tcp://127.0.0.1:0",
         **overrides,
     )
-    engine = ScriptedEngine(script, token_delay=0.001)
+    engine = ScriptedEngine(script, token_delay=token_delay)
     tts = ToneTTS(seconds=lambda text: 0.25, rate=22050)
     speech = Speech(tts) if speak else None
     try:

@@ -19,11 +19,12 @@ SERVICE_TYPE = "_wyoming._tcp.local."
 MDNS_GROUP = "224.0.0.251"
 
 
-def service_name(hostname: str | None = None) -> str:
-    """An mDNS instance name for this host: voice_agent-HOSTNAME (letters,
-    digits and '-' only, at most 63 characters)."""
+def service_name(port: int, hostname: str | None = None) -> str:
+    """An mDNS instance name for the server on `port` of this host:
+    voice_agent-HOSTNAME-PORT (unique per host; letters, digits and '-'
+    only, at most 63 characters)."""
     host = re.sub(r"[^A-Za-z0-9-]+", "-", hostname or socket.gethostname()).strip("-")
-    return f"voice_agent-{host or 'server'}"[:63]
+    return f"voice_agent-{host[:40] or 'server'}-{port}"
 
 
 def announce_address(host: str) -> str:
@@ -62,7 +63,7 @@ async def announce(host: str, port: int, name: str | None = None) -> Announcemen
     """Register `name`._wyoming._tcp.local. at (host, port); None when it failed (logged)."""
     from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-    instance = name or service_name()
+    instance = name or service_name(port)
     zeroconf: Any = None
     try:
         address = announce_address(host)

@@ -1,0 +1,73 @@
+"""The Wyoming server on the host: admission, the --db store, shutdown with
+work in flight, idle connections."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from wyoming.asr import Transcript
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.error import Error
+from wyoming.info import Describe
+
+from tests.transports.wyoming.support import TIMEOUT, read_until, serving
+from voice_agent.store import Store
+
+
+async def test_connections_past_max_sessions_are_refused_with_an_error(tmp_path: Path) -> None:
+    async with serving(tmp_path, max_sessions=1) as served, served.client() as first:
+        await first.write_event(Describe().event())
+        await read_until(first, "info")  # holds the one place
+        async with served.client() as second:
+            (event,) = await read_until(second, "error")
+            assert Error.from_event(event).code == "server_full"
+            assert await asyncio.wait_for(second.read_event(), TIMEOUT) is None  # closed
+        wyoming = served.services.wyoming
+        assert wyoming is not None and wyoming.stats.refused == 1
+    # the place is given back when the connection ends
+    async with serving(tmp_path, max_sessions=1) as served:
+        for _ in range(2):
+            async with served.client() as client:
+                await client.write_event(Describe().event())
+                await read_until(client, "info")
+
+
+async def test_conversations_are_kept_in_the_store(tmp_path: Path) -> None:
+    db = tmp_path / "conversations.db"
+    context = {"conversation_id": "01JABCDEF", "device_id": "hall"}
+    async with serving(tmp_path, db=str(db)) as served, served.client() as client:
+        for text in ("first", "second"):
+            await client.write_event(Transcript(text, context=context).event())
+            (event,) = await read_until(client, "handled", "not-handled")
+            assert event.type == "handled"
+    store = Store(db)
+    try:
+        record = store.load("wyoming:01JABCDEF")
+        assert record is not None
+        assert record.owner == "wyoming" and record.device == "hall"
+        assert record.history.turns == 2
+    finally:
+        store.close()
+
+
+async def test_shutdown_cancels_a_transcription_in_flight(tmp_path: Path) -> None:
+    async with serving(tmp_path, token_delay=5.0) as served, served.client() as client:
+        await client.write_event(AudioStart(rate=16000, width=2, channels=1).event())
+        await client.write_event(
+            AudioChunk(rate=16000, width=2, channels=1, audio=b"\x10\x00" * 16000).event()
+        )
+        await client.write_event(AudioStop().event())
+        await read_until(client, "transcript-start")
+        wyoming = served.services.wyoming
+        assert wyoming is not None
+        await asyncio.wait_for(wyoming.close(), TIMEOUT)
+        assert await asyncio.wait_for(client.read_event(), TIMEOUT) is None
+        assert wyoming.stats.open == 0
+
+
+async def test_idle_connections_are_closed(tmp_path: Path) -> None:
+    async with serving(tmp_path, idle_timeout=0.2) as served, served.client() as client:
+        assert await asyncio.wait_for(client.read_event(), TIMEOUT) is None
+        wyoming = served.services.wyoming
+        assert wyoming is not None and wyoming.stats.idle_closed == 1
