@@ -277,3 +277,34 @@ def test_a_reply_cut_at_max_output_tokens_is_incomplete() -> None:
     done = next(e for e in out if e["type"] == "response.done")["response"]
     assert done["status"] == "incomplete"
     assert done["status_details"] == {"type": "incomplete", "reason": "max_output_tokens"}
+
+
+def test_the_last_assistant_item_may_be_deleted_older_ones_not() -> None:
+    t = translator()
+    text_mode(t)
+    first = t.server(ReplyStarted("r1", "u1"))[1]["item"]["id"]
+    t.server(ReplyDone("r1", "a", USAGE, TIMING))
+    second = t.server(ReplyStarted("r2", "u2"))[1]["item"]["id"]
+    t.server(ReplyCancelled("r2", "barge_in", "b"))  # LiveKit then deletes the reply
+    [deleted] = send(t, "conversation.item.delete", item_id=second)
+    assert deleted == {
+        "type": "conversation.item.deleted",
+        "event_id": deleted["event_id"],
+        "item_id": second,
+    }
+    assert isinstance(send(t, "conversation.item.retrieve", item_id=second)[0], Failed)
+    # now `first` is the last item, but an older reply: only the last may go
+    t.server(ReplyStarted("r3", "u3"))
+    [refused] = send(t, "conversation.item.delete", item_id=first)
+    assert isinstance(refused, Failed) and refused.exc.code == "unsupported"
+
+
+def test_deleting_the_reply_in_progress_cancels_it() -> None:
+    t = translator()
+    text_mode(t)
+    item_id = t.server(ReplyStarted("r1", "u1"))[1]["item"]["id"]
+    outs = send(t, "conversation.item.delete", item_id=item_id)
+    assert types(outs) == ["StopAudio", "Cancel", "conversation.item.deleted"]
+    end = t.server(ReplyCancelled("r1", "client", "x"))
+    assert "response.done" in types(end)
+    assert isinstance(send(t, "conversation.item.retrieve", item_id=item_id)[0], Failed)

@@ -258,7 +258,8 @@ class Responses:
         else:
             out.append(e("response.output_text.done", **where, text=r.text))
         item = self._item(r)
-        self.items.add(item)  # (replaces the in-progress copy in place)
+        if r.item_id in self.items:  # (replaces the in-progress copy in place; not if deleted)
+            self.items.add(item)
         out += [
             e("response.content_part.done", **where, part=self._part(r)),
             e("response.output_item.done", response_id=r.id, output_index=0, item=item),

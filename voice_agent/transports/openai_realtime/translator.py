@@ -328,14 +328,20 @@ class Translator:
     def _delete(self, r: ev.ItemDelete) -> list[Out]:
         if r.item_id not in self.items:
             raise InvalidField(f"no item with id {r.item_id[:64]!r}", "item_id")
+        out: list[Out] = []
         if r.item_id not in self.items.pending:
-            raise Unsupported(
-                "deleting an item the model has already heard or said (its KV cache is kept)",
-                "item_id",
-            )
+            response = self.responses.by_item(r.item_id)
+            if response is None or r.item_id != self.items.last_id:
+                raise Unsupported(
+                    "deleting an item the model has already heard or said, other than the "
+                    "last assistant reply (its KV cache is kept)",
+                    "item_id",
+                )
+            if response.status == "in_progress":  # its reply stops first
+                out += self.responses.cancel_request(response.id)
         self.items.remove(r.item_id)
         self._pending = [p for p in self._pending if p.item_id != r.item_id]
-        return [self.ids.event("conversation.item.deleted", item_id=r.item_id)]
+        return [*out, self.ids.event("conversation.item.deleted", item_id=r.item_id)]
 
     def _respond(self, r: ev.ResponseCreate) -> list[Out]:
         if r.conversation == "none":
