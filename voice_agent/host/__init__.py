@@ -31,7 +31,7 @@ ConversationHost(config, engine, *, store=None, speech=None, bus=None,
         session_config (a SessionConfig) replaces config_for(system_prompt).
     await .start_request(key, send, *, owner, transport, device=None,
                          check_store=None) -> (LiveSession, resumed)
-        request/reply transports (MQTT): a session for one request on the
+        request/reply transports (MQTT, Wyoming's handle): a session for one request on the
         conversation `key` itself (kept, stored, or new under `key`;
         errors.Busy while in use); LiveSession(transport=...) labels its
         metrics; no bus wiring (the transport publishes its commands); not
@@ -53,7 +53,8 @@ ConversationHost(config, engine, *, store=None, speech=None, bus=None,
 
 Conversations (conversations.py): keyed by string, owned by an owner string
 (compared with hmac.compare_digest). WebSocket: key = session_id, owner =
-token hash or "". MQTT: key = `mqtt:DEVICE[:SESSION]`, owner "mqtt".
+token hash or "". MQTT: key = `mqtt:DEVICE[:SESSION]`, owner "mqtt". Wyoming:
+key = `wyoming:CONVERSATION_ID` (Home Assistant's), owner "wyoming".
     await .open(key, owner, *, system_prompt=None, device=None, create=True,
                 check_store=None) -> Opened | None
         Opened(key, conversation, ids_used, device, resumed) with resumed in
@@ -88,7 +89,7 @@ report(exc, *, transport, metrics=None, session_id="", device="",
     voice_agent_errors_total{code} (only errors sent as error events or
     messages, i.e. no close code) + one structured log line. Transport
     labels: "realtime" (the native WebSocket protocol), "mqtt", "openai" (the
-    OpenAI Realtime protocol).
+    OpenAI Realtime protocol), "wyoming" (Home Assistant's Wyoming protocol).
 
 Speaking (speaking.py, on tts/pipeline.py's SentenceAudio):
     reply_speaker(...) -> ReplySpeaker    streamed PCM frames (WebSocket)
