@@ -26,6 +26,7 @@ engine's errors).
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import uuid
@@ -40,6 +41,8 @@ from voice_agent.errors import BadMessage, VoiceAgentError
 from voice_agent.host import ConversationHost
 from voice_agent.live import LiveSession
 from voice_agent.protocol import CommandEvent, ErrorEvent, ReplyCancelled, ReplyDone, ServerEvent
+
+logger = logging.getLogger("voice_agent.wyoming")
 
 OWNER = "wyoming"
 TRANSPORT = "wyoming"
@@ -141,7 +144,17 @@ async def converse(host: ConversationHost, data: dict[str, Any]) -> Event:
         if bus is not None:
             await bus.publish(device, command)  # MQTT: PREFIX/DEVICE/command
             await bus.deliver(device, command)  # the device's WebSocket sessions
-    host.metrics.turn_latency.labels(TRANSPORT).observe(time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    host.metrics.turn_latency.labels(TRANSPORT).observe(seconds)
+    logger.info(
+        "wyoming handled",
+        extra={
+            "session_id": f"{OWNER}:{cid}",
+            "device": device,
+            "commands": len(reply.commands),
+            "total_ms": round(seconds * 1000.0, 1),
+        },
+    )
     return Handled(text=spoken_text(reply.text), context=_context(cid)).event()
 
 

@@ -18,6 +18,9 @@ silence: one program per service):
                                              Assistant's copy for older servers:
                                              ignored
 
+The requested voice is not an error whatever its name: the server has one
+voice (info.py), and every request is spoken with it.
+
 Errors go through host.report(exc, transport="wyoming") (counted, logged,
 mapped by errors.py) and out as an `error` event {text, code}. An audio-chunk
 or audio-stop with no audio-start, an unsupported format, a partial frame or
@@ -42,6 +45,7 @@ from wyoming.event import Event
 from wyoming.info import Info
 from wyoming.ping import Pong
 
+from voice_agent.audio import duration_ms
 from voice_agent.errors import (
     BadMessage,
     ModelLoading,
@@ -234,6 +238,10 @@ class Connection:
             return
         self.stats.transcripts += 1
         text = "".join(pieces).strip()
+        logger.info(
+            "wyoming transcribed",
+            extra={"audio_ms": duration_ms(clip), "chars": len(text)},
+        )
         await self.write(Transcript(text=text, language=self.language).event())
         await self.write(TranscriptStop().event())
 
@@ -275,5 +283,9 @@ class Connection:
                 await self._error(exc, close=True)
                 return
             self.stats.synthesized += 1
+            logger.info(
+                "wyoming synthesized",
+                extra={"chars": self.synth_chars, "samples": synthesis.samples},
+            )
             if kind == "synthesize-stop":
                 await self.write(Event(type="synthesize-stopped"))

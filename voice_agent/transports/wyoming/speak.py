@@ -52,6 +52,7 @@ class Synthesis:
         self.samples = 0
         self._started = False
         self._task = asyncio.ensure_future(self._pump())
+        self._task.add_done_callback(_retrieve)  # a cancelled request's failure is not news
 
     def feed(self, text: str) -> None:
         self._audio.feed(text)
@@ -86,3 +87,8 @@ class Synthesis:
             return
         await self._start()
         await self._write(AudioStop().event())
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()
