@@ -166,33 +166,66 @@ async def test_pipecat_completes_a_text_response(tiny_engine: Qwen2AudioEngine) 
     assert run.down.of(LLMFullResponseStartFrame)
 
 
-async def test_pipecat_hears_the_microphone_and_speaks(piper: Speech, audio_dir: Path) -> None:
-    """Microphone frames (16 kHz, 20 ms, Pipecat resamples to 24 kHz) of a
-    real recording then silence: the server's VAD ends the turn, the reply
-    comes back as TTSAudioRawFrames with speech in them."""
-    engine = ScriptedEngine([REPLY], token_delay=0.01)
+def microphone(audio_dir: Path) -> bytes:
+    """A recording as a microphone gives it: 16 kHz PCM16, silence around it."""
     data, rate = soundfile.read(str(audio_dir / "ldc93s1-16k-mono.wav"), dtype="int16")
     assert rate == 16000
     pcm = np.concatenate([np.zeros(8000, np.int16), data, np.zeros(32000, np.int16)])
-    pcm_bytes = pcm.astype("<i2").tobytes()
+    return pcm.astype("<i2").tobytes()
+
+
+async def speak(run: Run, pcm: bytes) -> None:
+    """InputAudioRawFrames of 20 ms at 2x real time (Pipecat resamples to 24 kHz)."""
+    step = 640  # 20 ms at 16 kHz
+    for i in range(0, len(pcm), step):
+        await run.queue(
+            InputAudioRawFrame(audio=pcm[i : i + step], sample_rate=16000, num_channels=1)
+        )
+        await asyncio.sleep(0.01)
+
+
+async def test_pipecat_hears_the_microphone_and_speaks(piper: Speech, audio_dir: Path) -> None:
+    """Microphone frames of a real recording then silence: the server's VAD
+    ends the turn, the reply comes back as TTSAudioRawFrames with speech."""
+    engine = ScriptedEngine([REPLY], token_delay=0.01)
     async with openai_server(engine, speech=piper, max_new_tokens=1000) as app:
         session = SessionProperties(output_modalities=["audio"])
         async with pipeline(app, session) as run:
             context = LLMContext(messages=[{"role": "user", "content": "Hello!"}])
             await run.queue(LLMContextFrame(context=context))
             await run.until(LLMFullResponseEndFrame)  # the context's own response
-            step = 640  # 20 ms at 16 kHz
-            for i in range(0, len(pcm_bytes), step):
-                frame = InputAudioRawFrame(
-                    audio=pcm_bytes[i : i + step], sample_rate=16000, num_channels=1
-                )
-                await run.queue(frame)
-                await asyncio.sleep(0.01)  # 2x real time
+            await speak(run, microphone(audio_dir))
             await run.until(LLMFullResponseEndFrame, 2)
     audio = run.down.of(TTSAudioRawFrame)
     assert audio and {f.sample_rate for f in audio} == {24000}
     spoken = b"".join(f.audio for f in audio)
     assert voiced_fraction(spoken, 24000) > 0.4
+
+
+async def test_pipecat_barge_in(piper: Speech, audio_dir: Path) -> None:
+    """The user talks over a long spoken answer: Pipecat truncates the
+    answer's item at what it received (conversation.item.truncate), the
+    server cancels the answer and answers the speech; no error ever (every
+    error but two is fatal to Pipecat)."""
+    long = " ".join(f"This is sentence number {n} of a very long answer." for n in range(60))
+    engine = ScriptedEngine([long, REPLY], token_delay=0.05)
+    async with openai_server(engine, speech=piper, max_new_tokens=1000) as app:
+        session = SessionProperties(output_modalities=["audio"])
+        async with pipeline(app, session) as run:
+            context = LLMContext(messages=[{"role": "user", "content": "Talk to me."}])
+            await run.queue(LLMContextFrame(context=context))
+            await run.until(TTSAudioRawFrame, 5)  # the long answer is playing
+            await speak(run, microphone(audio_dir))
+            await run.until(LLMFullResponseEndFrame, 2)
+            await asyncio.sleep(0.5)
+            assert not run.up.of(ErrorFrame) and not run.down.of(ErrorFrame)
+        # the server's own count: one utterance, both turns over (the first cut by
+        # Pipecat's truncate at speech_started or by the server's barge-in)
+        assert app.metrics.utterances_total == 1
+        assert app.metrics.turns_total == 2
+        assert app.metrics.errors_total == 0
+    spoken_s = sum(len(f.audio) for f in run.down.of(TTSAudioRawFrame)) / 2 / 24000
+    assert spoken_s < 30  # the long answer (over a minute) was cut short
 
 
 async def test_pipecat_bot_speaks_first(tiny_engine: Qwen2AudioEngine) -> None:
