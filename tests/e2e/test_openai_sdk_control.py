@@ -132,6 +132,9 @@ async def test_barge_in(piper: Speech, audio_dir: Path, interrupt: bool) -> None
         await append_audio(conn.send, pcm)
         committed = await log.wait("input_audio_buffer.committed")
         second = await log.wait("response.done", 2)
+        # counted as the native protocol counts them
+        assert app.metrics.barge_ins_total == (1 if interrupt else 0)
+        assert app.metrics.utterances_total == 1 and app.metrics.turns_total == 2
     (started,) = log.of("input_audio_buffer.speech_started")
     (done1,) = [e for e in log.of("response.done") if e["response"]["id"] == rid]
     kinds = log.types()
