@@ -5,7 +5,8 @@ command for light.kitchen), the tone TTS, the test devices file."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,17 @@ from voice_agent.tts.speaker import Speech
 TRANSCRIPT = "turn on the kitchen light"
 REPLY = 'Done. <command>{"action": "on", "target": "light.kitchen"}</command>'
 TIMEOUT = 20.0
+
+
+def wire(event: Event) -> bytes:
+    """The wyoming package's own encoding of `event` (as async_write_event writes it)."""
+    header: dict[str, object] = {"type": event.type, "version": "1.10.2"}
+    data = json.dumps(event.data).encode() if event.data else b""
+    if data:
+        header["data_length"] = len(data)
+    if event.payload:
+        header["payload_length"] = len(event.payload)
+    return json.dumps(header).encode() + b"\n" + data + (event.payload or b"")
 
 
 def script(turn: TurnInput) -> str:
@@ -51,7 +63,12 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serving(
-    tmp_path: Path, *, speak: bool = True, token_delay: float = 0.001, **overrides: Any
+    tmp_path: Path,
+    *,
+    speak: bool = True,
+    token_delay: float = 0.001,
+    tts_seconds: Callable[[str], float] = lambda text: 0.25,
+    **overrides: Any,
 ) -> AsyncIterator[Served]:
     overrides.setdefault("db", "none")
     config = Config(
@@ -63,7 +80,7 @@ async def serving(
         **overrides,
     )
     engine = ScriptedEngine(script, token_delay=token_delay)
-    tts = ToneTTS(seconds=lambda text: 0.25, rate=22050)
+    tts = ToneTTS(seconds=tts_seconds, rate=22050)
     speech = Speech(tts) if speak else None
     try:
         async with running(config, engine, speech=speech) as services:

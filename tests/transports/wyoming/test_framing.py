@@ -9,6 +9,7 @@ import pytest
 from wyoming.audio import AudioChunk
 from wyoming.event import Event
 
+from tests.transports.wyoming.support import wire
 from voice_agent.errors import to_wire
 from voice_agent.transports.wyoming.framing import (
     FrameError,
@@ -18,17 +19,6 @@ from voice_agent.transports.wyoming.framing import (
     parse_header,
     read_event,
 )
-
-
-def wire(event: Event) -> bytes:
-    """The wyoming package's own encoding of `event` (as async_write_event writes it)."""
-    header: dict[str, object] = {"type": event.type, "version": "1.10.2"}
-    data = json.dumps(event.data).encode() if event.data else b""
-    if data:
-        header["data_length"] = len(data)
-    if event.payload:
-        header["payload_length"] = len(event.payload)
-    return json.dumps(header).encode() + b"\n" + data + (event.payload or b"")
 
 
 def reader_of(raw: bytes, limit: int = 64 * 1024) -> asyncio.StreamReader:

@@ -4,14 +4,17 @@ work in flight, idle connections."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
+import pytest
 from wyoming.asr import Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
 from wyoming.info import Describe
+from wyoming.tts import Synthesize
 
-from tests.transports.wyoming.support import TIMEOUT, read_until, serving
+from tests.transports.wyoming.support import TIMEOUT, read_until, serving, wire
 from voice_agent.store import Store
 
 
@@ -71,3 +74,30 @@ async def test_idle_connections_are_closed(tmp_path: Path) -> None:
         assert await asyncio.wait_for(client.read_event(), TIMEOUT) is None
         wyoming = served.services.wyoming
         assert wyoming is not None and wyoming.stats.idle_closed == 1
+
+
+async def test_a_client_that_stops_reading_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from voice_agent.transports.wyoming import handler
+
+    monkeypatch.setattr(handler, "WRITE_TIMEOUT", 0.5)
+    async with serving(tmp_path, tts_seconds=lambda text: len(text) / 20) as served:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", served.port))
+        _reader, writer = await asyncio.open_connection(sock=sock)
+        text = "Hi there. " * 900  # 450 s of audio: about 20 MB
+        writer.write(wire(Synthesize(text=text).event()))
+        await writer.drain()
+        wyoming = served.services.wyoming
+        assert wyoming is not None
+        for _ in range(600):  # never reading
+            if wyoming.stats.vanished:
+                break
+            await asyncio.sleep(0.05)
+        assert wyoming.stats.vanished == 1 and wyoming.stats.open == 0
+        writer.close()
+        async with served.client() as other:  # the server serves on
+            await other.write_event(Describe().event())
+            await read_until(other, "info")

@@ -28,8 +28,9 @@ too much audio (audio_in.py) is an error and ends that audio stream. A
 malformed or oversized event (framing.py), a failed transcription or
 synthesis, or an admission refusal is an error and then the connection
 closes (Home Assistant waits for the answer otherwise). A client that
-vanishes is counted (stats.vanished) and its work cancelled; no connection
-ever touches another's state.
+vanishes, or stops reading for WRITE_TIMEOUT seconds, is counted
+(stats.vanished) and its work cancelled; no connection ever touches
+another's state.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from .stats import WyomingStats
 logger = logging.getLogger("voice_agent.wyoming")
 
 MAX_SYNTH_CHARS = 10_000  # text of one synthesize request (streamed: all chunks)
+WRITE_TIMEOUT = 30.0  # seconds a client may leave an event unread before it is dropped
 
 
 class Closing(Exception):
@@ -140,8 +142,13 @@ class Connection:
         return await read_event(self.reader, self.limits)
 
     async def write(self, event: Event) -> None:
+        """One event out; Vanished when the client has not taken it within
+        WRITE_TIMEOUT seconds (it stopped reading: the connection ends)."""
         async with self._write_lock:
-            await write_event(event, self.writer)
+            try:
+                await asyncio.wait_for(write_event(event, self.writer), WRITE_TIMEOUT)
+            except TimeoutError:
+                raise Vanished("the client stopped reading") from None
 
     async def _error(self, exc: BaseException, *, close: bool = False) -> None:
         wire = self.host.report(exc, transport=TRANSPORT)
