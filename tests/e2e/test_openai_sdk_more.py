@@ -269,3 +269,62 @@ async def test_the_synchronous_client(tiny_engine: Qwen2AudioEngine) -> None:
     assert kinds[0] == "session.created" and kinds[-1] == "response.done", kinds
     assert "error" not in kinds, kinds
     assert status in ("completed", "incomplete")
+
+
+def alaw_decode(data: bytes) -> bytes:
+    """G.711 A-law to PCM16 (ITU-T G.711)."""
+    a = np.frombuffer(data, np.uint8).astype(np.int32) ^ 0x55
+    exponent, mantissa = (a >> 4) & 0x07, a & 0x0F
+    mag = np.where(exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << (exponent - 1))
+    return np.where(a & 0x80, mag, -mag).astype("<i2").tobytes()
+
+
+async def test_g711_a_law_out(piper: Speech) -> None:
+    engine = ScriptedEngine([REPLY], token_delay=0.01)
+    async with (
+        openai_server(engine, speech=piper, max_new_tokens=1000) as app,
+        realtime(app) as (conn, log),
+    ):
+        await update_session(
+            conn,
+            log,
+            output_modalities=["audio"],
+            audio={"output": {"format": {"type": "audio/pcma"}}},
+        )
+        await say(conn, log, "Lights please")
+        done = await respond(conn, log)
+    rid = done["response"]["id"]
+    out = b"".join(
+        base64.b64decode(d["delta"]) for d in log.of("response.output_audio.delta", response_id=rid)
+    )
+    assert len(out) > 2 * 8000
+    assert voiced_fraction(alaw_decode(out), 8000) > 0.4
+
+
+async def test_input_audio_transcription(tiny_engine: Qwen2AudioEngine, audio_dir: Path) -> None:
+    """audio.input.transcription on: each user audio item gets
+    conversation.item.input_audio_transcription.* for its item id (the tiny
+    model's transcript is noise: only the events are checked)."""
+    pcm = pcm24(audio_dir / "ldc93s1-16k-mono.wav")
+    async with openai_server(tiny_engine) as app, realtime(app) as (conn, log):
+        await update_session(
+            conn,
+            log,
+            output_modalities=["text"],
+            audio={
+                "input": {
+                    "transcription": {"model": "whisper-1", "language": "en"},
+                    "turn_detection": {"type": "server_vad", "silence_duration_ms": 600},
+                }
+            },
+        )
+        await append_audio(conn.send, pcm)
+        committed = await log.wait("input_audio_buffer.committed")
+        completed = await log.wait("conversation.item.input_audio_transcription.completed")
+        await log.wait("response.done")
+    assert completed["item_id"] == committed["item_id"]
+    assert completed["content_index"] == 0 and isinstance(completed["transcript"], str)
+    deltas = log.of(
+        "conversation.item.input_audio_transcription.delta", item_id=committed["item_id"]
+    )
+    assert "".join(d["delta"] for d in deltas) == completed["transcript"]
