@@ -237,3 +237,40 @@ async def test_livekit_interrupt_and_truncate(piper: Speech) -> None:
     (truncated,) = [e for e in events if e["type"] == "conversation.item.truncated"]
     assert truncated["item_id"] == message.message_id and truncated["audio_end_ms"] == 500
     assert not errors, errors
+
+
+async def test_livekit_interrupt_before_any_audio_deletes_the_reply() -> None:
+    """LiveKit's truncate() at audio_end_ms 0 (the user talked over the agent
+    before it was heard, or a text session) deletes the assistant item:
+    conversation.item.deleted, no error."""
+    long = " ".join(f"This is sentence number {n} of a very long answer." for n in range(60))
+    engine = ScriptedEngine([long, "Yes."], token_delay=0.05)
+    async with (
+        openai_server(engine, max_new_tokens=1000) as app,
+        livekit_session(app, modalities=["text"], input_audio_transcription=None) as (
+            session,
+            errors,
+            events,
+        ),
+    ):
+        chat = llm.ChatContext.empty()
+        chat.add_message(role="user", content="Talk to me.")
+        await asyncio.wait_for(session.update_chat_ctx(chat), WAIT)
+        generation = await asyncio.wait_for(session.generate_reply(), WAIT)
+        message = await asyncio.wait_for(anext(aiter(generation.message_stream)), WAIT)
+        session.interrupt()
+        await wait_done(events)
+        session.truncate(
+            message_id=message.message_id, modalities=["audio", "text"], audio_end_ms=0
+        )
+        async with asyncio.timeout(WAIT):
+            while not [e for e in events if e["type"] in ("conversation.item.deleted", "error")]:
+                await asyncio.sleep(0.05)
+        assert not errors, errors
+        (deleted,) = [e for e in events if e["type"] == "conversation.item.deleted"]
+        assert deleted["item_id"] == message.message_id
+        chat.add_message(role="user", content="Something else.")
+        await asyncio.wait_for(session.update_chat_ctx(chat), WAIT)
+        again = await asyncio.wait_for(session.generate_reply(), WAIT)
+        assert again.user_initiated
+        await wait_done(events, 2)
