@@ -1,8 +1,9 @@
 """Home Assistant's Wyoming conversation agent (conversation.py's event
 sequence, tests/e2e/wyoming_support.py) on a server with `--mqtt` on a real
 mosquitto and the `--devices` allowlist: the commands of a handled reply are
-validated and published on PREFIX/DEVICE/command, and a conversation id keeps
-its history.
+validated and published on PREFIX/DEVICE/command and sent to the WebSocket
+speakers of the satellite that asked, and a conversation id keeps its history
+(in the --db store too, across a restart).
 
 A scripted engine writes the replies (the tiny model's noise would never
 hold a valid command); every path it stands in for runs on the tiny model
@@ -97,3 +98,41 @@ async def test_a_failed_turn_is_not_handled(devices_file: Path) -> None:
         assert isinstance(events[-1].data.get("text"), str), events[-1].data
         assert "the model broke" not in json.dumps(events[-1].data)  # no exception text
         assert handled_text(await handle(server, "and now?", "01J000FAIL")) == "Fine."
+
+
+async def test_a_satellites_commands_reach_its_websocket_speaker(devices_file: Path) -> None:
+    """Home Assistant's context names the satellite (device_id): the reply's
+    command goes to the WebSocket sessions of that device, and only those."""
+    from voice_agent.client import RealtimeClient
+    from voice_agent.protocol import CommandEvent
+
+    reply = 'Off. <command>{"action": "off", "target": "light.kitchen"}</command>'
+    engine = ScriptedEngine([reply])
+    async with wyoming_server(engine, devices=str(devices_file), max_new_tokens=256) as server:
+        url = server.services.app.url
+        async with RealtimeClient(url) as speaker, RealtimeClient(url) as other:
+            await speaker.start(device="satellite-1")
+            await other.start(device="satellite-2")
+            events = await handle(server, "lights off", "01J000SAT", device_id="satellite-1")
+            handled_text(events)
+            async with asyncio.timeout(mqtt_support.WAIT):
+                event = await speaker.wait_for(CommandEvent)
+            assert (event.action, event.target, event.value) == ("off", "light.kitchen", None)
+            await asyncio.sleep(0.3)
+            assert other.of_type(CommandEvent) == []
+
+
+async def test_a_conversation_survives_a_restart(devices_file: Path, tmp_path: Path) -> None:
+    """With a --db store, a Home Assistant conversation id goes on after the
+    server restarts: its next turn comes after the stored ones."""
+    engine = ScriptedEngine()
+    engine.replies = lambda turn: f"I had {engine.submitted[-1][0].turns} turns"
+    fields: dict[str, Any] = {"devices": str(devices_file), "db": str(tmp_path / "conv.db")}
+    async with wyoming_server(engine, **fields) as server:
+        assert handled_text(await handle(server, "one", "01J000KEPT")) == "I had 0 turns"
+        assert handled_text(await handle(server, "two", "01J000KEPT")) == "I had 1 turns"
+    again = ScriptedEngine()  # a new process's engine: the history comes from the store
+    again.replies = lambda turn: f"I had {again.submitted[-1][0].turns} turns"
+    async with wyoming_server(again, **fields) as server:
+        assert handled_text(await handle(server, "three", "01J000KEPT")) == "I had 2 turns"
+        assert handled_text(await handle(server, "one", "01J000OTHER")) == "I had 0 turns"
