@@ -23,18 +23,22 @@ import pytest
 from wyoming.asr import Transcribe
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.event import Event, async_write_event
+from wyoming.ping import Ping, Pong
 
 from tests.e2e.wyoming_support import (
     WAIT,
     Pcm,
     Server,
+    describe,
     pieces,
     raw_read,
     read_until,
     recording,
     send_audio,
     start_transcription,
+    synthesize,
     transcript_of,
+    types,
     until_errors_above,
     wyoming_errors,
     wyoming_server,
@@ -238,3 +242,23 @@ async def test_an_error_leaves_the_connection_usable_or_closed(pcm: Pcm) -> None
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+
+async def test_a_server_that_does_not_speak_refuses_synthesize() -> None:
+    """With --tts none the info offers no tts program (Home Assistant then adds
+    no text-to-speech entity), and a synthesize anyway gets an error."""
+    async with wyoming_server(ScriptedEngine(["Heard."]), tts="none") as server:
+        info = await describe(server)
+        assert info.tts == [] and info.asr and info.handle, info
+        events = await synthesize(server, "Hello.")
+    assert events and events[-1].type == "error", types(events)
+    assert not [e for e in events if e.type.startswith("audio-")], types(events)
+
+
+async def test_ping_is_answered_with_pong() -> None:
+    """Satellites and Home Assistant keep connections alive with ping/pong."""
+    async with wyoming_server(ScriptedEngine(["Heard."])) as server, server.client() as client:
+        await client.write_event(Ping(text="1").event())
+        events = await read_until(client, "pong")
+    assert types(events) == ["pong"], types(events)
+    assert Pong.from_event(events[-1]).text == "1"

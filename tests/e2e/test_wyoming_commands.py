@@ -52,6 +52,7 @@ async def test_a_handled_turn_publishes_its_valid_commands(
         events = await handle(server, "turn off the kitchen light", "01J000KITCHEN")
         text = handled_text(events)
         assert "Done." in text
+        assert "<command" not in text and "action" not in text, text  # HA speaks this text
         async with asyncio.timeout(mqtt_support.WAIT):
             while len(_commands(client)) < len(VALID):
                 await asyncio.sleep(0.05)
