@@ -30,6 +30,8 @@ from tests.e2e.wyoming_support import (
     Pcm,
     Server,
     describe,
+    handle,
+    handled_text,
     pieces,
     raw_read,
     read_until,
@@ -37,6 +39,7 @@ from tests.e2e.wyoming_support import (
     send_audio,
     start_transcription,
     synthesize,
+    transcribe,
     transcript_of,
     types,
     until_errors_above,
@@ -262,3 +265,33 @@ async def test_ping_is_answered_with_pong() -> None:
         events = await read_until(client, "pong")
     assert types(events) == ["pong"], types(events)
     assert Pong.from_event(events[-1]).text == "1"
+
+
+@pytest.mark.parametrize("request_kind", ["transcribe", "handle"])
+async def test_a_client_that_vanishes_while_answered(pcm: Pcm, request_kind: str) -> None:
+    """Home Assistant gives up on a pipeline (a timeout, the user cancels):
+    the connection resets while the reply is still being written. The turn
+    ends, that is counted, and the next client is served at once."""
+    slow = " ".join(["word"] * 200)  # 200 tokens, 20 ms each: still running when the client goes
+    engine = ScriptedEngine([slow], token_delay=0.02)
+    async with wyoming_server(engine, max_new_tokens=256) as server:
+        before = await wyoming_errors(server)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        streams = (reader, writer)
+        if request_kind == "transcribe":
+            await _write(streams, Transcribe(language="en").event())
+            await _write(streams, AudioStart(rate=16000, width=2, channels=1).event())
+            await _write(streams, _chunk(pcm.audio), AudioStop().event())
+            first = await raw_read(reader)  # the answer has begun
+            assert first is not None and first.type.startswith("transcript"), first
+        else:
+            context = {"conversation_id": "01J000GONE"}
+            await _write(streams, Event("transcript", {"text": "hi", "context": context}))
+            await asyncio.sleep(0.5)  # the reply is being decoded (it takes 4 s)
+        writer.transport.abort()
+        await until_errors_above(server, before)
+        engine.replies = ["Quick."]
+        if request_kind == "transcribe":
+            transcript_of(await transcribe(server, pcm))
+        else:
+            assert handled_text(await handle(server, "again", "01J000GONE")) == "Quick."
