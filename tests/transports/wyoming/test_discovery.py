@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from tests.transports.wyoming.support import serving
-from voice_agent.transports.wyoming.discovery import SERVICE_TYPE, service_name
+from voice_agent.transports.wyoming.discovery import SERVICE_TYPE, announce, service_name
 
 
 def test_service_names_are_mdns_labels() -> None:
@@ -46,3 +48,42 @@ async def test_announced_and_found_then_withdrawn(tmp_path: Path) -> None:
         finally:
             await browser.async_close()
     assert wyoming.announcement is None
+
+
+async def test_a_registration_cancelled_while_probing_leaves_nothing_announced() -> None:
+    from zeroconf.asyncio import AsyncZeroconf
+
+    name = "voice_agent-cancelled-test"
+    task = asyncio.ensure_future(announce("127.0.0.1", 10709, name))
+    # zeroconf probes (about 1.25 s), registers and announces, and is done after its
+    # second announcement (about 1.7 s): cancel in between, announced and not done
+    await asyncio.sleep(1.45)
+    if task.done():
+        announcement = task.result()
+        if announcement is not None:
+            await announcement.close()
+        pytest.skip("the registration finished before the cancel point")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    browser = AsyncZeroconf()
+    try:
+        info = await browser.async_get_service_info(SERVICE_TYPE, f"{name}.{SERVICE_TYPE}", 2000)
+        assert info is None  # nothing answers for it
+    finally:
+        await browser.async_close()
+
+
+async def test_withdrawn_at_close() -> None:
+    from zeroconf.asyncio import AsyncZeroconf
+
+    name = "voice_agent-withdrawn-test"
+    announcement = await announce("127.0.0.1", 10708, name)
+    assert announcement is not None
+    await announcement.close()
+    browser = AsyncZeroconf()
+    try:
+        info = await browser.async_get_service_info(SERVICE_TYPE, f"{name}.{SERVICE_TYPE}", 2000)
+        assert info is None
+    finally:
+        await browser.async_close()

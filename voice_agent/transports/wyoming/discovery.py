@@ -8,6 +8,7 @@ logged and the server goes on serving.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import socket
@@ -44,6 +45,14 @@ def announce_address(host: str) -> str:
         probe.close()
 
 
+async def _withdraw_all(zeroconf: Any) -> None:
+    try:
+        await zeroconf.async_unregister_all_services()
+    except Exception as exc:
+        logger.warning("zeroconf: withdrawing the service failed: %s", type(exc).__name__)
+    await zeroconf.async_close()
+
+
 class Announcement:
     """One registered service; `await close()` withdraws it."""
 
@@ -53,7 +62,8 @@ class Announcement:
 
     async def close(self) -> None:
         try:
-            await self._zeroconf.async_unregister_service(self._info)
+            goodbye = await self._zeroconf.async_unregister_service(self._info)
+            await goodbye  # the goodbye packets are out
         except Exception as exc:
             logger.warning("zeroconf: withdrawing the service failed: %s", type(exc).__name__)
         await self._zeroconf.async_close()
@@ -76,10 +86,13 @@ async def announce(host: str, port: int, name: str | None = None) -> Announcemen
         zeroconf = AsyncZeroconf()
         registering = await zeroconf.async_register_service(info)
         await registering
-    except Exception as exc:
-        logger.warning("zeroconf: announcing the Wyoming service failed: %s", type(exc).__name__)
+    except BaseException as exc:
+        # Failed or cancelled while probing: nothing may stay announced.
         if zeroconf is not None:
-            await zeroconf.async_close()
+            await asyncio.shield(_withdraw_all(zeroconf))
+        if not isinstance(exc, Exception):
+            raise
+        logger.warning("zeroconf: announcing the Wyoming service failed: %s", type(exc).__name__)
         return None
     logger.info("zeroconf: announced %s at %s:%d", instance, address, port)
     return Announcement(zeroconf, info)

@@ -37,6 +37,7 @@ from .stats import WyomingStats
 logger = logging.getLogger("voice_agent.wyoming")
 
 CLOSE_TIMEOUT = 5.0  # seconds connections get to end after being cancelled
+ANNOUNCE_TIMEOUT = 5.0  # seconds a zeroconf registration in progress gets at close
 
 
 class WyomingServer:
@@ -98,6 +99,10 @@ class WyomingServer:
         if server is not None:
             server.close()
         if self._announcing is not None:
+            # Let a registration in progress finish (then withdrawn below with
+            # goodbye packets); past ANNOUNCE_TIMEOUT it is cancelled, and
+            # announce() withdraws what it registered.
+            await asyncio.wait([self._announcing], timeout=ANNOUNCE_TIMEOUT)
             self._announcing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._announcing
