@@ -13,7 +13,13 @@ from wyoming.error import Error
 from wyoming.event import Event
 from wyoming.handle import Handled, NotHandled
 from wyoming.info import Describe, Info
-from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop
+from wyoming.tts import (
+    Synthesize,
+    SynthesizeChunk,
+    SynthesizeStart,
+    SynthesizeStop,
+    SynthesizeVoice,
+)
 
 from tests.transports.wyoming.support import TRANSCRIPT, read_until, serving
 
@@ -206,3 +212,16 @@ async def test_a_client_vanishing_mid_stream_is_counted(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.05)
         assert wyoming.stats.vanished == 1
+
+
+async def test_a_synthesize_without_text_is_refused_and_the_next_one_spoken(tmp_path: Path) -> None:
+    async with serving(tmp_path) as served, served.client() as client:
+        await client.write_event(Event("synthesize", {"voice": {"name": "x"}}))
+        (event,) = await read_until(client, "error")
+        assert Error.from_event(event).code == "bad_message"
+        await client.write_event(SynthesizeChunk(text="orphan").event())
+        (event,) = await read_until(client, "error")  # no synthesize-start
+        await client.write_event(Synthesize(text="Hi.", voice=SynthesizeVoice(name="any")).event())
+        events = await read_until(client, "audio-stop")
+        assert events[0].type == "audio-start" and len(events) > 2
+        assert served.tts.said == ["Hi."]

@@ -255,6 +255,11 @@ class Connection:
     async def _synthesize(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "synthesize" and self.synthesis is not None:
             return  # Home Assistant's copy of a streamed request for older servers
+        text = data.get("text")
+        if kind in ("synthesize", "synthesize-chunk") and not isinstance(text, str):
+            self.stats.bad_events += 1
+            await self._error(BadMessage(f"{kind} needs a text"))
+            return
         if kind in ("synthesize", "synthesize-start"):
             speech = self.host.speech
             if speech is None:
@@ -268,10 +273,7 @@ class Connection:
         if self.synthesis is None:
             await self._error(BadMessage(f"{kind} before synthesize-start"))
             return
-        if kind in ("synthesize", "synthesize-chunk"):
-            text = data["text"]
-            if not isinstance(text, str):
-                raise TypeError("text")
+        if isinstance(text, str) and kind in ("synthesize", "synthesize-chunk"):
             self.synth_chars += len(text)
             if self.synth_chars > MAX_SYNTH_CHARS:
                 self.synthesis.cancel()
