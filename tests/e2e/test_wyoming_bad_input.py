@@ -287,7 +287,9 @@ async def test_a_client_that_vanishes_while_answered(pcm: Pcm, request_kind: str
         else:
             context = {"conversation_id": "01J000GONE"}
             await _write(streams, Event("transcript", {"text": "hi", "context": context}))
-            await asyncio.sleep(0.5)  # the reply is being decoded (it takes 4 s)
+            async with asyncio.timeout(WAIT):  # the reply is being decoded (it takes 4 s)
+                while not engine.submitted:
+                    await asyncio.sleep(0.02)
         writer.transport.abort()
         await until_errors_above(server, before)
         engine.replies = ["Quick."]
