@@ -1,5 +1,5 @@
-"""Zeroconf: --wyoming-zeroconf announces _wyoming._tcp (found by a real browser
-on this host's mDNS), withdrawn at close; off by default."""
+"""Zeroconf: --wyoming-zeroconf announces _wyoming._tcp (found by a real mDNS
+browser, both on loopback only), withdrawn at close; off by default."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from tests.transports.wyoming.support import serving
-from voice_agent.transports.wyoming.discovery import SERVICE_TYPE, announce, service_name
+from voice_agent.transports.wyoming.discovery import (
+    SERVICE_TYPE,
+    announce,
+    announce_interfaces,
+    service_name,
+)
 
 
 def test_service_names_are_mdns_labels() -> None:
@@ -35,7 +40,7 @@ async def test_announced_and_found_then_withdrawn(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.05)
         assert wyoming.announcement is not None
-        browser = AsyncZeroconf()
+        browser = AsyncZeroconf(interfaces=["127.0.0.1"])  # tests stay on loopback
         try:
             name = f"{service_name(wyoming.port)}.{SERVICE_TYPE}"
             info = None
@@ -66,7 +71,7 @@ async def test_a_registration_cancelled_while_probing_leaves_nothing_announced()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    browser = AsyncZeroconf()
+    browser = AsyncZeroconf(interfaces=["127.0.0.1"])  # tests stay on loopback
     try:
         info = await browser.async_get_service_info(SERVICE_TYPE, f"{name}.{SERVICE_TYPE}", 2000)
         assert info is None  # nothing answers for it
@@ -81,9 +86,16 @@ async def test_withdrawn_at_close() -> None:
     announcement = await announce("127.0.0.1", 10708, name)
     assert announcement is not None
     await announcement.close()
-    browser = AsyncZeroconf()
+    browser = AsyncZeroconf(interfaces=["127.0.0.1"])  # tests stay on loopback
     try:
         info = await browser.async_get_service_info(SERVICE_TYPE, f"{name}.{SERVICE_TYPE}", 2000)
         assert info is None
     finally:
         await browser.async_close()
+
+
+def test_mdns_runs_on_the_listening_address_only() -> None:
+    from zeroconf import InterfaceChoice
+
+    assert announce_interfaces("127.0.0.1", "127.0.0.1") == ["127.0.0.1"]
+    assert announce_interfaces("0.0.0.0", "192.0.2.2") is InterfaceChoice.All

@@ -2,7 +2,9 @@
 Home Assistant's Wyoming integration discovers services (--wyoming-zeroconf).
 
 zeroconf is imported only here and only when the announcement is asked for
-(the `wyoming` extra). Announcing fails soft: a network without multicast is
+(the `wyoming` extra). mDNS runs on the server's own address when it listens
+on one (tcp://127.0.0.1:... announces on loopback only), on every interface
+for tcp://0.0.0.0:.... Announcing fails soft: a network without multicast is
 logged and the server goes on serving.
 """
 
@@ -53,6 +55,16 @@ async def _withdraw_all(zeroconf: Any) -> None:
     await zeroconf.async_close()
 
 
+def announce_interfaces(host: str, address: str) -> Any:
+    """Where mDNS runs: only the server's own address when it listens on one
+    (127.0.0.1 stays on loopback), every interface for a wildcard host."""
+    from zeroconf import InterfaceChoice
+
+    if host in ("", "0.0.0.0", "::"):
+        return InterfaceChoice.All
+    return [address]
+
+
 class Announcement:
     """One registered service; `await close()` withdraws it."""
 
@@ -83,7 +95,7 @@ async def announce(host: str, port: int, name: str | None = None) -> Announcemen
             addresses=[socket.inet_aton(address)],
             port=port,
         )
-        zeroconf = AsyncZeroconf()
+        zeroconf = AsyncZeroconf(interfaces=announce_interfaces(host, address))
         registering = await zeroconf.async_register_service(info)
         await registering
     except BaseException as exc:
