@@ -64,8 +64,8 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 @dataclass
 class Services:
     """What `running` started: the conversation host every transport shares,
-    the HTTP/WebSocket app, the MQTT transport (None without --mqtt) and the
-    command bus between them."""
+    the HTTP/WebSocket app, the MQTT transport (None without --mqtt), the
+    command bus between them and the Wyoming server (None without --wyoming)."""
 
     app: WebSocketServerApp
     mqtt: MqttTransport | None
@@ -91,7 +91,9 @@ async def running(
 
     Shutdown, in the host's order: the host admits nothing more
     (begin_shutdown); MQTT stops first, so `offline` goes out while the
-    engine still runs; the WebSocket app lets replies in flight finish
+    engine still runs; the Wyoming server stops listening, withdraws its
+    zeroconf service and cancels its requests (their conversations are
+    saved); the WebSocket app lets replies in flight finish
     (host.drain), closes and saves every session (host.close_sessions) and
     closes its connections with 1001; then the host stops its store thread
     (host.close), the engine closes, and the store last."""
