@@ -24,7 +24,7 @@ from tests.e2e.wyoming_support import (
     transcribe,
     transcript_of,
 )
-from tests.helpers.ports import free_port
+from tests.helpers.ports import free_port, wait_listening
 from tests.helpers.processes import cli_process, stop_process, until_http_ok
 from tests.helpers.speech import voiced_fraction
 
@@ -46,6 +46,10 @@ async def test_voice_agent_serve_answers_home_assistant(
         try:
             async with aiohttp.ClientSession() as http:
                 await until_http_ok(http, f"http://127.0.0.1:{port}/readyz", proc)
+            # The Wyoming port may open a moment after /readyz says ready (it is
+            # started after the engine); Home Assistant retries a refused connect
+            # too (data.py: 3 tries, 2 s apart).
+            assert wait_listening(wyoming, 30, alive=lambda: proc.poll() is None)
             info = await describe(server)
             transcript = await transcribe(server, pcm)
             handled = await handle(server, "Hello there.", "01J000SERVE")
