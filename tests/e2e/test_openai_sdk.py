@@ -74,7 +74,7 @@ async def test_server_vad_voice_turn(
     pcm = pcm24(audio_dir / "ldc93s1-16k-mono.wav")
     async with openai_server(tiny_engine, speech=piper) as app, realtime(app) as (conn, log):
         created = log.of("session.created")[0]["session"]
-        assert created["type"] == "realtime" and created["model"]
+        assert created["type"] == "realtime" and created["model"] == MODEL  # the ?model= echoed
         updated = await update_session(
             conn,
             log,

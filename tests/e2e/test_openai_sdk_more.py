@@ -32,6 +32,7 @@ from tests.e2e.openai_support import (
     realtime,
     respond,
     say,
+    silence,
     update_session,
 )
 from tests.helpers.speech import voiced_fraction
@@ -328,3 +329,40 @@ async def test_input_audio_transcription(tiny_engine: Qwen2AudioEngine, audio_di
         "conversation.item.input_audio_transcription.delta", item_id=committed["item_id"]
     )
     assert "".join(d["delta"] for d in deltas) == completed["transcript"]
+
+
+async def test_create_response_false_waits_for_response_create(
+    tiny_engine: Qwen2AudioEngine, audio_dir: Path
+) -> None:
+    """server_vad with create_response false: the turn is committed, and
+    answered only on response.create."""
+    pcm = pcm24(audio_dir / "ldc93s1-16k-mono.wav")
+    vad = {"type": "server_vad", "silence_duration_ms": 600, "create_response": False}
+    async with openai_server(tiny_engine) as app, realtime(app) as (conn, log):
+        await update_session(
+            conn, log, output_modalities=["text"], audio={"input": {"turn_detection": vad}}
+        )
+        await append_audio(conn.send, pcm)
+        committed = await log.wait("input_audio_buffer.committed")
+        await log.quiet(1.0)
+        assert not log.of("response.created")
+        done = await respond(conn, log)
+    assert finished(done), done["response"]
+    assert committed["item_id"] in [e["item"]["id"] for e in log.of("conversation.item.added")]
+
+
+async def test_idle_timeout(tiny_engine: Qwen2AudioEngine) -> None:
+    """idle_timeout_ms: after a response, that much input without speech
+    gets input_audio_buffer.timeout_triggered and a new response."""
+    vad = {"type": "server_vad", "silence_duration_ms": 600, "idle_timeout_ms": 5000}
+    async with openai_server(tiny_engine) as app, realtime(app) as (conn, log):
+        await update_session(
+            conn, log, output_modalities=["text"], audio={"input": {"turn_detection": vad}}
+        )
+        await say(conn, log, "Hello")
+        await respond(conn, log)
+        await append_audio(conn.send, silence(7.0), chunk_ms=100, speed=0)
+        triggered = await log.wait("input_audio_buffer.timeout_triggered")
+        done = await log.wait("response.done", 2)
+    assert triggered["audio_end_ms"] - triggered["audio_start_ms"] >= 5000 - 100
+    assert finished(done), done["response"]
