@@ -6,8 +6,6 @@ page received is checked against the openai SDK's GA models."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +40,6 @@ TURN = """async ({url, key, wait}) => {
   ws.close();
   return {protocol, events};
 }"""
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir: Path) -> Iterator[Qwen2AudioEngine]:
-    engine = Qwen2AudioEngine(str(tiny_model_dir), max_new_tokens=12, temperature=0.0)
-    engine.load()
-    yield engine
-    asyncio.run(engine.close())
 
 
 async def test_a_browser_page_speaks_the_openai_protocol(

@@ -11,7 +11,7 @@ speech.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,6 @@ from tests.helpers.speech import voiced_fraction
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
 from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.transports.websocket import WebSocketServerApp
-from voice_agent.tts import load_tts
 from voice_agent.tts.speaker import Speech
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -83,24 +82,6 @@ async def drain(generation: llm.GenerationCreatedEvent) -> tuple[list[str], str,
             await message(msg)
     assert len(rates) <= 1, rates
     return ids, "".join(text), b"".join(pcm), rates.pop() if rates else 0
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir: Path) -> Iterator[Qwen2AudioEngine]:
-    engine = Qwen2AudioEngine(str(tiny_model_dir), max_new_tokens=12, temperature=0.0)
-    engine.load()
-    yield engine
-    asyncio.run(engine.close())
-
-
-@pytest.fixture(scope="module")
-def piper() -> Iterator[Speech]:
-    tts = load_tts("piper")
-    assert tts is not None
-    speech = Speech(tts)
-    speech.warm_up()
-    yield speech
-    speech.close()
 
 
 async def wait_done(events: list[dict[str, Any]], n: int = 1) -> list[dict[str, Any]]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,14 +32,6 @@ def test_the_section_has_the_three_clients() -> None:
     clients = ("AsyncOpenAI", "OpenAIRealtimeLLMService", "RealtimeModel")
     for block, client in zip(blocks, clients, strict=True):
         assert client in block
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir: Path) -> Iterator[Qwen2AudioEngine]:
-    engine = Qwen2AudioEngine(str(tiny_model_dir), max_new_tokens=12, temperature=0.0)
-    engine.load()
-    yield engine
-    asyncio.run(engine.close())
 
 
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["openai-sdk", "pipecat", "livekit"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,31 +38,11 @@ from tests.e2e.openai_support import (
 )
 from voice_agent.client import RealtimeClient
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
-from voice_agent.tts import load_tts
 from voice_agent.tts.speaker import Speech
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 SERVER_VAD = {"type": "server_vad", "silence_duration_ms": 600, "create_response": True}
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir: Path) -> Iterator[Qwen2AudioEngine]:
-    """One real engine for the module (greedy, 12 tokens); every server shares it."""
-    engine = Qwen2AudioEngine(str(tiny_model_dir), max_new_tokens=12, temperature=0.0)
-    engine.load()
-    yield engine
-    asyncio.run(engine.close())
-
-
-@pytest.fixture(scope="module")
-def piper() -> Iterator[Speech]:
-    tts = load_tts("piper")
-    assert tts is not None
-    speech = Speech(tts)
-    speech.warm_up()
-    yield speech
-    speech.close()
 
 
 async def test_server_vad_voice_turn(

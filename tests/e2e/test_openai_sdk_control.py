@@ -8,7 +8,6 @@ interrupt_response, conversation.item.truncate.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,6 @@ from tests.e2e.openai_support import (
 )
 from tests.helpers.speech import voiced_fraction
 from voice_agent.engine.scripted import ScriptedEngine
-from voice_agent.tts import load_tts
 from voice_agent.tts.speaker import Speech
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -39,16 +37,6 @@ REPLY = (
 LONG = " ".join(f"This is sentence number {n} of a very long answer." for n in range(60))
 AUDIO_24K = {"type": "audio/pcm", "rate": RATE}
 MAX_TOKENS = 1000  # the scripted engine's words are its tokens: the replies stay whole
-
-
-@pytest.fixture(scope="module")
-def piper() -> Iterator[Speech]:
-    tts = load_tts("piper")
-    assert tts is not None
-    speech = Speech(tts)
-    speech.warm_up()
-    yield speech
-    speech.close()
 
 
 async def test_audio_output_is_speech(piper: Speech) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,6 @@ from tests.e2e.openai_support import (
 from tests.helpers.speech import voiced_fraction
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
 from voice_agent.engine.scripted import ScriptedEngine
-from voice_agent.tts import load_tts
 from voice_agent.tts.speaker import Speech
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -64,24 +62,6 @@ def ulaw_decode(data: bytes) -> bytes:
     exponent, mantissa = (u >> 4) & 0x07, u & 0x0F
     mag = (((mantissa << 3) + ULAW_BIAS) << exponent) - ULAW_BIAS
     return np.where(u & 0x80, -mag, mag).astype("<i2").tobytes()
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir: Path) -> Iterator[Qwen2AudioEngine]:
-    engine = Qwen2AudioEngine(str(tiny_model_dir), max_new_tokens=12, temperature=0.0)
-    engine.load()
-    yield engine
-    asyncio.run(engine.close())
-
-
-@pytest.fixture(scope="module")
-def piper() -> Iterator[Speech]:
-    tts = load_tts("piper")
-    assert tts is not None
-    speech = Speech(tts)
-    speech.warm_up()
-    yield speech
-    speech.close()
 
 
 async def test_g711_mu_law_in_and_out(piper: Speech, audio_dir: Path) -> None:

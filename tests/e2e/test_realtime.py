@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -58,15 +57,6 @@ JFK_HANGOVER_MS = 1250
 # calls speech: with the long hangover above it would stretch the utterance to
 # the end of the file, so the test sends the first 10.8 s (all of the speech).
 JFK_SECONDS = 10.8
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir: Path) -> Iterator[Qwen2AudioEngine]:
-    """One real engine for the module (greedy, 12 tokens); every server shares it."""
-    engine = Qwen2AudioEngine(str(tiny_model_dir), max_new_tokens=12, temperature=0.0)
-    engine.load()
-    yield engine
-    asyncio.run(engine.close())
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,31 +30,11 @@ from tests.e2e.wyoming_support import (
 )
 from tests.helpers.speech import voiced_fraction
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
-from voice_agent.tts import load_tts
 from voice_agent.tts.speaker import Speech
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 SENTENCES = ["Turn on the kitchen light, ", "please. ", "Then close the garage door."]
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir: Path) -> Iterator[Qwen2AudioEngine]:
-    """One real engine for the module (greedy, 12 tokens); every server shares it."""
-    engine = Qwen2AudioEngine(str(tiny_model_dir), max_new_tokens=12, temperature=0.0)
-    engine.load()
-    yield engine
-    asyncio.run(engine.close())
-
-
-@pytest.fixture(scope="module")
-def piper() -> Iterator[Speech]:
-    tts = load_tts("piper")
-    assert tts is not None
-    speech = Speech(tts)
-    speech.warm_up()
-    yield speech
-    speech.close()
 
 
 async def test_describe_lists_speech_to_text_conversation_and_voice(
