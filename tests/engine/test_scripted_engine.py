@@ -7,7 +7,15 @@ import asyncio
 import numpy as np
 import pytest
 
-from voice_agent.engine.base import Delta, TurnInput
+from voice_agent.engine.base import (
+    AppendMessage,
+    Conversation,
+    Delta,
+    DropTurns,
+    History,
+    TruncateReply,
+    TurnInput,
+)
 from voice_agent.engine.scripted import ScriptedEngine, words
 from voice_agent.errors import Busy, EngineError
 
@@ -117,3 +125,112 @@ async def test_close_cancels_in_flight() -> None:
     await engine.close()
     await asyncio.wait_for(collect(h), timeout=5)
     assert h.result.cancelled
+
+
+async def _turn(engine: ScriptedEngine, conv: Conversation, text: str) -> str:
+    h = engine.submit(conv, TurnInput(text=text))
+    await collect(h)
+    return h.result.text
+
+
+async def test_drop_turns_cuts_the_history_back() -> None:
+    engine = ScriptedEngine(lambda t: f"reply {t.text}", token_delay=0)
+    conv = engine.new_conversation()
+    for text in ("one", "two", "three"):
+        await _turn(engine, conv, text)
+    assert await engine.edit_history(conv, DropTurns(2))
+    assert conv.turns == 1
+    history = engine.history_text(conv)
+    assert "reply one" in history and "two" not in history and "three" not in history
+    snap = engine.snapshot(conv)
+    assert snap is not None and snap.turns == 1 and len(snap.messages) == 2
+    assert not await engine.edit_history(conv, DropTurns(2))  # only one turn left
+    assert await engine.edit_history(conv, DropTurns(1))
+    assert conv.turns == 0 and engine.snapshot(conv) == History(turns=0)
+
+
+async def test_drop_turns_counts_clips() -> None:
+    engine = ScriptedEngine(["ok"], token_delay=0)
+    conv = engine.new_conversation()
+    await collect(engine.submit(conv, TurnInput(audio=np.zeros(1600, dtype=np.float32))))
+    await collect(engine.submit(conv, TurnInput(audio=np.zeros(1600, dtype=np.float32))))
+    assert conv.audio_clips == 2
+    assert await engine.edit_history(conv, DropTurns())
+    assert conv.audio_clips == 1 and conv.turns == 1
+
+
+async def test_truncate_reply() -> None:
+    engine = ScriptedEngine(["one two three"], token_delay=0)
+    conv = engine.new_conversation()
+    assert not await engine.edit_history(conv, TruncateReply(0))  # no reply yet
+    await _turn(engine, conv, "count")
+    assert not await engine.edit_history(conv, TruncateReply(4))  # beyond the reply
+    assert await engine.edit_history(conv, TruncateReply(2))
+    assert engine.history_text(conv).endswith("assistant\none two<|im_end|>\n")
+    assert await engine.edit_history(conv, TruncateReply(0))
+    assert engine.history_text(conv).endswith("assistant\n<|im_end|>\n")
+    await engine.edit_history(conv, AppendMessage("system", "Be brief."))
+    assert not await engine.edit_history(conv, TruncateReply(0))  # last is not a reply
+
+
+async def test_append_message() -> None:
+    engine = ScriptedEngine(["ok"], token_delay=0)
+    conv = engine.new_conversation()
+    assert await engine.edit_history(conv, AppendMessage("system", "Speak French."))
+    assert await engine.edit_history(conv, AppendMessage("assistant", "Bonjour."))
+    assert conv.turns == 0
+    assert await engine.edit_history(conv, AppendMessage("user", "Salut"))
+    assert conv.turns == 1
+    await _turn(engine, conv, "ça va")
+    history = engine.history_text(conv)
+    assert history.endswith(
+        "<|im_start|>system\nSpeak French.<|im_end|>\n"
+        "<|im_start|>assistant\nBonjour.<|im_end|>\n"
+        "<|im_start|>user\nSalut<|im_end|>\n"
+        "<|im_start|>user\nça va<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n"
+    )
+    restored = engine.restore("again", None, engine.snapshot(conv) or History())
+    assert engine.history_text(restored) == history and restored.turns == 2
+
+
+async def test_edit_waits_for_the_cancelled_turn() -> None:
+    engine = ScriptedEngine(lambda t: f"a b c d {t.text}", token_delay=0.001)
+    conv = engine.new_conversation()
+    h1 = engine.submit(conv, TurnInput(text="first"))
+    pieces = aiter(h1)
+    await anext(pieces)  # started: its cancel settles it into the history
+    h1.cancel(keep_tokens=0)
+    edited = engine.edit_history(conv, DropTurns(1))
+    h2 = engine.submit(conv, TurnInput(text="second"))
+    async for _ in pieces:  # at most the piece in flight
+        pass
+    await collect(h2)
+    assert h1.result.cancelled and h1.result.text == ""
+    assert await edited
+    assert conv.turns == 1
+    history = engine.history_text(conv)
+    assert "first" not in history and "user\nsecond<|im_end|>" in history
+
+
+async def test_edit_after_close_fails_quietly() -> None:
+    engine = ScriptedEngine(["ok"], token_delay=10)
+    conv = engine.new_conversation()
+    h = engine.submit(conv, TurnInput(text="x"))
+    pending = engine.edit_history(conv, DropTurns())
+    await asyncio.sleep(0)
+    await engine.close()
+    await collect(h)
+    with pytest.raises(EngineError):
+        await pending
+    with pytest.raises(EngineError):
+        await engine.edit_history(conv, DropTurns())
+    engine.edit_history(conv, DropTurns())  # ignored: no "never retrieved" warning
+
+
+def test_edits_check_their_fields() -> None:
+    with pytest.raises(ValueError):
+        DropTurns(0)
+    with pytest.raises(ValueError):
+        TruncateReply(-1)
+    with pytest.raises(ValueError):
+        AppendMessage("tool", "x")  # type: ignore[arg-type]

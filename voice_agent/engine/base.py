@@ -6,7 +6,9 @@ once (or raises Busy); iterating it yields Delta pieces as tokens decode; when
 iteration ends, `handle.result` holds the whole text, usage and timing.
 `handle.cancel(keep_tokens)` stops generation within one decode step and keeps
 only the first `keep_tokens` reply tokens in the conversation's history (None:
-keep everything that was decoded).
+keep everything that was decoded). `edit_history` edits a conversation's
+history between turns (drop the last turns, cut the last reply, append a
+message), in order with its turns.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ from collections.abc import AsyncIterator, Callable
 
 from voice_agent.engine.types import (
     SAMPLE_RATE,
+    AppendMessage,
     AudioArray,
     Conversation,
     Delta,
+    DropTurns,
     EngineStats,
     History,
+    HistoryEdit,
     Timing,
+    TruncateReply,
     TurnInput,
     TurnResult,
     Usage,
@@ -30,18 +36,23 @@ from voice_agent.engine.types import (
 
 __all__ = [
     "SAMPLE_RATE",
+    "AppendMessage",
     "AudioArray",
     "Conversation",
     "Delta",
+    "DropTurns",
     "Engine",
     "EngineStats",
     "History",
+    "HistoryEdit",
     "QueueTurnHandle",
     "Timing",
+    "TruncateReply",
     "TurnHandle",
     "TurnInput",
     "TurnResult",
     "Usage",
+    "edit_future",
 ]
 
 
@@ -90,6 +101,26 @@ class Engine(abc.ABC):
         one of the same conversation still runs (or is being cancelled) starts
         only after that one has finished and its history is settled."""
 
+    def edit_history(self, conversation: Conversation, edit: HistoryEdit) -> asyncio.Future[bool]:
+        """Edit the conversation's history (DropTurns, TruncateReply, AppendMessage;
+        engine/types.py says what each does). Call it on the event loop.
+
+        Queued at once, in order with the conversation's turns: it is applied
+        after every turn of this conversation submitted before it has settled (a
+        turn cancelled with keep_tokens first settles), and a turn submitted
+        after it sees the edited history. The future resolves True once applied,
+        False when there was nothing to apply it to (DropTurns beyond the first
+        turn, TruncateReply when the last message is not an assistant reply or
+        keep_tokens is beyond the reply): it never raises for that; it raises
+        errors.EngineError only when the engine is closed (or closes before the
+        edit is applied). Callers may ignore the future: an error in it is never
+        reported as "exception never retrieved". It discards a speculative
+        prefill of the conversation; it updates conversation.turns (DropTurns
+        lowers it by the user messages dropped, AppendMessage of a user message
+        raises it by one), conversation.audio_clips, history_text() and what
+        snapshot() returns. It does not count against max_queue."""
+        raise NotImplementedError(f"{type(self).__name__} cannot edit histories yet")
+
     def release(self, conversation: Conversation) -> None:  # noqa: B027 (optional hook)
         """The conversation has no client now: free what can be rebuilt (its KV
         cache) and keep its history, so it can be resumed later."""
@@ -131,6 +162,18 @@ class Engine(abc.ABC):
         alive and making progress, its backend reachable). /readyz calls it
         with a timeout of a few seconds. Default: True."""
         return True
+
+
+def _retrieve(future: asyncio.Future[bool]) -> None:
+    if not future.cancelled():
+        future.exception()  # marks an error as retrieved: callers may ignore the future
+
+
+def edit_future(loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future[bool]:
+    """A future for edit_history's answer whose error nobody has to retrieve."""
+    future = (loop or asyncio.get_running_loop()).create_future()
+    future.add_done_callback(_retrieve)
+    return future
 
 
 _Item = Delta | TurnResult | BaseException

@@ -10,8 +10,8 @@ own lines say which phase it is in), then starts the loaded engine. A load
 that fails raises its error (errors.ModelLoadError) from `start()`.
 
 Every other call goes to the loaded engine. Before it is there, `submit` and
-`restore` raise EngineError, `runtime_stats` reports zeros and `ready()` is
-False.
+`restore` raise EngineError, `edit_history`'s future fails with it,
+`runtime_stats` reports zeros and `ready()` is False.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from voice_agent.engine.base import (
     Engine,
     EngineStats,
     History,
+    HistoryEdit,
     TurnHandle,
     TurnInput,
+    edit_future,
 )
 from voice_agent.errors import EngineError
 
@@ -143,6 +145,13 @@ class DeferredEngine(Engine):
 
     def history_text(self, conversation: Conversation) -> str:
         return self._engine().history_text(conversation)
+
+    def edit_history(self, conversation: Conversation, edit: HistoryEdit) -> asyncio.Future[bool]:
+        if self.inner is None:
+            future = edit_future()
+            future.set_exception(EngineError(_LOADING))
+            return future
+        return self.inner.edit_history(conversation, edit)
 
     def snapshot(self, conversation: Conversation) -> History | None:
         return None if self.inner is None else self.inner.snapshot(conversation)

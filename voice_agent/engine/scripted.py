@@ -3,7 +3,8 @@
 For tests of what sessions and transports do with a reply (command parsing,
 cancellation, barge-in): no model, no torch. Each word (with its leading
 whitespace) is one token; a token is delivered every `token_delay` seconds
-through the injected `sleep`. Every path it stands in for is also tested with
+through the injected `sleep`. History edits (edit_history) run in order with
+the conversation's turns, as in the real engines. Every path it stands in for is also tested with
 the real Qwen2-Audio classes on the tiny model.
 """
 
@@ -17,19 +18,24 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from voice_agent.engine import defaults, prompt
+from voice_agent.engine import defaults, edits, prompt
 from voice_agent.engine.base import (
+    AppendMessage,
     Conversation,
     Delta,
+    DropTurns,
     Engine,
     EngineStats,
     History,
+    HistoryEdit,
     QueueTurnHandle,
     Timing,
+    TruncateReply,
     TurnHandle,
     TurnInput,
     TurnResult,
     Usage,
+    edit_future,
 )
 from voice_agent.errors import Busy, EngineError
 
@@ -42,11 +48,22 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text)
 
 
+def _chatml(message: dict[str, Any]) -> str:
+    """One message as history_text shows it (an audio item: "<audio>")."""
+    content = message.get("content")
+    if isinstance(content, list):
+        body = "".join(
+            "<audio>" if p.get("type") == "audio" else str(p.get("text", "")) for p in content
+        )
+    else:
+        body = str(content or "")
+    return f"<|im_start|>{message.get('role', '')}\n{body}<|im_end|>\n"
+
+
 @dataclass
 class _ScriptState:
-    history: list[str] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
-    last: asyncio.Task[None] | None = None
+    last: asyncio.Task[Any] | None = None  # the conversation's last turn or edit
 
 
 class ScriptedEngine(Engine):
@@ -77,11 +94,15 @@ class ScriptedEngine(Engine):
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self.started = False
+        self.closed = False
+        self.edits: list[tuple[Conversation, HistoryEdit]] = []  # every edit queued
 
     async def start(self) -> None:
         self.started = True
+        self.closed = False
 
     async def close(self) -> None:
+        self.closed = True
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -171,10 +192,6 @@ class ScriptedEngine(Engine):
             if cancelled and handle.keep_tokens is not None:
                 keep = min(produced, handle.keep_tokens)
             text = "".join(tokens[:keep])
-            user = ("<audio>" if turn.audio is not None else "") + (turn.text or "")
-            state.history.append(
-                f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{text}<|im_end|>\n"
-            )
             clips = 0 if turn.audio is None else 1  # scripted: one clip per audio turn
             state.messages += [
                 prompt.user_message(conversation.audio_clips, clips, turn.text),
@@ -215,24 +232,76 @@ class ScriptedEngine(Engine):
         state = conversation.state
         assert isinstance(state, _ScriptState)
         state.messages = [dict(m) for m in history.messages]
-        clips = 0
-        for user, reply in zip(state.messages[::2], state.messages[1::2], strict=False):
-            parts = user.get("content") or []
-            audio = any(p.get("type") == "audio" for p in parts)
-            clips += audio
-            text = "".join(p.get("text", "") for p in parts if p.get("type") == "text")
-            shown = ("<audio>" if audio else "") + text
-            state.history.append(
-                f"<|im_start|>user\n{shown}<|im_end|>\n"
-                f"<|im_start|>assistant\n{reply.get('content', '')}<|im_end|>\n"
-            )
         conversation.turns = history.turns
-        conversation.audio_clips = clips
+        conversation.audio_clips = sum(edits.audio_items(m) for m in state.messages)
         return conversation
+
+    def edit_history(self, conversation: Conversation, edit: HistoryEdit) -> asyncio.Future[bool]:
+        state = conversation.state
+        if not isinstance(state, _ScriptState):
+            raise ValueError("conversation was not created by this engine")
+        future = edit_future()
+        if self.closed:
+            future.set_exception(EngineError("the engine is closed"))
+            return future
+        self.edits.append((conversation, edit))
+        task = asyncio.create_task(self._edit(conversation, state, edit, state.last, future))
+        state.last = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return future
+
+    async def _edit(
+        self,
+        conversation: Conversation,
+        state: _ScriptState,
+        edit: HistoryEdit,
+        previous: asyncio.Task[Any] | None,
+        future: asyncio.Future[bool],
+    ) -> None:
+        try:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+        except asyncio.CancelledError:
+            if not future.done():
+                future.set_exception(EngineError("the engine is closed"))
+            raise
+        applied = _apply(conversation, state, edit)
+        if not future.done():
+            future.set_result(applied)
 
     def history_text(self, conversation: Conversation) -> str:
         state = conversation.state
         if not isinstance(state, _ScriptState):
             raise ValueError("conversation was not created by this engine")
         system = conversation.system_prompt or "You are a helpful assistant."
-        return f"<|im_start|>system\n{system}<|im_end|>\n" + "".join(state.history)
+        return f"<|im_start|>system\n{system}<|im_end|>\n" + "".join(
+            _chatml(m) for m in state.messages
+        )
+
+
+def _apply(conversation: Conversation, state: _ScriptState, edit: HistoryEdit) -> bool:
+    """Apply a settled edit to the history; False: nothing to apply it to."""
+    messages = state.messages
+    if isinstance(edit, DropTurns):
+        cut = edits.dropped(messages, edit)
+        if cut is None:
+            return False
+        del messages[cut.index :]
+        conversation.turns = max(0, conversation.turns - cut.turns)
+        conversation.audio_clips = max(0, conversation.audio_clips - cut.clips)
+        return True
+    if isinstance(edit, TruncateReply):
+        reply = edits.last_reply(messages)
+        if reply is None:
+            return False
+        tokens = words(edits.message_text(reply))
+        if edit.keep_tokens > len(tokens):
+            return False
+        messages[-1] = {"role": "assistant", "content": "".join(tokens[: edit.keep_tokens])}
+        return True
+    assert isinstance(edit, AppendMessage)
+    messages.append(edits.text_message(edit))
+    if edit.role == "user":
+        conversation.turns += 1
+    return True

@@ -3,6 +3,7 @@
 What the core (audio, vad, session) and the engines share: the sample rate,
 the audio array type, one user turn (TurnInput), what a turn yields (Delta,
 TurnResult, Usage, Timing), the conversation handle and its stored History,
+the edits of a history (HistoryEdit: DropTurns, TruncateReply, AppendMessage)
 and the engine's load figures (EngineStats). engine/base.py re-exports them
 next to the asynchronous interface (Engine, TurnHandle).
 """
@@ -10,7 +11,7 @@ next to the asynchronous interface (Engine, TurnHandle).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -131,3 +132,51 @@ class History:
         state.clip_starts = list(self.clip_starts)
         conversation.turns = self.turns
         conversation.audio_clips = len(self.clips)
+
+
+@dataclass(frozen=True)
+class DropTurns:
+    """Drop the last `n` user turns: the n-th last user message and everything
+    after it (its reply, later messages); the ids, clips and KV cache are cut
+    back to just before it. Nothing to apply (False) when the history has fewer
+    than `n` user messages."""
+
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError("DropTurns needs n >= 1")
+
+
+@dataclass(frozen=True)
+class TruncateReply:
+    """Cut the last message, an assistant reply, to its first `keep_tokens`
+    reply tokens (0: an empty reply); the ids, message text and KV cache are cut
+    to match. Nothing to apply (False) when the last message is not an
+    assistant reply or it has fewer than `keep_tokens` tokens."""
+
+    keep_tokens: int
+
+    def __post_init__(self) -> None:
+        if self.keep_tokens < 0:
+            raise ValueError("TruncateReply needs keep_tokens >= 0")
+
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[Role, ...] = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class AppendMessage:
+    """Append a text message to the history (its KV cache is prefilled with the
+    next turn). A user message counts as a turn (Conversation.turns)."""
+
+    role: Role
+    text: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"AppendMessage role must be one of {ROLES}")
+
+
+HistoryEdit = DropTurns | TruncateReply | AppendMessage
