@@ -3,8 +3,9 @@
     python benchmarks/engine.py > engine.json
     python benchmarks/plot.py engine.json --out docs/benchmarks
 
-Given benchmarks/turns.py's JSON instead it writes turns.png (false cut-offs
-against end-of-turn delay; turns.py writes it too).
+Given benchmarks/turn_segments.py's JSON instead it writes turn-segments.png
+(false cut-offs against end-of-turn delay; turn_segments.py writes it too);
+benchmarks/turns.py draws turns.png itself (felt_chart).
 
 Writes ttft_by_turn.png (TTFT by turn with and without KV reuse),
 decode_throughput.png (aggregate tokens/s by concurrent conversations) and
@@ -102,7 +103,7 @@ def speculative(data: dict[str, Any], out: Path) -> Path | None:
 
 
 def turns_chart(data: dict[str, Any], path: Path) -> Path:
-    """benchmarks/turns.py: false cut-offs against mean end-of-turn delay, for
+    """benchmarks/turn_segments.py: false cut-offs against mean end-of-turn delay, for
     the silence hangover (a line over its lengths), every model policy swept
     and the named ones; left per case, right per pause (no pause counted
     twice). The goal is the green box."""
@@ -196,6 +197,70 @@ def turns_chart(data: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def felt_chart(data: dict[str, Any], path: Path) -> Path:
+    """benchmarks/turns.py: fragments answered (left) and talk-over stop p95
+    (right) against the mean last word to first reply audio; the silence
+    hangover as a line over its lengths and the model's thresholds, without
+    continuation and with the picked continue window and heard limit (the
+    other windows and limits faint); the goal shaded."""
+    results = data["results"]
+    picked = (data.get("picked") or {}).get("name", "")
+    window = picked.split("continue ")[1] if "continue " in picked else None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    panels = (
+        ("fragment_rate_cut", "fragments answered (share of cut cases)", 0.01),
+        ("talk_over_stop_p95_ms", "talk-over: user resumes to audio stopped, p95 (ms)", 300),
+    )
+    for ax, (key, ylabel, goal) in zip(axes, panels, strict=True):
+        ax.add_patch(plt.Rectangle((0, 0), 500, goal, color="tab:green", alpha=0.25, label="goal"))
+        for name, r in results.items():
+            faint = "continue" in name and (window is None or not name.endswith(window))
+            if faint and r.get(key) is not None and r.get("latency_mean_ms") is not None:
+                ax.scatter(r["latency_mean_ms"], r[key], s=6, color="tab:gray", alpha=0.3)
+        series = (
+            ("silence", False, "tab:blue", "silence hangover"),
+            ("silence", True, "tab:orange", f"silence + continue {window}"),
+            ("model", False, "tab:purple", "model threshold"),
+            ("model", True, "tab:red", f"model + continue {window}"),
+        )
+        for kind, cont, color, label in series:
+            pts = []
+            for name, r in results.items():
+                if not name.startswith(kind) or ("continue" in name) != cont:
+                    continue
+                if cont and (window is None or not name.endswith(window)):
+                    continue
+                if r.get(key) is None or r.get("latency_mean_ms") is None:
+                    continue
+                tag = name.split(",")[0].split(" ")[1].replace("p>=", "")
+                pts.append((r["latency_mean_ms"], r[key], tag))
+            if not pts:
+                continue
+            pts.sort()
+            ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], "o-", color=color, label=label)
+            for x, y, tag in pts:
+                ax.annotate(tag, (x, y), textcoords="offset points", xytext=(3, 4), fontsize=7)
+        if picked in results and results[picked].get(key) is not None:
+            r = results[picked]
+            ax.scatter(r["latency_mean_ms"], r[key], marker="*", s=160, color="black", zorder=5)
+        ax.set(xlabel="last word to first reply audio, mean (ms)", ylabel=ylabel)
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="upper right", fontsize=7)
+    n = data.get("cases", {})
+    fig.suptitle(
+        f"Turn-taking as felt: {n.get('whole', '?')} whole and {n.get('cut', '?')} cut "
+        f"sentences of {len(data.get('recordings', []))} recordings, Piper, scripted engine; "
+        f"star: picked ({picked or 'nothing meets the rule'})",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("json", help="output of benchmarks/engine.py ('-' for stdin)")
@@ -205,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     data = json.loads(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if "sweep" in data:  # benchmarks/turns.py
-        print(turns_chart(data, out / "turns.png"))
+    if "sweep" in data:  # benchmarks/turn_segments.py
+        print(turns_chart(data, out / "turn-segments.png"))
         return 0
     for path in (ttft_by_turn(data, out), decode_throughput(data, out), speculative(data, out)):
         if path is not None:

@@ -5,7 +5,7 @@ whole and cut at every word boundary with an inserted pause of room tone
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +75,7 @@ class Case:
     resume_ms: int | None = None  # where the rest starts
     boundary: str | None = None  # "word | word"
     pause_ms: int | None = None
+    words: list[tuple[int, int]] = field(default_factory=list)  # (start, end) of each word
 
 
 def room_tone(a: np.ndarray, seconds: float = 4.0, seed: int = 0) -> np.ndarray:
@@ -124,7 +125,8 @@ def _cases_of(name: str) -> list[Case]:
         return lead + t - lo
 
     whole = np.concatenate([sil(lead), sentence, sil(TAIL_S * 1000)])
-    cases = [Case(name, "whole", whole, at(words[-1][1]), at(words[-1][2]))]
+    spans = [(at(s), at(e)) for _, s, e in words]
+    cases = [Case(name, "whole", whole, *spans[-1], words=spans)]
     for i in range(len(words) - 1):
         end, nxt = words[i][2], words[i + 1][1]
         if end - words[0][1] < MIN_PREFIX_MS:
@@ -148,5 +150,8 @@ def _cases_of(name: str) -> list[Case]:
             cut_ms = lead + left * 1000 // RATE
             boundary = f"{words[i][0]} | {words[i + 1][0]}"
             last = at(words[-1][1]) + shift, at(words[-1][2]) + shift
-            cases.append(Case(name, "cut", audio, *last, cut_ms, cut_ms + pause, boundary, pause))
+            moved = spans[: i + 1] + [(s + shift, e + shift) for s, e in spans[i + 1 :]]
+            cases.append(
+                Case(name, "cut", audio, *last, cut_ms, cut_ms + pause, boundary, pause, moved)
+            )
     return cases
