@@ -108,7 +108,10 @@ async def running(
     mqtt: MqttTransport | None = None
     wyoming: WyomingServer | None = None
     try:
-        await app.start()  # listens, starts the engine, opens admission
+        # Every transport listens before the model loads (minutes for real
+        # weights): the page and /readyz say "loading", MQTT and Wyoming
+        # requests get the `loading` error, Wyoming's describe is answered.
+        await app.listen()
         if config.mqtt:
             from voice_agent.transports.mqtt import MqttTransport
 
@@ -119,6 +122,7 @@ async def running(
 
             wyoming = WyomingServer(config, host)
             await wyoming.start()
+        await app.start_engine()  # starts the engine, opens admission
         yield Services(app, mqtt, bus, store, host, wyoming)
     finally:
         try:

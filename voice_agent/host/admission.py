@@ -9,6 +9,11 @@ returns a Ticket or raises, checked in this order:
     `max_sessions` tickets held       errors.ServerFull          close 1013
     `per_address` held by `address`   errors.TooManyFromAddress  close 1013
 
+`admit(address, while_loading=True)` skips the loading check: for a
+transport that must answer before the model is ready (Wyoming's describe:
+Home Assistant's set-up fails on a refused connection) and refuses each
+request that needs the engine itself while loading.
+
 `Ticket.release()` (idempotent; also `with ticket:`) gives the place back.
 Refusals are counted by error code (`refused`), for /metrics. An `address`
 is whatever identifies the client to its transport (the peer IP for
@@ -72,12 +77,12 @@ class Admission:
     def held_by(self, address: str) -> int:
         return self._by_address.get(address, 0)
 
-    def check(self, address: str = "") -> None:
+    def check(self, address: str = "", *, while_loading: bool = False) -> None:
         """Raise what `admit(address)` would refuse with, taking nothing."""
         error: VoiceAgentError | None = None
         if self.shutting_down:
             error = ShuttingDown()
-        elif self.loading:
+        elif self.loading and not while_loading:
             error = ModelLoading()
         elif self.open >= self.max_sessions:
             error = ServerFull()
@@ -89,9 +94,9 @@ class Admission:
             self.refused[error.code] = self.refused.get(error.code, 0) + 1
             raise error
 
-    def admit(self, address: str = "") -> Ticket:
+    def admit(self, address: str = "", *, while_loading: bool = False) -> Ticket:
         """A place for one session from `address`, or the refusal (module doc)."""
-        self.check(address)
+        self.check(address, while_loading=while_loading)
         self.open += 1
         if address:
             self._by_address[address] = self.held_by(address) + 1

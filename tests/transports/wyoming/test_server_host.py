@@ -4,17 +4,24 @@ work in flight, idle connections."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from pathlib import Path
 
 import pytest
 from wyoming.asr import Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
 from wyoming.info import Describe
 from wyoming.tts import Synthesize
 
-from tests.transports.wyoming.support import TIMEOUT, read_until, serving, wire
+from tests.helpers.devices import write_devices
+from tests.helpers.ports import free_port
+from tests.transports.wyoming.support import TIMEOUT, read_until, script, serving, wire
+from voice_agent.config import Config
+from voice_agent.engine.scripted import ScriptedEngine
+from voice_agent.server import running
 from voice_agent.store import Store
 
 
@@ -101,3 +108,70 @@ async def test_a_client_that_stops_reading_is_dropped(
         async with served.client() as other:  # the server serves on
             await other.write_event(Describe().event())
             await read_until(other, "info")
+
+
+class _SlowStart(ScriptedEngine):
+    """An engine whose start (the model load) waits for `loaded`."""
+
+    def __init__(self) -> None:
+        super().__init__(script)
+        self.loaded = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.loaded.wait()
+        await super().start()
+
+
+async def test_wyoming_answers_describe_while_the_model_loads(tmp_path: Path) -> None:
+    """Home Assistant's set-up connects and asks `describe` at once: while the
+    model loads the port is open, describe is answered and a request that needs
+    the engine gets `loading`; once loaded, the same kind of request works."""
+    port = free_port()
+    config = Config(
+        host="127.0.0.1",
+        port=0,
+        tts="none",
+        db="none",
+        devices=str(write_devices(tmp_path)),
+        wyoming=f"tcp://127.0.0.1:{port}",
+    )
+    engine = _SlowStart()
+    started = asyncio.Event()
+
+    async def serve() -> None:
+        async with running(config, engine):
+            started.set()
+            await asyncio.Event().wait()  # until cancelled
+
+    task = asyncio.create_task(serve())
+    try:
+        client = AsyncTcpClient("127.0.0.1", port)
+        for _ in range(200):  # the listener opens before the engine starts
+            try:
+                await client.connect()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the Wyoming port did not open while the model loads")
+        try:
+            await client.write_event(Describe().event())
+            (info,) = await read_until(client, "info")
+            assert info.data["asr"], "describe is answered while loading"
+            await client.write_event(Transcript("hello", context={"conversation_id": "c"}).event())
+            (error,) = await read_until(client, "error")
+            assert Error.from_event(error).code == "loading"
+            assert await asyncio.wait_for(client.read_event(), TIMEOUT) is None  # closed
+            assert not started.is_set()
+        finally:
+            await client.disconnect()
+        engine.loaded.set()
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+        async with AsyncTcpClient("127.0.0.1", port) as client:  # as HA does, per request
+            await client.write_event(Transcript("hello", context={"conversation_id": "c"}).event())
+            (event,) = await read_until(client, "handled", "not-handled")
+            assert event.type == "handled"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

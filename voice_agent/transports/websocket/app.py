@@ -239,6 +239,12 @@ class WebSocketServerApp:
         """Listen, then start the engine; `port` is known as soon as the port
         is open. Returns once the engine has started; when that fails, the
         port is closed again and the error raised."""
+        await self.listen()
+        await self.start_engine()
+
+    async def listen(self) -> None:
+        """Open the port (HTTP answers, WebSocket sessions are refused with
+        `loading` until `start_engine` has finished)."""
         self.webrtc = _load_webrtc()
         if self.webrtc is not None:
             self.webrtc.parse_ice_servers(self.config.ice_servers)  # ConfigError early
@@ -265,6 +271,12 @@ class WebSocketServerApp:
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
         self.engine_state = "loading"
+
+    async def start_engine(self) -> None:
+        """Start the engine and open admission; when that fails, the port is
+        closed again and the error raised."""
+        if self._server is None:
+            raise RuntimeError("listen() first")
         try:
             await self.engine.start()
         except BaseException:

@@ -5,11 +5,14 @@ handler.Connection per connection, announces itself with zeroconf.
 Each connection takes a place of the host's admission (`max_sessions`,
 shared with the WebSocket sessions, and `max_connections_per_client` per
 address) for its life; a refused one gets an `error` event with the refusal's
-code (`loading`, `server_full`, `address_limit`, `shutting_down`) and is
-closed. Connections without an event for `idle_timeout` seconds are closed
-(none while a synthesis streams). `close()` stops listening, withdraws the
-zeroconf service and cancels every connection (their engine turns are
-cancelled, their conversations saved by the host); it does not close the host.
+code (`server_full`, `address_limit`, `shutting_down`) and is closed. While
+the model loads, connections are admitted (the server listens before the
+engine starts, so Home Assistant's set-up gets its `info`) and each request
+that needs the engine gets an `error` with code `loading`. Connections
+without an event for `idle_timeout` seconds are closed (none while a
+synthesis streams). `close()` stops listening, withdraws the zeroconf
+service and cancels every connection (their engine turns are cancelled,
+their conversations saved by the host); it does not close the host.
 """
 
 from __future__ import annotations
@@ -128,7 +131,9 @@ class WyomingServer:
         address = peer[0] if isinstance(peer, tuple) and peer else ""
         try:
             try:
-                ticket = self.host.admission.admit(address)
+                # Admitted while the model loads: describe is answered at once,
+                # requests that need the engine get `loading` (handler.py).
+                ticket = self.host.admission.admit(address, while_loading=True)
             except VoiceAgentError as exc:
                 self.stats.refused += 1
                 wire = self.host.report(exc, transport=TRANSPORT)
