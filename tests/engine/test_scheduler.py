@@ -14,6 +14,7 @@ from voice_agent.engine.qwen2_audio.scheduler import (
     CHARS_PER_TEXT_TOKEN,
     SAMPLES_PER_AUDIO_TOKEN,
     TEMPLATE_TOKENS,
+    QueuedEdit,
     Scheduler,
     pick_prefill_rows,
     reserve_tokens,
@@ -118,6 +119,36 @@ def test_one_conversation_runs_one_turn_at_a_time_others_overtake() -> None:
     active.remove(a1)
     a.running = False  # a1 ended
     assert promote(s, waiting, active).started == [a2]
+
+
+@dataclass(eq=False)
+class Edit(QueuedEdit):
+    state: Conv
+
+
+def test_an_edit_waits_for_its_conversations_earlier_turns_and_holds_later_ones() -> None:
+    s, waiting, active = sched(max_queue=2), deque[Turn | QueuedEdit](), list[Turn]()
+    a, b = Conv(), Conv()
+    a1, a2, b1 = Turn(a), Turn(a), Turn(b)
+    edit_a, edit_b = Edit(a), Edit(b)
+    applied: list[QueuedEdit] = []
+    submit(s, waiting, a1)
+    s.admit_edit(lambda: waiting.append(edit_a))
+    submit(s, waiting, a2)
+    with pytest.raises(Busy):  # the edit is not counted: the two turns are
+        submit(s, waiting, b1)
+    s.admit_edit(lambda: waiting.append(edit_b))
+    s.promote(waiting, active, lambda t: None, lambda t: None, applied.append)
+    assert active == [a1] and applied == [edit_b] and list(waiting) == [edit_a, a2]
+    active.remove(a1)
+    a.running = False  # a1 ended
+    s.promote(waiting, active, lambda t: None, lambda t: None, applied.append)
+    assert applied == [edit_b, edit_a] and active == [a2] and not waiting
+    s.unqueue([edit_a])  # edits are never counted
+    assert s.pending == 0
+    s.stop(lambda: None)
+    with pytest.raises(EngineError):
+        s.admit_edit(lambda: None)
 
 
 def test_cancelled_turn_dropped_unless_an_earlier_one_of_its_conversation_waits() -> None:

@@ -2,10 +2,11 @@
 
 Qwen2AudioEngine (engine.py) is put together from one mixin per job: loading
 (loading.py), prompt building (prompting.py), the model's forwards
-(forward.py), speculative prefill (speculative.py), output (output.py) and the
-worker loop (worker.py), with the torch-free decisions in scheduler.py. Each
-mixin derives from EngineCore, which names what they share; the methods one
-mixin calls on another are declared here for the type checker only.
+(forward.py), speculative prefill (speculative.py), output (output.py),
+history edits (editing.py) and the worker loop (worker.py), with the
+torch-free decisions in scheduler.py. Each mixin derives from EngineCore,
+which names what they share; the methods one mixin calls on another are
+declared here for the type checker only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 from voice_agent.engine.base import Delta, QueueTurnHandle, TurnInput
 from voice_agent.engine.qwen2_audio.scheduler import Scheduler
-from voice_agent.engine.qwen2_audio.state import _ConvState, _Prefill, _Prep, _SpecRequest, _Turn
+from voice_agent.engine.qwen2_audio.state import (
+    _ConvState,
+    _Edit,
+    _Prefill,
+    _Prep,
+    _SpecRequest,
+    _Turn,
+    _Waiting,
+)
 
 # A test and diagnostics hook (Qwen2AudioEngine.probe): called on the worker
 # thread with the point reached and the turn there, if any.
@@ -65,7 +74,7 @@ class EngineCore:
     _batch: DecodeBatch | None
     # Deltas of one decode step, delivered together after it (one wake-up per loop).
     _deferred: list[tuple[QueueTurnHandle, Delta]] | None
-    _inbox: queue.SimpleQueue[_Turn | _SpecRequest | None]
+    _inbox: queue.SimpleQueue[_Turn | _Edit | _SpecRequest | None]
 
     if TYPE_CHECKING:  # defined by the other parts
 
@@ -83,7 +92,7 @@ class EngineCore:
         def _adopt_spec(self, t: _Turn) -> bool: ...
         def _discard_spec(self, st: _ConvState) -> None: ...
         def _speculate_one(
-            self, specs: deque[_SpecRequest], waiting: deque[_Turn], active: list[_Turn]
+            self, specs: deque[_SpecRequest], waiting: deque[_Waiting], active: list[_Turn]
         ) -> None: ...
         def _emit(self, t: _Turn) -> None: ...
         def _decode_text(self, ids: list[int]) -> str: ...
@@ -94,3 +103,4 @@ class EngineCore:
         def _touch(self, st: _ConvState) -> None: ...
         def _enforce_budget(self, batch: DecodeBatch, active: list[_Turn]) -> None: ...
         def _setup_tokens(self) -> None: ...
+        def _apply_edit(self, e: _Edit) -> None: ...

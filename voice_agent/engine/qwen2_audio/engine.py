@@ -19,6 +19,8 @@ used idle conversation's cache is dropped (rebuilt from its ids at its next
 turn) and new turns wait while the running ones would not fit.
 `prefill_speculative` prefills the utterance so far during the VAD hangover;
 the real turn takes it over when its audio is the same samples.
+`edit_history` queues an edit in order with the conversation's turns; the
+worker applies it between them and crops the cache to match (editing.py).
 """
 
 from __future__ import annotations
@@ -42,18 +44,21 @@ from voice_agent.engine.base import (
     Engine,
     EngineStats,
     History,
+    HistoryEdit,
     QueueTurnHandle,
     TurnHandle,
     TurnInput,
+    edit_future,
 )
 from voice_agent.engine.qwen2_audio.core import Probe
+from voice_agent.engine.qwen2_audio.editing import _Editing
 from voice_agent.engine.qwen2_audio.forward import _Forward
 from voice_agent.engine.qwen2_audio.loading import _Loading, tune_backends
 from voice_agent.engine.qwen2_audio.output import _Output
 from voice_agent.engine.qwen2_audio.prompting import _Prompting
 from voice_agent.engine.qwen2_audio.scheduler import Scheduler
 from voice_agent.engine.qwen2_audio.speculative import _Speculation
-from voice_agent.engine.qwen2_audio.state import _ConvState, _SpecRequest, _Turn
+from voice_agent.engine.qwen2_audio.state import _ConvState, _Edit, _SpecRequest, _Turn
 from voice_agent.engine.qwen2_audio.worker import _Worker
 from voice_agent.engine.tiny import is_demo_config
 from voice_agent.errors import EngineError
@@ -61,7 +66,9 @@ from voice_agent.errors import EngineError
 DEFAULT_MODEL = defaults.DEFAULT_MODEL
 
 
-class Qwen2AudioEngine(_Worker, _Speculation, _Output, _Forward, _Prompting, _Loading, Engine):
+class Qwen2AudioEngine(
+    _Worker, _Speculation, _Editing, _Output, _Forward, _Prompting, _Loading, Engine
+):
     """Qwen2AudioForConditionalGeneration behind a single worker thread."""
 
     # `ready()` is False once the worker has not come round its loop for this
@@ -252,6 +259,20 @@ class Qwen2AudioEngine(_Worker, _Speculation, _Output, _Forward, _Prompting, _Lo
         # Atomic with close(): a turn is either refused or served.
         self._sched.admit(item.state, lambda: self._inbox.put(item))
         return handle
+
+    def edit_history(self, conversation: Conversation, edit: HistoryEdit) -> asyncio.Future[bool]:
+        st = self._state(conversation)
+        future = edit_future()
+        if not self.loaded or self._closed:
+            future.set_exception(EngineError("the engine is closed"))
+            return future
+        item = _Edit(conversation, st, edit, future)
+        self._start_thread()
+        try:
+            self._sched.admit_edit(lambda: self._inbox.put(item))
+        except EngineError as exc:
+            future.set_exception(exc)
+        return future
 
     def release(self, conversation: Conversation) -> None:
         st = conversation.state

@@ -5,7 +5,10 @@
 - Batching: waiting turns start in submission order while fewer than
   `max_batch` run and, with a KV budget, while the running turns' reserve plus
   theirs fits it (a lone turn always starts); turns of one conversation start
-  strictly one after the other. A batched prefill takes the started turns whose
+  strictly one after the other. A history edit (QueuedEdit) waits in the same
+  queue, in order with its conversation's turns: it is applied once every
+  earlier turn of its conversation has ended, and later turns wait for it; it
+  does not count against `max_queue`. A batched prefill takes the started turns whose
   rows fit its token and slot bounds (`pick_prefill_rows`).
 - KV budget and LRU: every conversation that holds a cache is in an LRU; over
   `kv_cache_budget` bytes, the least recently used idle conversation's cache is
@@ -22,7 +25,7 @@ import threading
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from voice_agent.errors import Busy, EngineError
 
@@ -104,6 +107,13 @@ class TurnLike(Protocol):
         ...
 
 
+class QueuedEdit:
+    """A waiting item that is not a turn: an edit of its conversation's history
+    (the engine's subclass says which), applied in order with its turns."""
+
+    state: Any  # the conversation's state (a ConvLike)
+
+
 S = TypeVar("S", bound=ConvLike)
 T = TypeVar("T", bound=TurnLike)
 
@@ -149,30 +159,51 @@ class Scheduler(Generic[S]):
             self.stopping = True
             enqueue()
 
-    def unqueue(self, turns: Iterable[TurnLike]) -> None:
-        """These waiting turns leave the queue (started, cancelled or dropped)."""
+    def unqueue(self, turns: Iterable[TurnLike | QueuedEdit]) -> None:
+        """These waiting turns leave the queue (started, cancelled or dropped);
+        edits among them are not counted there."""
         with self.lock:
             for t in turns:
+                if isinstance(t, QueuedEdit):
+                    continue
                 self.pending -= 1
                 t.state.queued -= 1
+
+    def admit_edit(self, enqueue: Callable[[], None]) -> None:
+        """`enqueue` a history edit, atomically with `stop` (EngineError once
+        stopping); edits do not count against `max_queue`."""
+        with self.lock:
+            if self.stopping:
+                raise EngineError("the engine is shutting down")
+            enqueue()
 
     # ------------------------------------------------------------- batching
 
     def promote(
         self,
-        waiting: deque[T],
+        waiting: deque[T | QueuedEdit],
         active: list[T],
         start: Callable[[T], None],
         drop: Callable[[T], None],
+        apply: Callable[[QueuedEdit], None] | None = None,
     ) -> None:
         """Move the waiting turns that may start now into `active` (marking their
         conversation running, then `start(t)`), in order; a cancelled turn that
-        would be next of its conversation leaves with `drop(t)`; the rest wait."""
+        would be next of its conversation leaves with `drop(t)`; an edit whose
+        conversation has no earlier turn running or waiting leaves with
+        `apply(e)`; the rest wait."""
         blocked: set[int] = set()  # conversations with an earlier turn running or waiting
-        keep: deque[T] = deque()
+        keep: deque[T | QueuedEdit] = deque()
         while waiting:
             t = waiting.popleft()
             key = id(t.state)
+            if isinstance(t, QueuedEdit):
+                if key in blocked or t.state.running or apply is None:
+                    blocked.add(key)
+                    keep.append(t)
+                else:
+                    apply(t)
+                continue
             if t.cancel_requested and key not in blocked:
                 self.unqueue([t])
                 drop(t)

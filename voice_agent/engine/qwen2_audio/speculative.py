@@ -9,7 +9,7 @@ from collections import deque
 import numpy as np
 
 from voice_agent.engine.qwen2_audio.core import EngineCore
-from voice_agent.engine.qwen2_audio.state import _ConvState, _Spec, _SpecRequest, _Turn
+from voice_agent.engine.qwen2_audio.state import _ConvState, _Spec, _SpecRequest, _Turn, _Waiting
 
 logger = logging.getLogger("voice_agent.engine")
 
@@ -18,7 +18,7 @@ class _Speculation(EngineCore):
     """Serve, discard and adopt speculative prefills."""
 
     def _speculate_one(
-        self, specs: deque[_SpecRequest], waiting: deque[_Turn], active: list[_Turn]
+        self, specs: deque[_SpecRequest], waiting: deque[_Waiting], active: list[_Turn]
     ) -> None:
         """Serve the oldest speculative request whose conversation is idle."""
         while specs:

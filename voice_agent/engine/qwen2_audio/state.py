@@ -12,12 +12,15 @@ from voice_agent.engine.base import (
     SAMPLE_RATE,
     AudioArray,
     Conversation,
+    HistoryEdit,
     QueueTurnHandle,
     TurnInput,
 )
-from voice_agent.engine.qwen2_audio.scheduler import reserve_tokens
+from voice_agent.engine.qwen2_audio.scheduler import QueuedEdit, reserve_tokens
 
 if TYPE_CHECKING:
+    import asyncio
+
     import torch
 
 MAX_CLIP_SECONDS = 30.0  # the encoder's input is 30 s of audio; longer is silently cut
@@ -128,3 +131,16 @@ class _Turn(_Prefill):
             text_chars=len(self.turn.text or ""),
             max_new_tokens=self.max_new_tokens,
         )
+
+
+@dataclass(eq=False)
+class _Edit(QueuedEdit):
+    """A history edit waiting for its turn (Engine.edit_history)."""
+
+    conversation: Conversation
+    state: _ConvState
+    edit: HistoryEdit
+    future: asyncio.Future[bool]  # on the caller's loop
+
+
+_Waiting = _Turn | QueuedEdit  # what waits in the worker's queue: turns and _Edit

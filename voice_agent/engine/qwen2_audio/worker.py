@@ -16,8 +16,10 @@ import torch
 from voice_agent.engine.base import QueueTurnHandle
 from voice_agent.engine.kv import DecodeBatch
 from voice_agent.engine.qwen2_audio.core import EngineCore
-from voice_agent.engine.qwen2_audio.scheduler import pick_prefill_rows
-from voice_agent.engine.qwen2_audio.state import _ConvState, _SpecRequest, _Turn
+from voice_agent.engine.qwen2_audio.editing import resolve
+from voice_agent.engine.qwen2_audio.scheduler import QueuedEdit, pick_prefill_rows
+from voice_agent.engine.qwen2_audio.state import _ConvState, _Edit, _SpecRequest, _Turn, _Waiting
+from voice_agent.errors import EngineError
 
 logger = logging.getLogger("voice_agent.engine")
 
@@ -34,7 +36,7 @@ class _Worker(EngineCore):
         prefill forward (every started turn that needs one, batched; else a
         speculative one), then one batched decode step for every decoding turn.
         New turns' prefill therefore delays the others by about one step."""
-        waiting: deque[_Turn] = deque()
+        waiting: deque[_Waiting] = deque()  # turns and history edits
         specs: deque[_SpecRequest] = deque()
         active: list[_Turn] = []  # started: prefilling or decoding
         batch = DecodeBatch(self.model.config)
@@ -49,7 +51,7 @@ class _Worker(EngineCore):
                     else:
                         item = self._inbox.get_nowait()
                     while True:
-                        if isinstance(item, _Turn):
+                        if isinstance(item, _Turn | _Edit):
                             waiting.append(item)
                         elif isinstance(item, _SpecRequest):
                             specs.append(item)
@@ -71,7 +73,7 @@ class _Worker(EngineCore):
 
     def _iterate(
         self,
-        waiting: deque[_Turn],
+        waiting: deque[_Waiting],
         specs: deque[_SpecRequest],
         active: list[_Turn],
         batch: DecodeBatch,
@@ -87,8 +89,12 @@ class _Worker(EngineCore):
             for t in self._decode_step(batch):
                 active.remove(t)
 
-    def _shutdown(self, batch: DecodeBatch, active: list[_Turn], waiting: deque[_Turn]) -> None:
+    def _shutdown(self, batch: DecodeBatch, active: list[_Turn], waiting: deque[_Waiting]) -> None:
         for t in itertools.chain(active, waiting):
+            if not isinstance(t, _Turn):
+                if isinstance(t, _Edit):
+                    resolve(t, EngineError("the engine is closed"))
+                continue
             t.handle.cancel()
             self._leave(batch, [t])
             self._guard(t, partial(self._finish_cancel, t))
@@ -101,13 +107,18 @@ class _Worker(EngineCore):
         except Exception:
             self._fail(t)
 
-    def _promote(self, waiting: deque[_Turn], active: list[_Turn]) -> None:
-        """Start the waiting turns the scheduler lets in (and drop the cancelled)."""
+    def _promote(self, waiting: deque[_Waiting], active: list[_Turn]) -> None:
+        """Start the waiting turns the scheduler lets in (and drop the cancelled);
+        apply the history edits whose conversation's earlier turns have ended."""
 
         def start(t: _Turn) -> None:
             t.started = self._clock()
 
-        self._sched.promote(waiting, active, start, self._drop_unstarted)
+        def apply(e: QueuedEdit) -> None:
+            assert isinstance(e, _Edit)
+            self._apply_edit(e)
+
+        self._sched.promote(waiting, active, start, self._drop_unstarted, apply)
 
     def _prefill_some(self, active: list[_Turn], batch: DecodeBatch) -> bool:
         """Prefill the started turns that need it, together in one forward as far
