@@ -6,6 +6,7 @@ import base64
 from typing import Any
 
 from tests.transports.openai_realtime.support import b64, events, send, translator, types
+from voice_agent.engine.types import TruncateReply
 from voice_agent.protocol import (
     ErrorEvent,
     ReplyAudioDone,
@@ -16,7 +17,7 @@ from voice_agent.protocol import (
     SpeechStartedEvent,
     SpeechStoppedEvent,
 )
-from voice_agent.transports.openai_realtime.calls import Cancel, Failed, StopAudio
+from voice_agent.transports.openai_realtime.calls import Cancel, Edit, Failed, StopAudio
 from voice_agent.transports.openai_realtime.translator import Translator
 
 USAGE = {"prompt_tokens": 30, "cached_tokens": 12, "completion_tokens": 2}
@@ -218,7 +219,9 @@ def test_truncate_of_a_reply_still_generating_cancels_it() -> None:
     assert types(outs) == ["StopAudio", "Cancel", "conversation.item.truncated"]
     t.server(ReplyDelta("r1", " gamma"))
     end = t.server(ReplyCancelled("r1", "client", "alpha beta gamma"))
-    done = next(e for e in end if e["type"] == "response.done")["response"]
+    # the model's history: none of its two deltas was heard whole (history tests: test_history.py)
+    assert end[0] == Edit(TruncateReply(0))
+    done = next(e for e in events(end) if e["type"] == "response.done")["response"]
     assert done["output"][0]["content"][0]["transcript"] == "alpha"
 
 

@@ -224,7 +224,7 @@ def test_refused_things_name_themselves_and_change_nothing() -> None:
     for kind, fields in [
         ("session.update", {"session": {"tools": [{"type": "function", "name": "f"}]}}),
         ("session.update", {"session": {"type": "transcription"}}),
-        ("response.create", {"response": {"conversation": "none"}}),
+        ("response.create", {"response": {"tools": [{"type": "function", "name": "f"}]}}),
         ("conversation.item.create", {"item": {"type": "function_call_output"}}),
     ]:
         [failed] = send(t, kind, **fields)

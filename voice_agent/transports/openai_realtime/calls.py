@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from voice_agent.engine.types import AudioArray, TurnInput
+from voice_agent.engine.types import AudioArray, HistoryEdit, TurnInput
 from voice_agent.session import SessionConfig
 
 
@@ -32,6 +32,15 @@ class Respond:
     turn: TurnInput
     audio: bool  # this response is spoken
     max_output_tokens: int | None
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Edit the model's history (engine.edit_history on the session's
+    conversation): queued at once, in order with the turns submitted before
+    it; the connection does not wait for it."""
+
+    edit: HistoryEdit
 
 
 @dataclass(frozen=True)
@@ -64,5 +73,5 @@ class Failed:
     event_id: str | None
 
 
-Call = Start | Feed | Commit | Respond | Cancel | StopAudio | Transcribe | Failed
+Call = Start | Feed | Commit | Respond | Edit | Cancel | StopAudio | Transcribe | Failed
 Out = dict[str, Any] | Call

@@ -6,7 +6,8 @@ events are queued to the outbox and whose calls run on the host in order
 (Start -> host.start_session with the translator's SessionConfig, or
 host.end_session + start_session on the same conversation for new
 turn-taking settings; Feed/Commit/Respond/Cancel -> the LiveSession;
-StopAudio -> the speaker; Failed -> host.report and an `error`). Every
+StopAudio -> the speaker; Edit -> engine.edit_history on the session's
+conversation, not waited for; Failed -> host.report and an `error`). Every
 native event of the session goes through the speaker (host.speaker, at the
 output format's rate) and `Translator.server`; spoken PCM through
 `Translator.audio`. A reply's response.done waits for its audio: after
@@ -41,6 +42,7 @@ from voice_agent.errors import (
     Busy,
     IdleTimeout,
     SlowClient,
+    Unsupported,
 )
 from voice_agent.host import ConversationHost
 from voice_agent.limits import AudioPacer, MessageLimiter
@@ -50,6 +52,7 @@ from voice_agent.transports.openai_realtime import transcripts
 from voice_agent.transports.openai_realtime.calls import (
     Cancel,
     Commit,
+    Edit,
     Failed,
     Feed,
     Out,
@@ -135,6 +138,9 @@ class RealtimeConnection:
             if isinstance(event, Transcribe):
                 self._transcribe(event)
                 continue
+            if isinstance(event, Edit):
+                self._edit(event)
+                continue
             if not isinstance(event, dict):  # (the translator's server side makes no other call)
                 continue
             if not self.outbox.put(_dumps(event)):
@@ -174,6 +180,33 @@ class RealtimeConnection:
                 self._put(self.t.settled(event.reply_id))
             else:
                 self._spawn(self._settle(speaker, event.reply_id))
+
+    def _edit(self, call: Edit) -> None:
+        """A history edit, queued on the engine in order with the turns
+        submitted so far; its result is only logged (False: nothing to apply)."""
+        live = self.live
+        if live is None:  # (the translator starts the session before any edit)
+            return
+        session_id = live.session_id
+        kind = type(call.edit).__name__
+        try:
+            future = self.host.engine.edit_history(live.conversation, call.edit)
+        except NotImplementedError:
+            refused = Unsupported("history edits with this engine")
+            self._put([self.t.error(refused, self.t.event_id)])
+            return
+
+        def done(f: asyncio.Future[bool]) -> None:
+            if f.cancelled():
+                return
+            exc = f.exception()
+            if exc is not None or not f.result():
+                logger.info(
+                    "history edit not applied",
+                    extra={"session_id": session_id, "edit": kind, "failed": exc is not None},
+                )
+
+        future.add_done_callback(done)
 
     async def _settle(self, speaker: ReplySpeaker, reply_id: str) -> None:
         while speaker.reply_id == reply_id and not self._closing:
@@ -308,6 +341,9 @@ class RealtimeConnection:
             return
         if isinstance(call, Transcribe):
             self._transcribe(call)
+            return
+        if isinstance(call, Edit):
+            self._edit(call)
             return
         live = self.live
         if isinstance(call, StopAudio):

@@ -18,6 +18,15 @@ content part:
     reply.cancelled -> the same closing events at once, status cancelled
                        (reason turn_detected for a barge-in, client_cancelled)
     error(reply_id) -> the same, status failed (status_details.error)
+
+An out-of-band response (response.create with conversation "none") sends
+the same response.* events with conversation_id null, and its item never
+joins the conversation (no conversation.item.* events; it cannot be
+retrieved, truncated or deleted).
+
+conversation.item.truncate and .delete of the model's last reply cut the
+model's history too (history.py): TruncateReply(tokens heard), at once for a
+reply whose text is done, else once it ends (its cancel settles first).
 """
 
 from __future__ import annotations
@@ -26,13 +35,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from voice_agent.engine.types import TruncateReply
 from voice_agent.errors import InvalidField, NoActiveResponse
-from voice_agent.transports.openai_realtime.calls import Cancel, Out, StopAudio
+from voice_agent.transports.openai_realtime.calls import Cancel, Edit, Out, StopAudio
 from voice_agent.transports.openai_realtime.codec import format_object
 from voice_agent.transports.openai_realtime.events import ItemTruncate
+from voice_agent.transports.openai_realtime.history import ModelHistory, heard_tokens
 from voice_agent.transports.openai_realtime.items import Ids, Items
 
-_REASONS = {"barge_in": "turn_detected", "client": "client_cancelled"}
+_REASONS = {"barge_in": "turn_detected", "client": "client_cancelled", "continued": "turn_detected"}
 FINISHED_KEPT = 32  # finished responses kept for conversation.item.truncate
 
 
@@ -51,8 +62,13 @@ class Response:
     usage: dict[str, Any] = field(default_factory=dict)
     audio_ms: float = 0.0  # audio sent so far
     truncated: bool = False  # the text is what was heard (conversation.item.truncate)
+    generated: str | None = None  # the text before it was truncated
     status: str = "in_progress"
     details: dict[str, Any] | None = None
+    in_conversation: bool = True  # False: out-of-band (conversation "none")
+    marks: list[int] = field(default_factory=list)  # len(text) after each delta
+    tokens: int = 0  # reply tokens (deltas) the model's history holds of it
+    keep: int | None = None  # a cut of the history waiting for the reply to end
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,7 @@ class Options:
     metadata: dict[str, Any] | None
     output_format: str
     voice: str
+    in_conversation: bool = True
 
 
 def usage_of(native: dict[str, int]) -> dict[str, Any]:
@@ -81,9 +98,17 @@ def usage_of(native: dict[str, int]) -> dict[str, Any]:
 
 
 class Responses:
-    def __init__(self, ids: Ids, items: Items, conversation_id: str, token_limit: int) -> None:
+    def __init__(
+        self,
+        ids: Ids,
+        items: Items,
+        conversation_id: str,
+        token_limit: int,
+        history: ModelHistory | None = None,
+    ) -> None:
         self.ids = ids
         self.items = items
+        self.history = history if history is not None else ModelHistory()
         self.conversation_id = conversation_id
         self.token_limit = token_limit
         self.open: dict[str, Response] = {}  # by native reply id
@@ -107,7 +132,7 @@ class Responses:
             "status": r.status,
             "status_details": r.details,
             "output": [self._item(r)] if done else [],
-            "conversation_id": self.conversation_id,
+            "conversation_id": self.conversation_id if r.in_conversation else None,
             "output_modalities": list(r.modalities),
             "max_output_tokens": "inf" if r.max_output_tokens is None else r.max_output_tokens,
             "audio": {"output": {"format": format_object(opts.output_format), "voice": opts.voice}},
@@ -155,28 +180,40 @@ class Responses:
             opts.modalities,
             opts.max_output_tokens,
             opts.metadata,
+            in_conversation=opts.in_conversation,
         )
         self._formats[r.id] = opts
         self.open[reply_id] = r
         item = self._item(r)
-        previous = self.items.add(item)
         e = self.ids.event
         out += [
             e("response.created", response=self._object(r)),
             e("response.output_item.added", response_id=r.id, output_index=0, item=item),
-            e("conversation.item.added", previous_item_id=previous, item=item),
-            e("response.content_part.added", **self._where(r), part=self._part(r)),
         ]
+        if r.in_conversation:
+            previous = self.items.add(item)
+            out.append(e("conversation.item.added", previous_item_id=previous, item=item))
+        out.append(e("response.content_part.added", **self._where(r), part=self._part(r)))
         return out
 
     def delta(self, reply_id: str, text: str) -> list[dict[str, Any]]:
         r = self.open.get(reply_id)
-        if r is None or r.text_done or r.truncated:
+        if r is None or r.text_done:
+            return []
+        r.tokens += 1
+        if r.truncated:
             return []
         r.text += text
+        r.marks.append(len(r.text))
         audio = r.audio or "audio" in r.modalities
         kind = "response.output_audio_transcript.delta" if audio else "response.output_text.delta"
         return [self.ids.event(kind, **self._where(r), delta=text)]
+
+    def by_reply(self, reply_id: str) -> Response | None:
+        """The response of a native reply (open, or one of the finished kept)."""
+        return self.open.get(reply_id) or next(
+            (r for r in self.finished.values() if r.reply_id == reply_id), None
+        )
 
     def by_item(self, item_id: str) -> Response | None:
         return self.finished.get(item_id) or next(
@@ -190,14 +227,17 @@ class Responses:
         r.audio_ms += ms
         return [self.ids.event("response.output_audio.delta", **self._where(r), delta=b64)]
 
-    def done(self, reply_id: str, text: str, usage: dict[str, int]) -> list[dict[str, Any]]:
+    def done(self, reply_id: str, text: str, usage: dict[str, int]) -> list[Out]:
         r = self.open.get(reply_id)
         if r is None:
             return []
-        r.text, r.text_done, r.usage = text, True, usage_of(usage)
+        if not r.truncated:
+            r.text = text
+        r.text_done, r.usage = True, usage_of(usage)
+        cut = self._cut(r)
         if r.audio and not r.audio_done:
-            return []  # response.done once its audio has gone out
-        return self._complete(r)
+            return cut  # response.done once its audio has gone out
+        return [*cut, *self._complete(r)]
 
     def audio_done(self, reply_id: str, cancelled: bool) -> list[dict[str, Any]]:
         """The reply's audio has all gone out (or was stopped), or none will come."""
@@ -216,14 +256,14 @@ class Responses:
             return self._finish(r, "incomplete", details)
         return self._finish(r, "completed", None)
 
-    def cancelled(self, reply_id: str, reason: str, text: str) -> list[dict[str, Any]]:
+    def cancelled(self, reply_id: str, reason: str, text: str) -> list[Out]:
         r = self.open.get(reply_id)
         if r is None:
             return []
         if not r.truncated:
             r.text = text
         details = {"type": "cancelled", "reason": _REASONS.get(reason, "client_cancelled")}
-        return self._finish(r, "cancelled", details)
+        return [*self._cut(r), *self._finish(r, "cancelled", details)]
 
     def cancel_held(self) -> list[dict[str, Any]]:
         """response.cancel of a response whose text is done and whose audio
@@ -239,6 +279,7 @@ class Responses:
         r = self.open.get(reply_id)
         if r is None:
             return []
+        self.history.forget(r.item_id)  # (a failed turn leaves nothing the client can edit)
         kind = "invalid_request_error" if code == "bad_message" else "server_error"
         details = {"type": "failed", "error": {"type": kind, "code": code, "message": message}}
         return self._finish(r, "failed", details)
@@ -263,9 +304,11 @@ class Responses:
         out += [
             e("response.content_part.done", **where, part=self._part(r)),
             e("response.output_item.done", response_id=r.id, output_index=0, item=item),
-            e("conversation.item.done", previous_item_id=self._previous(r.item_id), item=item),
-            e("response.done", response=self._object(r)),
         ]
+        if r.in_conversation:
+            previous = self._previous(r.item_id)
+            out.append(e("conversation.item.done", previous_item_id=previous, item=item))
+        out.append(e("response.done", response=self._object(r)))
         used = int(r.usage.get("output_tokens", 0))
         limit = r.max_output_tokens or self.token_limit
         out.append(
@@ -282,7 +325,8 @@ class Responses:
             )
         )
         self._formats.pop(r.id, None)
-        self.finished[r.item_id] = r
+        if r.in_conversation:
+            self.finished[r.item_id] = r
         while len(self.finished) > FINISHED_KEPT:
             del self.finished[next(iter(self.finished))]
         return out
@@ -290,8 +334,9 @@ class Responses:
     def truncate_request(self, r: ItemTruncate) -> list[Out]:
         """The user heard the assistant item up to audio_end_ms: its audio
         stops, a reply still generating is cancelled, the item's transcript
-        is cut. (The model's own history keeps the reply as generated: see
-        docs/openai-realtime.md.)"""
+        is cut, and so is the model's history when the reply is its last
+        message (TruncateReply: the reply tokens heard; otherwise the
+        history keeps the reply: see docs/openai-realtime.md)."""
         item = self.items.get(r.item_id)
         if item is None:
             raise InvalidField(f"no item with id {r.item_id[:64]!r}", "item_id")
@@ -305,6 +350,7 @@ class Responses:
                 f"audio_end_ms is past the item's audio ({math.ceil(response.audio_ms)} ms)",
                 "audio_end_ms",
             )
+        last = self.history.last_reply(r.item_id)
         out: list[Out] = []
         if response.status == "in_progress":
             out.append(StopAudio())
@@ -313,6 +359,10 @@ class Responses:
             else:
                 out.append(Cancel())
         self.truncate(response, r.audio_end_ms)
+        if last:
+            keep = heard_tokens(response.marks, len(response.text))
+            response.marks = response.marks[:keep]
+            out += self.cut(response, keep)
         out.append(
             self.ids.event(
                 "conversation.item.truncated",
@@ -343,14 +393,34 @@ class Responses:
             return [StopAudio(), *self.cancel_held()]
         return [StopAudio(), Cancel()]
 
+    def cut(self, r: Response, keep: int) -> list[Out]:
+        """Cut the model's history of `r` (its last reply) to `keep` reply
+        tokens: now when its text is done, else once it ends (it was just
+        cancelled: the edit queues behind that turn)."""
+        r.keep = keep if r.keep is None else min(keep, r.keep)
+        return self._cut(r) if r.text_done else []
+
+    def _cut(self, r: Response) -> list[Out]:
+        """The Edit of a cut waiting for `r`, if it removes anything: a reply
+        with no delta is empty in the history, or not in it at all (a turn
+        cancelled before its first token), and is left alone."""
+        keep, r.keep = r.keep, None
+        if keep is None or r.tokens <= keep:
+            return []
+        r.tokens = keep
+        return [Edit(TruncateReply(keep))]
+
     def truncate(self, r: Response, audio_end_ms: int) -> dict[str, Any]:
         """Cut the item's transcript to what was heard by `audio_end_ms` (the
         share of its audio, back to a word boundary); the truncated item."""
         heard = min(1.0, audio_end_ms / r.audio_ms) if r.audio_ms > 0 else 0.0
-        cut = r.text[: round(len(r.text) * heard)]
-        if len(cut) < len(r.text) and " " in cut:
+        full = r.generated = r.text if r.generated is None else r.generated
+        cut = full[: round(len(full) * heard)]
+        if len(cut) < len(full) and " " in cut:
             cut = cut[: cut.rindex(" ")]
-        r.text = cut.rstrip() if heard < 1.0 else r.text
+        cut = cut.rstrip() if heard < 1.0 else full
+        if not r.truncated or len(cut) < len(r.text):  # (a cut is never undone)
+            r.text = cut
         r.truncated = True
         item = self._item(r)
         self.items.add(item)

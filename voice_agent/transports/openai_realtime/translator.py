@@ -12,7 +12,8 @@ Calls the connection runs on the host, in order with the events around them:
 Start (start the LiveSession, or restart it on the same conversation for
 new turn-taking settings; `fresh` for a new conversation), Feed (PCM16 at
 the input format's rate), Commit, Respond (a whole user turn: the pending
-items), Cancel, StopAudio, Failed (report the error, send t.error(...)).
+items), Edit (a history edit: conversation.py, history.py), Cancel,
+StopAudio, Failed (report the error, send t.error(...)).
 
 Turns: with turn_detection the input audio goes to the Session, whose VAD
 cuts and answers the turns (speech.* -> input_audio_buffer.*, a user item
@@ -21,8 +22,11 @@ Segmenter here (the same pure VAD, silence only) cuts them into pending
 user items, and interrupt_response cancels the response in flight at speech
 start. With turn_detection null the audio waits in the input buffer here
 until input_audio_buffer.commit makes it a user item; items wait (pending)
-until response.create sends them to the model as one turn. A malformed or
-unsupported event gets an `error` (its event_id) and changes nothing.
+until response.create sends them to the model as one turn. An out-of-band
+response (conversation "none") is a turn on the same conversation with the
+pending items (which stay pending), dropped from the history once it ends
+(DropTurns(1)). A malformed or unsupported event gets an `error` (its
+event_id) and changes nothing.
 """
 
 from __future__ import annotations
@@ -30,21 +34,13 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from voice_agent.audio import pcm16_to_float, resample
-from voice_agent.engine.types import AudioArray, TurnInput
-from voice_agent.errors import (
-    BadAudio,
-    CommitEmpty,
-    DuplicateItem,
-    InvalidField,
-    ResponseActive,
-    Unsupported,
-)
+from voice_agent.engine.types import DropTurns, TurnInput
+from voice_agent.errors import BadAudio, CommitEmpty, InvalidField, ResponseActive
 from voice_agent.protocol import (
     ErrorEvent,
     ReplyAudioDone,
@@ -62,6 +58,7 @@ from voice_agent.transports.openai_realtime import idle, transcripts
 from voice_agent.transports.openai_realtime import settings as st
 from voice_agent.transports.openai_realtime.calls import (
     Commit,
+    Edit,
     Failed,
     Feed,
     Out,
@@ -76,6 +73,7 @@ from voice_agent.transports.openai_realtime.codec import (
     from_pcm16,
     to_pcm16,
 )
+from voice_agent.transports.openai_realtime.conversation import ClientConversation
 from voice_agent.transports.openai_realtime.items import Ids, Items, user_item
 from voice_agent.transports.openai_realtime.responses import Options, Responses
 from voice_agent.vad import Segmenter, SpeechStarted, SpeechStopped
@@ -84,13 +82,6 @@ MAX_BUFFER_MS = 30_000  # manual-turn input buffer (the model hears at most 30 s
 # The user turn of a response.create with no new input and no instructions
 # (a bot that speaks first, or speaks again): the model needs a user turn.
 SPEAK_FIRST = "(Go on: it is your turn to speak.)"
-
-
-@dataclass
-class _Pending:
-    item_id: str
-    text: str | None
-    audio: AudioArray | None
 
 
 class Translator:
@@ -112,10 +103,12 @@ class Translator:
         self._prompt_set = False  # instructions given by the client
         self.items = Items()
         self.responses = Responses(self.ids, self.items, f"conv_{tag}", token_limit)
+        self.history = self.responses.history
+        self.conv = ClientConversation(self.ids, self.items, self.responses, lambda: self.settings)
         self.started: Start | None = None
         self._answered = False  # a response has started: the history is not empty
         self._buffer = bytearray()  # manual turns: input audio not committed yet
-        self._pending: list[_Pending] = []
+        self._oob: set[str] = set()  # native reply ids of out-of-band responses
         self._asked: deque[ev.ResponseCreate] = deque()
         self._utterances: dict[str, str] = {}  # native utterance id -> item id
         self._open_utterance: str | None = None
@@ -182,14 +175,16 @@ class Translator:
             self._segmenter = self._own_item = None
             return [self.ids.event("input_audio_buffer.cleared")]
         if isinstance(r, ev.ItemCreate):
-            return self._create(r)
+            out = self.conv.create(r)
+            edits = any(isinstance(o, Edit) for o in out)
+            return [*self._ensure_started(), *out] if edits else out
         if isinstance(r, ev.ItemRetrieve):
             item = self.items.get(r.item_id)
             if item is None:
                 raise InvalidField(f"no item with id {r.item_id[:64]!r}", "item_id")
             return [self.ids.event("conversation.item.retrieved", item=item)]
         if isinstance(r, ev.ItemDelete):
-            return self._delete(r)
+            return self.conv.delete(r)
         if isinstance(r, ev.ItemTruncate):
             return self.responses.truncate_request(r)
         if isinstance(r, ev.ResponseCreate):
@@ -204,7 +199,11 @@ class Translator:
         new, refused = st.update(old, r.session)
         prompt_changed = "instructions" in r.session and new.instructions != old.instructions
         restart = self.started is not None and st.needs_restart(
-            old, new, prompt_changed, busy=bool(self.responses.open), answered=self._answered
+            old,
+            new,
+            prompt_changed,
+            busy=bool(self.responses.open),
+            answered=self._answered or self.conv.edited,
         )
         self.settings = new
         self._prompt_set = self._prompt_set or "instructions" in r.session
@@ -274,7 +273,7 @@ class Translator:
                     "input_audio_buffer.speech_stopped", audio_end_ms=event.end_ms, item_id=item_id
                 )
                 item = user_item(item_id, audio=1)
-                out += [stopped, *self._user_item(item, None, event.audio, commit=True)]
+                out += [stopped, *self.conv.user_item(item, None, event.audio, commit=True)]
         return out
 
     def _commit(self) -> list[Out]:
@@ -290,80 +289,32 @@ class Translator:
             raise CommitEmpty("the input audio buffer is empty", "type")
         audio = resample(pcm16_to_float(bytes(self._buffer)), self.input_rate)
         self._buffer.clear()
-        return self._user_item(user_item(self.ids.next("item"), audio=1), None, audio, commit=True)
-
-    def _create(self, r: ev.ItemCreate) -> list[Out]:
-        item_in = r.item
-        previous = r.previous_item_id
-        at_end = previous == self.items.last_id or (
-            previous == "root" and self.items.last_id is None
-        )
-        if previous is not None and not at_end:
-            raise Unsupported(
-                "inserting an item anywhere but at the end of the conversation",
-                "previous_item_id",
-            )
-        if item_in.role != "user":
-            raise Unsupported(
-                f"{item_in.role} messages are not supported (the history holds what "
-                "the model heard and said; use session.update instructions)",
-                "item.role",
-            )
-        item_id = item_in.id or self.ids.next("item")
-        if item_id in self.items:
-            raise DuplicateItem(f"an item with id {item_id[:64]!r} exists", "item.id")
-        audio: AudioArray | None = None
-        if item_in.audio:
-            pcm = b"".join(
-                to_pcm16(b64decode(a, f"item.content[{i}].audio"), self.settings.input_format)
-                for i, a in enumerate(item_in.audio)
-            )
-            audio = resample(pcm16_to_float(pcm), self.input_rate)
-        text = "\n".join(item_in.texts) if item_in.texts else None
-        if audio is None and not (text and text.strip()):
-            raise InvalidField("the item has no text", "item.content")
-        item = user_item(item_id, item_in.texts, len(item_in.audio))
-        return self._user_item(item, text, audio, commit=False)
-
-    def _delete(self, r: ev.ItemDelete) -> list[Out]:
-        if r.item_id not in self.items:
-            raise InvalidField(f"no item with id {r.item_id[:64]!r}", "item_id")
-        out: list[Out] = []
-        if r.item_id not in self.items.pending:
-            response = self.responses.by_item(r.item_id)
-            if response is None or r.item_id != self.items.last_id:
-                raise Unsupported(
-                    "deleting an item the model has already heard or said, other than the "
-                    "last assistant reply (its KV cache is kept)",
-                    "item_id",
-                )
-            if response.status == "in_progress":  # its reply stops first
-                out += self.responses.cancel_request(response.id)
-        self.items.remove(r.item_id)
-        self._pending = [p for p in self._pending if p.item_id != r.item_id]
-        return [*out, self.ids.event("conversation.item.deleted", item_id=r.item_id)]
+        item = user_item(self.ids.next("item"), audio=1)
+        return self.conv.user_item(item, None, audio, commit=True)
 
     def _respond(self, r: ev.ResponseCreate) -> list[Out]:
-        if r.conversation == "none":
-            raise Unsupported(
-                "out-of-band responses (conversation none) are not supported",
-                "response.conversation",
-            )
+        """A response to the pending items (in-band: they join the history);
+        out-of-band (conversation none): the same turn, which leaves the
+        history when it ends (DropTurns(1) in `_server`) while the pending
+        items stay pending."""
         current = self.responses.in_progress
         if current is not None and not current.text_done:
             raise ResponseActive("a response is in progress: cancel it or wait", "response")
-        texts = [p.text for p in self._pending if p.text]
+        pending = self.conv.pending
+        texts = [p.text for p in pending if p.text]
         if r.instructions:  # mapped: the response's instructions join the user turn as text
             texts.append(r.instructions)
-        if not texts and not any(p.audio is not None for p in self._pending):
+        if not texts and not any(p.audio is not None for p in pending):
             texts.append(SPEAK_FIRST)  # mapped: a reply to the conversation as it stands
-        clips = [p.audio for p in self._pending if p.audio is not None]
+        clips = [p.audio for p in pending if p.audio is not None]
         audio = np.concatenate(clips) if clips else None
         if audio is not None and len(audio) > MAX_BUFFER_MS * 16:  # (16 kHz samples)
             raise BadAudio(f"the pending audio is over {MAX_BUFFER_MS // 1000} s: delete some")
         turn = TurnInput(audio=audio, text="\n".join(texts) if texts else None)
-        self._pending.clear()
-        self.items.answered()
+        if r.conversation != "none":
+            self.history.sent(tuple(p.item_id for p in pending))
+            pending.clear()
+            self.items.answered()
         self._asked.append(r)
         opts = self._options(r)
         return [*self._ensure_started(), Respond(turn, opts.audio, opts.max_output_tokens)]
@@ -379,37 +330,12 @@ class Translator:
                 tokens = r.max_output_tokens
             metadata = r.metadata
         audio = "audio" in modalities and self.can_speak
-        return Options(modalities, audio, tokens, metadata, s.output_format, s.voice)
+        in_conversation = r is None or r.conversation != "none"
+        return Options(
+            modalities, audio, tokens, metadata, s.output_format, s.voice, in_conversation
+        )
 
     # -- native events -> GA ----------------------------------------------------
-
-    def _user_item(
-        self,
-        item: dict[str, Any],
-        text: str | None,
-        audio: AudioArray | None,
-        *,
-        commit: bool,
-        pending: bool = True,
-    ) -> list[Out]:
-        """A new user item: committed (from the input buffer), added, done,
-        and transcribed when that is on. Pending (answered at response.create)
-        unless the Session's VAD answers it itself (pending=False)."""
-        item_id = item["id"]
-        previous = self.items.add(item, pending=pending)
-        if pending:
-            self._pending.append(_Pending(item_id, text, audio))
-        e = self.ids.event
-        out: list[Out] = []
-        if commit:
-            out.append(
-                e("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
-            )
-        out += [
-            e("conversation.item.added", previous_item_id=previous, item=item),
-            e("conversation.item.done", previous_item_id=previous, item=item),
-        ]
-        return out + list(transcripts.calls(self.settings.transcription, item_id, audio))
 
     def server(self, event: ServerEvent) -> Sequence[Out]:
         if isinstance(event, SpeechStartedEvent | ReplyStarted):
@@ -440,26 +366,65 @@ class Translator:
                 "input_audio_buffer.speech_stopped", audio_end_ms=event.end_ms, item_id=item_id
             )
             item = user_item(item_id, audio=1)
-            return [stopped, *self._user_item(item, None, clip, commit=True, pending=False)]
+            self.history.sent((item_id,), event.utterance_id)  # the Session answers it
+            return [stopped, *self.conv.user_item(item, None, clip, commit=True, pending=False)]
         if isinstance(event, ReplyStarted):
             asked = self._asked.popleft() if event.utterance_id is None and self._asked else None
-            self._answered = True
-            return self.responses.start(event.reply_id, self._options(asked))
+            opts = self._options(asked)
+            out = self.responses.start(event.reply_id, opts)
+            if opts.in_conversation:
+                self._answered = True
+                item_id = self.responses.open[event.reply_id].item_id
+                self.history.replied(item_id, event.utterance_id)
+            else:
+                self._oob.add(event.reply_id)
+            return out
         if isinstance(event, ReplyDelta):
             return self.responses.delta(event.reply_id, event.text)
         if isinstance(event, ReplyDone):
-            return self.responses.done(event.reply_id, event.text, event.usage)
+            drop = self._drop_oob(event.reply_id, True)
+            return [*drop, *self.responses.done(event.reply_id, event.text, event.usage)]
         if isinstance(event, ReplyCancelled):
-            return self.responses.cancelled(event.reply_id, event.reason, event.text)
+            if event.reason == "continued":
+                return self._withdrawn(event)
+            drop = self._drop_oob(event.reply_id, False)
+            return [*drop, *self.responses.cancelled(event.reply_id, event.reason, event.text)]
         if isinstance(event, ReplyAudioDone):
             return self.responses.audio_done(event.reply_id, event.cancelled)
         if isinstance(event, ErrorEvent):
             if event.reply_id is not None:
+                self._oob.discard(event.reply_id)  # (a failed turn leaves no history)
                 return self.responses.failed(event.reply_id, event.code, event.message)
             kind = "server_error" if event.code in ("internal", "busy") else "invalid_request_error"
             body = {"type": kind, "code": event.code, "message": event.message}
             return [e("error", error={**body, "param": None, "event_id": None})]
         return []  # session.started, reply.audio.started, command: nothing on this wire
+
+    def _drop_oob(self, reply_id: str, finished: bool) -> list[Out]:
+        """An out-of-band reply ended: its turn leaves the history. A turn
+        cancelled before its first token never entered it (nothing to drop)."""
+        if reply_id not in self._oob:
+            return []
+        self._oob.discard(reply_id)
+        r = self.responses.open.get(reply_id)
+        if not finished and (r is None or r.tokens == 0):
+            return []
+        return [Edit(DropTurns(1))]
+
+    def _withdrawn(self, event: ReplyCancelled) -> list[Out]:
+        """Continuation (the user went on speaking): the Session took the reply
+        back and its turn left the history; the resumed utterance comes as a
+        new user item. The response ends cancelled (turn_detected) if still
+        open, then its item and its user items are deleted."""
+        r = self.responses.by_reply(event.reply_id)
+        out: list[Out] = list(self.responses.cancelled(event.reply_id, "barge_in", event.text))
+        turn = self.history.forget(r.item_id) if r is not None else None
+        gone = turn.items() if turn is not None else [r.item_id] if r is not None else []
+        for item_id in gone:
+            if item_id in self.items:
+                self.items.remove(item_id)
+                out.append(self.ids.event("conversation.item.deleted", item_id=item_id))
+        return out
 
     def audio(self, pcm: bytes, reply_id: str | None = None) -> list[dict[str, Any]]:
         """Spoken PCM16 at output_rate -> response.output_audio.delta."""
@@ -488,9 +453,10 @@ class Translator:
         item_id = self.ids.next("item")
         item = user_item(item_id, audio=1)
         self._asked.append(ev.ResponseCreate(None))
+        self.history.sent((item_id,))
         opts = self._options(None)
         return [
             idle.triggered(self.ids, start, now, item_id),
-            *self._user_item(item, None, None, commit=True, pending=False),
+            *self.conv.user_item(item, None, None, commit=True, pending=False),
             Respond(TurnInput(text=idle.IDLE_TEXT), opts.audio, opts.max_output_tokens),
         ]
