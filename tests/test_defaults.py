@@ -29,6 +29,8 @@ SESSION = {
     "barge_in_ms": ("barge_in_ms", D.BARGE_IN_MS),
     "barge_in_speaking_ms": ("barge_in_speaking_ms", D.BARGE_IN_SPEAKING_MS),
     "max_queued_utterances": ("max_queued_utterances", D.MAX_QUEUED_UTTERANCES),
+    "continue_window_ms": ("continue_window_ms", D.CONTINUE_WINDOW_MS),
+    "continue_heard_ms": ("continue_heard_ms", D.CONTINUE_HEARD_MS),
     "max_text_chars": ("max_text_chars", D.MAX_TEXT_CHARS),
     "turn_threshold": ("turn_threshold", D.TURN_THRESHOLD),
 }

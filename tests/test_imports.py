@@ -91,7 +91,10 @@ LOWER = ["engine", "session", "vad", "audio.py", "protocol.py", "commands.py"]
     [
         (LOWER, ["voice_agent.host", "voice_agent.transports"]),
         (["host"], ["voice_agent.transports"]),
-        (["live.py"], ["voice_agent.host", "voice_agent.transports", "voice_agent.server"]),
+        (
+            ["live.py", "live_setup.py"],
+            ["voice_agent.host", "voice_agent.transports", "voice_agent.server"],
+        ),
         (
             ["engine"],
             ["voice_agent.live", "voice_agent.session", "voice_agent.vad", "voice_agent.server"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.helpers.recorders import EventRecorder, count_at_least
@@ -221,3 +222,49 @@ async def test_speculative_prefill_is_used_by_the_real_engine(
         await live.close()
         await engine.close()
     assert (engine.stats["speculative_hits"], engine.stats["speculative_misses"]) == (1, 0)
+
+
+def cut_sentence(audio_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """ldc93s1 cut at a quiet frame (940 ms): the first part, closed by its
+    hangover, then the rest after a pause well inside the continuation window."""
+    audio = decode(audio_dir / "ldc93s1-16k-mono.wav")
+    cut = 940 * 16
+    first = np.concatenate([silence(0.5), audio[:cut], silence(0.9)])
+    return first, np.concatenate([audio[cut:], silence(1.0)])
+
+
+@pytest.mark.parametrize("first_delta", [True, False], ids=["after-a-delta", "before-any"])
+async def test_a_continued_sentence_is_one_turn_in_the_engine(
+    audio_dir: Path, first_delta: bool
+) -> None:
+    # A typed turn first, then a sentence cut by a pause and resumed: the
+    # engine ends with the typed turn and ONE audio turn (the whole span);
+    # the reply to the first part is gone, whether or not it had begun.
+    engine = ScriptedEngine(echo, token_delay=0.02)
+    rec = EventRecorder()
+    live = make_live(engine, rec)
+    first, rest = cut_sentence(audio_dir)
+    try:
+        await live.text("hello")
+        await rec.until_done(1)
+        for frame in frames(first):
+            await live.feed_audio(frame)
+        if first_delta:
+            await rec.until(
+                lambda evs: any(isinstance(e, ReplyDelta) and e.reply_id == "r2" for e in evs)
+            )
+        for frame in frames(rest):
+            await live.feed_audio(frame)
+        await rec.until_done(2)
+        await live.settled()
+    finally:
+        await live.close()
+    assert ReplyCancelled("r2", "continued", rec.of(ReplyCancelled)[0].text) in rec.events
+    stops = rec.of(SpeechStoppedEvent)
+    assert [e.continues for e in stops] == [None, "u1"]
+    assert [e.reply_id for e in rec.of(ReplyDone)] == ["r1", "r3"]
+    history = engine.history_text(live.conversation)
+    assert history.count("<|im_start|>user") == 2
+    assert "you said hello" in history and history.count("heard some audio") == 1
+    joined = engine.submitted[-1][1].audio
+    assert joined is not None and len(joined) > len(first) // 2  # the whole span

@@ -236,6 +236,18 @@ class Config:
         "speech must last this long to cut it off (at least barge_in_ms), so echo of the "
         "assistant's voice that echo cancellation missed does not",
     )
+    continue_window_ms: int = _f(
+        D.CONTINUE_WINDOW_MS,
+        "continuation: speech resuming within this long after an utterance closed (lasting "
+        "barge_in_ms) takes back the reply to it, unless heard for more than "
+        "continue_heard_ms, and the two are answered as one turn (reply.cancelled reason "
+        "continued); 0: off",
+    )
+    continue_heard_ms: int = _f(
+        D.CONTINUE_HEARD_MS,
+        "continuation: a reply whose audio has played longer than this when speech resumes "
+        "is kept (the new speech is a turn of its own)",
+    )
     max_queued_utterances: int = _f(
         D.MAX_QUEUED_UTTERANCES,
         "utterances waiting behind a running reply; beyond it the oldest is dropped",

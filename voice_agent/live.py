@@ -48,16 +48,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from voice_agent.commands import Command, DeviceList, prompt_text
-from voice_agent.config import Config
+from voice_agent.commands import Command
 from voice_agent.engine.base import Conversation, Engine, TurnHandle, TurnInput
-from voice_agent.hub import load_devices
+from voice_agent.live_setup import prepare_turn_taking, session_config
 from voice_agent.metrics import Metrics
 from voice_agent.protocol import CommandEvent, ServerEvent
 from voice_agent.session import (
     Action,
     CancelTurn,
     DetectTurn,
+    EditHistory,
     Send,
     Session,
     SessionConfig,
@@ -65,71 +65,14 @@ from voice_agent.session import (
     StopAudio,
     SubmitTurn,
 )
-from voice_agent.turn import TurnBatcher, describe, load_detector, parse_rechecks
-from voice_agent.vad import VadConfig, silero_model
+from voice_agent.turn import TurnBatcher
+
+__all__ = ["LiveSession", "prepare_turn_taking", "session_config"]
 
 logger = logging.getLogger("voice_agent.live")
 
 SendFn = Callable[[ServerEvent], Awaitable[None]]
 CommandHook = Callable[[str, Command], Awaitable[None]]
-
-
-def session_config(
-    config: Config, system_prompt: str | None = None, devices: DeviceList | None = None
-) -> SessionConfig:
-    """The Session settings of the server config; `system_prompt` (from
-    session.start) overrides the server's default. `devices` defaults to the
-    `--devices` file (read once); with an allowlist the system prompt also
-    lists the devices and the command format."""
-    if devices is None:
-        devices = load_devices(config.devices)
-    prompt = system_prompt if system_prompt is not None else config.system_prompt
-    if devices is not None:
-        prompt = prompt_text(devices, prompt)
-    detector = load_detector(config.turn_detection, config.turn_model)  # one per process
-    rechecks = parse_rechecks(config.turn_rechecks) if detector is not None else ()
-    return SessionConfig(
-        vad=VadConfig(
-            aggressiveness=config.vad_aggressiveness,
-            preroll_ms=config.preroll_ms,
-            hangover_ms=config.hangover_ms,
-            min_speech_ms=config.min_speech_ms,
-            max_utterance_ms=config.max_utterance_ms,
-            vad=config.vad,
-            turn_check=detector is not None,
-            min_silence_ms=config.min_silence_ms,
-            max_silence_ms=config.max_silence_ms,
-            recheck_ms=tuple(ms for ms, _ in rechecks),
-        ),
-        barge_in_ms=config.barge_in_ms,
-        barge_in_speaking_ms=config.barge_in_speaking_ms,
-        max_queued_utterances=config.max_queued_utterances,
-        max_text_chars=config.max_text_chars,
-        system_prompt=prompt,
-        devices=devices,
-        turn_threshold=config.turn_threshold,
-        turn_rechecks=rechecks,
-        turn_detector=detector,
-    )
-
-
-def prepare_turn_taking(config: Config) -> None:
-    """At server start: load the end-of-turn model and the Silero VAD (when
-    asked for) once, fail early on a bad --turn-model, and log which end of
-    turn detection runs (the silence fallback says so)."""
-    detector = load_detector(config.turn_detection, config.turn_model)
-    if config.vad == "silero":
-        silero_model()
-    line = describe(detector, config.hangover_ms)
-    if config.turn_detection == "silence":
-        line = (
-            f"end of turn: silence alone ({config.hangover_ms} ms hangover); "
-            "--turn-detection auto uses the end-of-turn model"
-        )
-    if detector is None and config.turn_detection == "auto":
-        logger.warning(line)
-    else:
-        logger.info(line, extra={"vad": config.vad})
 
 
 def _no_actions() -> list[Action]:
@@ -392,6 +335,8 @@ class LiveSession:
                 handle = self._handles.get(action.reply_id)
                 if handle is not None:
                     handle.cancel(action.keep_tokens)
+            elif isinstance(action, EditHistory):
+                self._edit(action)
             elif isinstance(action, StopAudio):
                 if self.stop_audio is not None:
                     self.stop_audio(action.reply_id)
@@ -403,6 +348,19 @@ class LiveSession:
                     type(action).__name__,
                     extra={"session_id": self.session_id},
                 )
+
+    def _edit(self, action: EditHistory) -> None:
+        """Queue the edit in order with the turns submitted so far."""
+        if self._closed:
+            return
+        try:
+            self.engine.edit_history(self.conversation, action.edit)
+        except NotImplementedError:
+            logger.warning(
+                "the engine cannot edit histories: %s not applied",
+                type(action.edit).__name__,
+                extra={"session_id": self.session_id},
+            )
 
     async def _detect(self, action: DetectTurn) -> None:
         """Ask the shared, batched detector; feed the answer back to the Session."""

@@ -129,6 +129,7 @@ class SpeechStoppedEvent:
     end_ms: int
     reason: str | None = None  # "end_of_turn" | "silence" | "max_length" | "commit"
     eot_probability: float | None = None
+    continues: str | None = None  # the utterance this one was joined to (continuation)
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class ReplyDone:
 class ReplyCancelled:
     type: ClassVar[str] = "reply.cancelled"
     reply_id: str
-    reason: str  # "barge_in" | "client"
+    reason: str  # "barge_in" | "client" | "continued"
     text: str
 
 

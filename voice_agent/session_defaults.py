@@ -22,6 +22,10 @@ MAX_SILENCE_MS = 1500  # with the model: silence that closes a turn it judged un
 # the session (session.SessionConfig)
 BARGE_IN_MS = 300  # speech this long cancels the running reply
 BARGE_IN_SPEAKING_MS = 500  # ... while the reply's audio plays (echo must not cut it off)
+# continuation: speech resumed this soon after an utterance closed (and before
+# its reply was heard for CONTINUE_HEARD_MS) withdraws the reply and joins the two
+CONTINUE_WINDOW_MS = 1500  # 0: continuation off
+CONTINUE_HEARD_MS = 600
 MAX_QUEUED_UTTERANCES = 4  # turns waiting behind a running reply
 MAX_TEXT_CHARS = 4000  # longest typed text turn
 # end-of-turn probability that closes the turn at the first check (the

@@ -9,6 +9,8 @@ the engine reports for each reply; it returns the actions to execute, in order:
                                              on_delta / on_done / on_failed
     CancelTurn(reply_id, keep_tokens, reason) cancel that engine turn, keeping
                                              `keep_tokens` reply tokens
+    EditHistory(edit)                        engine.edit_history(conversation,
+                                             edit), in order with the turns
     DetectTurn(utterance_id, check, audio)   ask the end-of-turn detector about
                                              `audio` (off the event loop) and
                                              report with on_turn_decision
@@ -66,6 +68,28 @@ nothing new is submitted until the interrupting utterance has closed; it then
 joins the queue behind them. A client `cancel` works the same way (reason
 "client") but submits the next waiting turn at once.
 
+Continuation (continuation.py): an utterance that closed on a pause
+("silence" or "end_of_turn") stays the candidate while no other turn comes
+after it. Speech that starts within `continue_window_ms` of its close, while
+its reply had been heard (playback reports; mic audio counted from the
+report of its start) for at most `continue_heard_ms`, resumes it; once that
+speech has been scored as speech for barge_in_ms (barge_in_speaking_ms while
+that reply's audio plays; with `speech_check`, only frames Silero is sure of
+count) the reply is taken back: StopAudio(reply_id, "continued"),
+CancelTurn(keep_tokens=0, "continued") if it still runs, reply.cancelled
+(reason "continued", which may follow its reply.done), EditHistory(
+DropTurns(1)) and its entries leave `history`; a turn still waiting is just
+taken out of the queue. When the new utterance closes, it is answered as one
+turn whose audio runs from the first one's audio start to its own end, the
+pause included (the Segmenter keeps the recent audio for that); its
+speech.stopped says `continues: <first utterance id>`; Speculate and
+DetectTurn carry the joined audio too. While the resuming speech has not
+decided, it does not barge in (noise that Silero rejects cuts nothing). A
+typed turn is never joined and ends the candidate; so do a client cancel of
+its reply and its failure. Joined audio longer than max_utterance_ms is
+answered as the two turns again. `continue_window_ms <= 0` or
+`barge_in_ms <= 0` turns continuation off.
+
 Commands: with a `devices` allowlist in the config, on_done follows the
 reply.done of a finished (not cancelled) reply with one `command` event per
 valid command in its text (commands.parse_commands); invalid ones are only
@@ -81,6 +105,7 @@ from voice_agent.session.actions import (
     Action,
     CancelTurn,
     DetectTurn,
+    EditHistory,
     HistoryEntry,
     Send,
     Speculate,
@@ -94,6 +119,7 @@ __all__ = [
     "Action",
     "CancelTurn",
     "DetectTurn",
+    "EditHistory",
     "HistoryEntry",
     "Send",
     "Session",

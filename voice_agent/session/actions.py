@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from voice_agent.engine.types import AudioArray, TurnInput
+from voice_agent.engine.types import AudioArray, HistoryEdit, TurnInput
 from voice_agent.protocol import ServerEvent
 
 
@@ -26,7 +26,16 @@ class SubmitTurn:
 class CancelTurn:
     reply_id: str
     keep_tokens: int
-    reason: str  # "barge_in" | "client"
+    reason: str  # "barge_in" | "client" | "continued"
+
+
+@dataclass(frozen=True)
+class EditHistory:
+    """Edit the engine conversation's history (engine.edit_history): queued
+    in order with the turns submitted before it (a continued reply's turn is
+    dropped once its cancel has settled)."""
+
+    edit: HistoryEdit
 
 
 @dataclass(frozen=True)
@@ -55,10 +64,10 @@ class StopAudio:
     """Stop the spoken audio of `reply_id`, whose text is already done."""
 
     reply_id: str
-    reason: str  # "barge_in"
+    reason: str  # "barge_in" | "continued"
 
 
-Action = Send | SubmitTurn | CancelTurn | Speculate | DetectTurn | StopAudio
+Action = Send | SubmitTurn | CancelTurn | EditHistory | Speculate | DetectTurn | StopAudio
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Literal
 
 from voice_agent.audio import duration_ms
 from voice_agent.commands import parse_commands
-from voice_agent.engine.types import Delta, TurnInput, TurnResult
+from voice_agent.engine.types import Delta, DropTurns, TurnInput, TurnResult
 from voice_agent.errors import BadAudio, BadMessage, Busy
 from voice_agent.protocol import (
     CommandEvent,
@@ -27,6 +27,7 @@ from voice_agent.session.actions import (
     Action,
     CancelTurn,
     DetectTurn,
+    EditHistory,
     HistoryEntry,
     Send,
     Speculate,
@@ -34,6 +35,14 @@ from voice_agent.session.actions import (
     SubmitTurn,
 )
 from voice_agent.session.config import SessionConfig
+from voice_agent.session.continuation import (
+    Candidate,
+    Turn,
+    candidate,
+    closed_turns,
+    keep_ms,
+    resumed,
+)
 from voice_agent.turn_schedule import threshold_at
 from voice_agent.vad import (
     Segmenter,
@@ -49,13 +58,10 @@ State = Literal["idle", "listening", "thinking", "replying"]
 _WIRE_REASON = {"end_of_stream": "silence"}
 
 DEFAULT_SESSION_CONFIG = SessionConfig()  # frozen: one shared default
+_TURN_WINDOW = 8 * 16000  # samples a DetectTurn carries at most (the detector's 8 s)
 
 
-@dataclass(frozen=True)
-class _Turn:
-    utterance_id: str | None
-    turn: TurnInput
-    audio_ms: int | None
+_Turn = Turn
 
 
 @dataclass
@@ -85,7 +91,11 @@ class Session:
         self.session_id = session_id
         self.config = config
         self._seg = Segmenter(
-            config.vad, sample_rate, channels, pause_events=config.speculative_prefill
+            config.vad,
+            sample_rate,
+            channels,
+            pause_events=config.speculative_prefill,
+            keep_ms=keep_ms(config),
         )  # vad="silero" loads the shared Silero model on first use
         self._reply: _Reply | None = None
         self._queue: deque[_Turn] = deque()
@@ -100,9 +110,12 @@ class Session:
         self._audio: tuple[str, int] | None = None
         self._playing = False  # that audio is playing (playback reports)
         self._ended = False
+        self._cand: Candidate | None = None  # continuation: see continuation.py
+        self._joining: Candidate | None = None
         self.history: list[HistoryEntry] = []
         self.dropped_utterances = 0
         self.barge_ins = 0
+        self.continuations = 0  # replies taken back (or queued turns joined) by continuation
         self.rejected_commands: dict[str, int] = {}  # reason -> count (never sent)
 
     # -- read-only views --------------------------------------------------
@@ -158,6 +171,7 @@ class Session:
             raise BadMessage(f"text is longer than {self.config.max_text_chars} characters")
         if not text.strip():
             raise BadMessage("text is empty")
+        self._cand = None  # a typed turn is never joined, nor spoken over
         return self._enqueue(_Turn(None, TurnInput(text=text), None))
 
     def turn(self, turn: TurnInput) -> list[Action]:
@@ -170,6 +184,7 @@ class Session:
         if turn.audio is None and not (text and text.strip()):
             raise BadMessage("a turn needs audio or text")
         audio_ms = duration_ms(turn.audio) if turn.audio is not None else None
+        self._cand = None
         return self._enqueue(_Turn(None, turn, audio_ms))
 
     def commit(self) -> list[Action]:
@@ -195,6 +210,12 @@ class Session:
     def playback(self, reply_id: str, playing: bool) -> list[Action]:
         """The reply's audio started (True) or finished (False) playing; see
         the module doc. Stale reports are ignored."""
+        c = self._cand
+        if c is not None and c.reply_id == reply_id:
+            if playing and c.play_from is None:
+                c.play_from = self.position_ms
+            elif not playing and c.play_from is not None and c.play_until is None:
+                c.play_until = self.position_ms
         if self._audio is not None and self._audio[0] == reply_id:
             self._playing = playing
             if not playing:
@@ -244,6 +265,8 @@ class Session:
         if self._current(reply_id) is None:
             return []
         self._reply = None
+        if self._cand is not None and self._cand.reply_id == reply_id:
+            self._cand = None  # not in the engine's history: nothing to take back
         actions: list[Action] = [Send(error_event(exc, reply_id))]
         return actions + self._pump()
 
@@ -257,13 +280,22 @@ class Session:
         actions: list[Action] = []
         for ev in events:
             uid = utterance_wire_id(self._utterance_base + ev.utterance_id)
+            joining = self._joining
+            if joining is not None and joining.resumed_by != ev.utterance_id:
+                joining = None
             if isinstance(ev, SpeechPaused):
-                idle = self._reply is None and self._hold is None and not self._queue
+                hold = self._hold is None or (joining is not None and self._hold == ev.utterance_id)
+                idle = self._reply is None and hold and not self._queue
                 if idle and self.config.speculative_prefill:
-                    actions.append(Speculate(ev.audio))
+                    actions.append(
+                        Speculate(ev.audio if joining is None else joining.join(ev.audio))
+                    )
                 continue
             if isinstance(ev, TurnCheck):
-                actions.append(DetectTurn(ev.utterance_id, ev.check, ev.audio, ev.silence_ms))
+                audio = ev.audio
+                if joining is not None and len(audio) < _TURN_WINDOW:
+                    audio = joining.join(audio)[-_TURN_WINDOW:]
+                actions.append(DetectTurn(ev.utterance_id, ev.check, audio, ev.silence_ms))
                 continue
             if isinstance(ev, SpeechStarted):
                 self._open = self._last_started = ev.utterance_id
@@ -271,26 +303,93 @@ class Session:
                 self._continuation = ev.utterance_id if is_cont else None
                 self._split_at_ms = None
                 actions.append(Send(SpeechStartedEvent(uid, ev.start_ms)))
+                # does it resume the last utterance in time?
+                self._cand = resumed(self._cand, ev, self._seg.audio_span, self.config)
                 continue
             self._open = None
             self._split_at_ms = ev.end_ms if ev.reason == "max_length" else None
             reason = _WIRE_REASON.get(ev.reason, ev.reason)
             eot = None if ev.eot_probability is None else round(ev.eot_probability, 3)
-            actions.append(Send(SpeechStoppedEvent(uid, ev.start_ms, ev.end_ms, reason, eot)))
-            # A whole utterance that went by within one chunk may still barge in.
+            # A whole utterance that went by within one chunk may still continue
+            # the last one, or barge in.
+            withdrawn = self._continue(ev.utterance_id, ev.voiced_ms)
+            turns, continues, audio_start = closed_turns(self._joining, ev, uid, self.config)
+            if self._joining is not None and self._joining.resumed_by == ev.utterance_id:
+                self._joining = None
+            stopped = SpeechStoppedEvent(uid, ev.start_ms, ev.end_ms, reason, eot, continues)
+            actions += [Send(stopped), *withdrawn]
             actions += self._barge_in(ev.utterance_id, ev.voiced_ms)
             self._continuation = None
             if self._hold == ev.utterance_id:
                 self._hold = None
-            turn = _Turn(uid, TurnInput(audio=ev.audio), duration_ms(ev.audio))
-            actions += self._enqueue(turn)
+            self._cand = candidate(turns[-1], ev, audio_start, self.config)
+            for turn in turns:
+                actions += self._enqueue(turn)
         if self._open is not None:
+            actions += self._continue(self._open, self._seg.voiced_ms)
             actions += self._barge_in(self._open, self._seg.voiced_ms)
         return actions
+
+    # -- continuation (continuation.py) ----------------------------------
+
+    def _continue(self, utterance: int, voiced_ms: int) -> list[Action]:
+        """The resuming utterance has been speech long enough (as for a
+        barge-in): take the candidate's reply back; the utterance is joined
+        to it when it closes."""
+        c = self._cand
+        if c is None or c.resumed_by != utterance:
+            return []
+        limit = self.config.barge_in_ms
+        if self._playing and self._audio is not None and self._audio[0] == c.reply_id:
+            limit = max(limit, self.config.barge_in_speaking_ms)
+        if voiced_ms < limit:
+            return []
+        if (
+            c.check is not None
+            and c.confirmed_ms(self._seg.audio_span, self._seg.frames_ms) < limit
+        ):
+            return []  # webrtcvad's speech that Silero does not call speech: noise
+        self._cand = None
+        self._joining = c
+        self._hold = utterance
+        self.continuations += 1
+        if self._queue and self._queue[-1] is c.turn:
+            self._queue.pop()  # not submitted yet: just joined
+            return []
+        reply_id = c.reply_id
+        if reply_id is None:  # dropped from a full queue: nothing to take back
+            return []
+        if self._audio is not None and self._audio[0] == reply_id:
+            self._audio = None
+            self._playing = False
+        actions: list[Action] = [StopAudio(reply_id, "continued")]
+        r = self._reply
+        if r is not None and r.reply_id == reply_id:
+            self._reply = None
+            text = r.text
+            actions.append(CancelTurn(reply_id, 0, "continued"))
+        else:  # finished: it leaves our history too
+            text = next(
+                (
+                    e.text or ""
+                    for e in self.history
+                    if e.reply_id == reply_id and e.role == "assistant"
+                ),
+                "",
+            )
+            self.history = [e for e in self.history if e.reply_id != reply_id]
+        return [
+            *actions,
+            Send(ReplyCancelled(reply_id, "continued", text)),
+            EditHistory(DropTurns(1)),
+        ]
 
     def _barge_in(self, utterance: int, voiced_ms: int) -> list[Action]:
         """Cancel the running reply, or stop the audio of a finished one still
         playing, when this utterance has barged in (see the module doc)."""
+        c = self._cand
+        if c is not None and c.resumed_by == utterance:
+            return []  # it may continue the last utterance: _continue decides
         r = self._reply
         if r is not None:
             if self._may_barge(utterance, voiced_ms, r.last_started):
@@ -321,6 +420,8 @@ class Session:
         r = self._reply
         assert r is not None
         self._reply = None
+        if self._cand is not None and self._cand.reply_id == r.reply_id:
+            self._cand = None
         if self._audio is not None and self._audio[0] == r.reply_id:
             self._audio = None  # reply.cancelled stops its audio
             self._playing = False
@@ -361,6 +462,8 @@ class Session:
         reply_id = reply_wire_id(self._next_reply)
         self._next_reply += 1
         self._reply = _Reply(reply_id, t, self._last_started)
+        if self._cand is not None and self._cand.turn is t:
+            self._cand.reply_id = reply_id
         self._audio = (reply_id, self._last_started)  # a new reply stops the old one's audio
         self._playing = False
         return [

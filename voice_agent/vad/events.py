@@ -34,6 +34,7 @@ class VadConfig:
 class SpeechStarted:
     utterance_id: int
     start_ms: int
+    audio_start_ms: int | None = None  # where its audio (pre-roll included) begins
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class SpeechStopped:
     audio: AudioArray  # 16 kHz mono float32: pre-roll + speech (+ up to 100 ms tail)
     eot_probability: float | None = None  # the detector's answer for the current pause
     voiced_ms: int = 0  # frames scored as speech, in ms
+    audio_start_ms: int | None = None  # where `audio` begins (pre-roll included)
+    closed_ms: int | None = None  # the input position (ms) at which it closed
 
 
 SegmenterEvent = SpeechStarted | SpeechPaused | TurnCheck | SpeechStopped

@@ -9,7 +9,7 @@ from collections import deque
 import numpy as np
 
 from voice_agent.audio import FRAME_MS, StreamResampler, check_pcm16_length, validate_format
-from voice_agent.engine.types import SAMPLE_RATE
+from voice_agent.engine.types import SAMPLE_RATE, AudioArray
 from voice_agent.vad.events import (
     VAD_KINDS,
     SegmenterEvent,
@@ -69,8 +69,10 @@ class Segmenter:
         *,
         pause_events: bool = False,
         silero: SileroModel | None = None,
+        keep_ms: int = 0,
     ) -> None:
-        """`silero`: the shared model for vad="silero" (default: silero_model())."""
+        """`silero`: the shared model for vad="silero" (default: silero_model()).
+        `keep_ms`: keep the last this many ms of 16 kHz audio for audio_span()."""
         validate_format(sample_rate, channels)
         if not 0 <= config.aggressiveness <= 3:
             raise ValueError("aggressiveness must be 0..3")
@@ -103,6 +105,10 @@ class Segmenter:
         self._min_speech = max(1, -(-config.min_speech_ms // FRAME_MS))
         self._max_frames = max(self._preroll + 2, config.max_utterance_ms // FRAME_MS)
         self._pending = b""  # 16 kHz PCM16 not yet a whole frame
+        # the last keep_ms of frames (audio_span); None: not kept
+        self._kept: deque[bytes] | None = None
+        if keep_ms > 0:
+            self._kept = deque(maxlen=-(-keep_ms // FRAME_MS))
         self._frame = 0  # index of the next frame
         self._ring: deque[bytes] = deque(maxlen=self._preroll + _ONSET_WINDOW)
         self._recent: deque[bool] = deque(maxlen=_ONSET_WINDOW)
@@ -140,9 +146,27 @@ class Segmenter:
         return self._resampler.in_samples * 1000 // self.sample_rate
 
     @property
+    def frames_ms(self) -> int:
+        """16 kHz frames consumed so far, in ms (where audio_span ends)."""
+        return self._frame * FRAME_MS
+
+    @property
     def dropped(self) -> int:
         """Bursts dropped as shorter than min_speech_ms."""
         return self._dropped
+
+    def audio_span(self, start_ms: int, end_ms: int) -> AudioArray | None:
+        """The 16 kHz audio from start_ms to end_ms (frame positions, already
+        consumed); None when some of it is no longer kept (see keep_ms)."""
+        kept = self._kept
+        if kept is None:
+            return None
+        first = self._frame - len(kept)  # frame index of kept[0]
+        start, end = start_ms // FRAME_MS, end_ms // FRAME_MS
+        if start < first or end > self._frame or start > end:
+            return None
+        frames = [kept[i - first] for i in range(start, end)]
+        return to_float(b"".join(frames))
 
     def feed(self, pcm: bytes) -> list[SegmenterEvent]:
         """Consume interleaved PCM16 LE at the declared rate/channels."""
@@ -261,6 +285,8 @@ class Segmenter:
         index = self._frame
         self._frame += 1
         self._ring.append(frame)
+        if self._kept is not None:
+            self._kept.append(frame)
         self._recent.append(speech)
         u = self._utt
         if u is None:
@@ -319,7 +345,7 @@ class Segmenter:
         u.started = True
         u.utterance_id = self._next_id
         self._next_id += 1
-        events.append(SpeechStarted(u.utterance_id, u.start * FRAME_MS))
+        events.append(SpeechStarted(u.utterance_id, u.start * FRAME_MS, u.audio_start * FRAME_MS))
 
     def _split(self, u: _Utterance, end: int, events: list[SegmenterEvent]) -> None:
         """Max length: close at `end` and continue as the next utterance."""
@@ -355,6 +381,8 @@ class Segmenter:
                 audio,
                 eot_probability=eot,
                 voiced_ms=u.voiced * FRAME_MS,
+                audio_start_ms=u.audio_start * FRAME_MS,
+                closed_ms=self._frame * FRAME_MS,
             )
         )
         return events
