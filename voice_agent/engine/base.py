@@ -53,6 +53,7 @@ __all__ = [
     "TurnResult",
     "Usage",
     "edit_future",
+    "resolve_threadsafe",
 ]
 
 
@@ -174,6 +175,26 @@ def edit_future(loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future
     future = (loop or asyncio.get_running_loop()).create_future()
     future.add_done_callback(_retrieve)
     return future
+
+
+def resolve_threadsafe(future: asyncio.Future[bool], outcome: bool | BaseException) -> None:
+    """Settle an edit's future with a result or an error, from any thread (on
+    its loop; nothing when the loop is gone or the future is done already)."""
+
+    def settle() -> None:
+        if future.done():
+            return
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    try:
+        loop = future.get_loop()
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop closed meanwhile: nobody waits
+        pass
 
 
 _Item = Delta | TurnResult | BaseException

@@ -5,7 +5,9 @@ only the worker: the turns in flight fail with EngineError (error `internal`),
 a fresh worker is spawned, and every conversation goes on. The parent keeps
 each conversation's settled history (token ids, messages, clips) and hands it
 to the new worker with the conversation's next turn; the worker rebuilds the
-KV cache from it.
+KV cache from it. History edits go to the worker in order with the turns; its
+answer carries the edited history for the parent's copy (an edit pending when
+the worker dies fails with EngineError, as the turns in flight do).
 
 Parent and worker talk over one multiprocessing Pipe (spawn context): the
 worker runs a Qwen2AudioEngine on its own event loop and streams Delta pieces
@@ -38,12 +40,15 @@ from voice_agent.engine.base import (
     Engine,
     EngineStats,
     History,
+    HistoryEdit,
     QueueTurnHandle,
     Timing,
     TurnHandle,
     TurnInput,
     TurnResult,
     Usage,
+    edit_future,
+    resolve_threadsafe,
 )
 from voice_agent.engine.process_worker import FAILED, STATS_INTERVAL, child_main
 from voice_agent.errors import Busy, EngineError, ModelLoadError
@@ -73,6 +78,12 @@ class _InFlight:
     turn: TurnInput
 
 
+@dataclass
+class _Editing:
+    conversation: Conversation
+    future: asyncio.Future[bool]
+
+
 class ProcessEngine(Engine):
     """A Qwen2AudioEngine in a child process, restarted when it dies."""
 
@@ -88,6 +99,7 @@ class ProcessEngine(Engine):
         self._send_lock = threading.Lock()
         self._generation = 0
         self._turns: dict[int, _InFlight] = {}
+        self._edits: dict[int, _Editing] = {}
         self._tids = itertools.count(1)
         self._cids = itertools.count(1)
         self._reader: threading.Thread | None = None
@@ -216,8 +228,11 @@ class ProcessEngine(Engine):
     def _fail_in_flight(self, message: str) -> None:
         with self._lock:
             turns, self._turns = list(self._turns.values()), {}
+            edits, self._edits = list(self._edits.values()), {}
         for f in turns:
             f.handle.push(EngineError(message))
+        for e in edits:
+            resolve_threadsafe(e.future, EngineError(message))
 
     def _dispatch(self, msg: tuple[Any, ...]) -> None:
         kind, tid = msg[0], msg[1]
@@ -226,6 +241,17 @@ class ProcessEngine(Engine):
             self._stats = EngineStats(batch_size, kv_bytes, queued)
             self._healthy = bool(healthy)
             self._stats_at = time.monotonic()
+            return
+        if kind in ("edited", "edit_failed"):
+            with self._lock:
+                e = self._edits.pop(tid, None)
+            if e is None:
+                return
+            if kind == "edit_failed":
+                resolve_threadsafe(e.future, EngineError(msg[2]))
+                return
+            self._mirror_edit(e.conversation, msg[3])
+            resolve_threadsafe(e.future, bool(msg[2]))
             return
         f = self._turns.get(tid)
         if f is None:
@@ -256,6 +282,19 @@ class ProcessEngine(Engine):
         m.clip_starts = snapshot["clip_starts"]
         f.conversation.turns = snapshot["turns"]
         f.conversation.audio_clips = len(m.clips)
+
+    @staticmethod
+    def _mirror_edit(conversation: Conversation, snapshot: dict[str, Any]) -> None:
+        """The worker's history after an edit: the clips it dropped go (a later
+        turn's "done" brings the samples of clips added meanwhile)."""
+        m = conversation.state
+        assert isinstance(m, _Mirror)
+        m.clips = m.clips[: snapshot["clips"]]
+        m.messages = snapshot["messages"]
+        m.ids = snapshot["ids"]
+        m.clip_starts = snapshot["clip_starts"]
+        conversation.turns = snapshot["turns"]
+        conversation.audio_clips = len(m.clips)
 
     def _fresh(self) -> bool:
         return time.monotonic() - self._stats_at < STATS_STALE
@@ -333,6 +372,25 @@ class ProcessEngine(Engine):
 
         handle.on_cancel = on_cancel
         return handle
+
+    def edit_history(self, conversation: Conversation, edit: HistoryEdit) -> asyncio.Future[bool]:
+        future = edit_future()
+        if self._closed or self._proc is None:
+            future.set_exception(EngineError("the engine is closed"))
+            return future
+        try:
+            with self._lock:
+                self._sync(conversation)
+                eid = next(self._tids)
+                self._edits[eid] = _Editing(conversation, future)
+                try:
+                    self._send(("edit", eid, conversation.conversation_id, edit))
+                except EngineError:
+                    self._edits.pop(eid, None)
+                    raise
+        except EngineError as exc:  # the worker is restarting
+            future.set_exception(exc)
+        return future
 
     def release(self, conversation: Conversation) -> None:
         m = conversation.state

@@ -3,11 +3,12 @@ its own event loop, driven over the Pipe (see process.py for the messages).
 
 The parent sends ("open", cid, system_prompt, history), ("turn", tid, cid,
 audio, text, max_new_tokens), ("cancel", tid, keep_tokens), ("release", cid),
-("spec", cid, audio), ("discard", cid) and ("stop",); the worker answers
-("ready", info) or ("error", message) once loaded, then ("delta", tid, text,
-tokens), ("done", tid, text, usage, timing, cancelled, history),
-("error", tid, message) and, every STATS_INTERVAL, ("stats", 0, batch_size,
-kv_bytes, queued, healthy).
+("spec", cid, audio), ("discard", cid), ("edit", eid, cid, edit) and
+("stop",); the worker answers ("ready", info) or ("error", message) once
+loaded, then ("delta", tid, text, tokens), ("done", tid, text, usage, timing,
+cancelled, history), ("error", tid, message), ("edited", eid, applied,
+history) or ("edit_failed", eid, message) and, every STATS_INTERVAL,
+("stats", 0, batch_size, kv_bytes, queued, healthy).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from voice_agent.engine.base import Conversation, History, TurnHandle, TurnInput
 from voice_agent.errors import EngineError, ModelLoadError
 
 FAILED = "the model failed on this turn"
+EDIT_FAILED = "editing the history failed"
 STATS_INTERVAL = 1.0  # seconds between the worker's stats reports
 
 
@@ -57,14 +59,7 @@ async def _serve(conn: Connection, engine: Any) -> None:
             async for d in handle:
                 send(("delta", tid, d.text, d.tokens))
             r = handle.result
-            history = History.of(conv.state, conv.turns)  # read as it is now, even if running
-            snapshot = {
-                "messages": history.messages,
-                "ids": history.ids,
-                "clips": len(history.clips),
-                "clip_starts": history.clip_starts,
-                "turns": history.turns,
-            }
+            snapshot = _snapshot(conv)
             usage = {
                 "prompt_tokens": r.usage.prompt_tokens,
                 "cached_tokens": r.usage.cached_tokens,
@@ -81,6 +76,14 @@ async def _serve(conn: Connection, engine: Any) -> None:
             send(("error", tid, message))
         finally:
             handles.pop(tid, None)
+
+    async def run_edit(eid: int, conv: Conversation, future: asyncio.Future[bool]) -> None:
+        try:
+            applied = await future
+        except Exception as exc:
+            send(("edit_failed", eid, str(exc) if isinstance(exc, EngineError) else EDIT_FAILED))
+            return
+        send(("edited", eid, applied, _snapshot(conv)))
 
     def handle_msg(msg: tuple[Any, ...]) -> None:
         kind = msg[0]
@@ -107,6 +110,12 @@ async def _serve(conn: Connection, engine: Any) -> None:
                 return
             handles[tid] = handle
             task = loop.create_task(run_turn(tid, conv, handle))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        elif kind == "edit":
+            _, eid, cid, edit = msg
+            future = engine.edit_history(convs[cid], edit)  # now: in order with the turns
+            task = loop.create_task(run_edit(eid, convs[cid], future))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         elif kind == "cancel":
@@ -158,3 +167,16 @@ async def _serve(conn: Connection, engine: Any) -> None:
     await engine.close()
     if tasks:
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _snapshot(conv: Conversation) -> dict[str, Any]:
+    """The conversation's history for the parent's mirror (the clips counted:
+    the parent keeps their samples)."""
+    history = History.of(conv.state, conv.turns)  # read as it is now, even if running
+    return {
+        "messages": history.messages,
+        "ids": history.ids,
+        "clips": len(history.clips),
+        "clip_starts": history.clip_starts,
+        "turns": history.turns,
+    }

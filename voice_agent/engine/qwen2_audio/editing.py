@@ -16,7 +16,6 @@ those in the first k messages' rendering. A settled reply's ids are
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ from voice_agent.engine.base import (
     DropTurns,
     HistoryEdit,
     TruncateReply,
+    resolve_threadsafe,
 )
 from voice_agent.engine.qwen2_audio.core import EngineCore
 from voice_agent.engine.qwen2_audio.state import Message, _ConvState, _Edit
@@ -51,17 +51,7 @@ class _Edited:
 
 def resolve(e: _Edit, outcome: bool | BaseException) -> None:
     """Settle the edit's future on its loop (from any thread)."""
-
-    def settle() -> None:
-        if e.future.done():
-            return
-        if isinstance(outcome, BaseException):
-            e.future.set_exception(outcome)
-        else:
-            e.future.set_result(outcome)
-
-    with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-        e.future.get_loop().call_soon_threadsafe(settle)
+    resolve_threadsafe(e.future, outcome)
 
 
 class _Editing(EngineCore):
