@@ -1,0 +1,431 @@
+"""Soak: mixed load and faults for `--minutes` against `voice-agent serve`.
+
+    .venv/bin/python benchmarks/soak.py [--minutes 20] [--mix speech=8,text=8,...]
+        [--faults engine,mosquitto,postgres] [--max-new-tokens 48]
+
+Loopback only; bounded in time; stops by itself. It starts a PostgreSQL
+server and a mosquitto broker (benchmarks/soak_services.py) and `voice-agent
+serve` on the tiny random Qwen2-Audio (written to a temporary directory) with
+`--engine-process`, `--db postgresql://...` and `--mqtt`, default settings
+otherwise (spoken replies: TTS auto) apart from `--max-new-tokens` and the
+connection limits raised for one loopback address. Then a mix of clients runs
+at once (benchmarks/soak_clients.py, soak_rtc_mqtt.py), by default 32:
+speech (recordings from ../shared/audio streamed at real time), text (typed
+turns), resume (typed turns; every few turns the connection closes or drops
+and the next one resumes the conversation by session_id), webrtc (aiortc,
+Opus), mqtt (devices asking on PREFIX/DEVICE/ask), vanish (drop the
+connection once the reply has begun, then resume), never_read (a spoken
+session that never reads a byte). Faults on a schedule between the warm-up
+and 80 % of the run, in turn: the engine worker process killed (SIGKILL),
+mosquitto restarted, PostgreSQL restarted (`pg_ctl restart -m fast`).
+
+Every `--sample-s` seconds it reads the RSS and open file descriptors of the
+server process and of its engine worker process (separately, from /proc);
+growth is measured from the first sample after the warm-up. At the end the
+clients finish the turn in hand and close, and after a pause the idle server
+is sampled once more. One JSON object on stdout (benchmarks/soak_ledger.py
+says how turns are counted), progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.soak_clients import (  # noqa: E402
+    Context,
+    never_reading_client,
+    speech_client,
+    typed_client,
+    vanishing_client,
+)
+from benchmarks.soak_ledger import Ledger  # noqa: E402
+from benchmarks.soak_rtc_mqtt import MqttAsker, webrtc_client  # noqa: E402
+from benchmarks.soak_services import (  # noqa: E402
+    Mosquitto,
+    Postgres,
+    Server,
+    log,
+    open_fds,
+    rss_mb,
+)
+from voice_agent.client import load_pcm  # noqa: E402
+
+AUDIO_DIR = (ROOT / "../shared/audio").resolve()
+RECORDINGS = [
+    "jfk.wav",
+    "librispeech-1272-128104-0000.flac",
+    "ldc93s1-16k-mono.wav",
+    "new-home-in-the-stars-16k.wav",
+]
+DEFAULT_MIX = "speech=8,text=8,resume=4,webrtc=2,mqtt=4,vanish=3,never_read=3"
+FAULT_KINDS = ("engine", "mosquitto", "postgres")
+GOAL_RSS_MB = 50.0
+
+
+def parse_mix(text: str) -> dict[str, int]:
+    mix = {k: int(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+    known = {"speech", "text", "resume", "webrtc", "mqtt", "vanish", "never_read"}
+    if not set(mix) <= known:
+        raise SystemExit(f"unknown client kinds: {sorted(set(mix) - known)}")
+    return mix
+
+
+class Soak:
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.duration = args.minutes * 60
+        self.warmup = args.warmup_s if args.warmup_s is not None else self._auto_warmup()
+        self.ledger = Ledger()
+        self.samples: list[dict[str, Any]] = []
+        self.mosquitto = Mosquitto(tmp)
+        self.postgres = Postgres()
+        self.server: Server | None = None
+        self.draining = False
+
+    def _auto_warmup(self) -> float:
+        return float(min(180.0, max(3.0, 0.15 * self.duration)))
+
+    def sample(self, phase: str) -> dict[str, Any]:
+        assert self.server is not None
+        worker = self.server.worker_pid()
+        row = {
+            "t_s": round(self.ledger.now(), 1),
+            "phase": phase,
+            "server_rss_mb": rss_mb(self.server.pid),
+            "server_fds": open_fds(self.server.pid),
+            "worker_rss_mb": rss_mb(worker),
+            "worker_fds": open_fds(worker),
+            "worker_pid": worker,
+        }
+        self.samples.append(row)
+        return row
+
+    async def sampler(self, stopping: asyncio.Event) -> None:
+        last_log = 0.0
+        while not stopping.is_set():
+            t = self.ledger.now()
+            phase = "drain" if self.draining else "warmup" if t < self.warmup else "load"
+            row = self.sample(phase)
+            if t - last_log >= self.args.progress_s:
+                last_log = t
+                s = self.ledger.summary()
+                log(
+                    f"t={t:.0f}s rss server {row['server_rss_mb']} MB worker "
+                    f"{row['worker_rss_mb']} MB, fds {row['server_fds']}/{row['worker_fds']}; "
+                    f"turns {s['sent']} sent {s['answered']} answered "
+                    f"{s['in_flight_at_fault']} at fault {s['lost']} lost {s['open']} open; "
+                    f"errors {dict(self.ledger.errors)}"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.args.sample_s)
+
+    def schedule(self) -> list[tuple[float, str]]:
+        kinds = [k for k in self.args.faults.split(",") if k and k != "none"]
+        if not kinds:
+            return []
+        start, end = self.warmup, 0.8 * self.duration
+        n = max(len(kinds), round(self.args.minutes / 3.3))
+        step = (end - start) / n
+        return [(start + (i + 0.5) * step, kinds[i % len(kinds)]) for i in range(n)]
+
+    async def faults(self, stopping: asyncio.Event) -> None:
+        assert self.server is not None
+        server = self.server
+        for at, kind in self.schedule():
+            delay = at - self.ledger.now()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(stopping.wait(), delay)
+                    return
+                except TimeoutError:
+                    pass
+            fault = self.ledger.fault_started(kind)
+            log(f"fault: {kind}")
+            if kind == "engine":
+                old = await asyncio.to_thread(server.kill_worker)
+                fault.detail = f"worker {old} killed"
+                ok = await asyncio.to_thread(server.wait_new_worker, old)
+                if not ok:
+                    fault.detail += "; no new worker within 120 s"
+            elif kind == "mosquitto":
+                await asyncio.to_thread(self.mosquitto.restart)
+            elif kind == "postgres":
+                await asyncio.to_thread(self.postgres.restart)
+            self.ledger.fault_over(fault)
+            log(f"fault over: {kind} after {fault.end - fault.start:.1f} s")  # type: ignore[operator]
+
+    def server_args(self, model: Path) -> list[str]:
+        return [
+            "--model",
+            str(model),
+            "--engine-process",
+            "--db",
+            self.postgres.url,
+            "--mqtt",
+            self.mosquitto.url,
+            "--max-new-tokens",
+            str(self.args.max_new_tokens),
+            "--max-sessions",
+            "500",
+            "--max-connections-per-client",
+            "1000",
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+        ]
+
+    async def run(self) -> dict[str, Any]:
+        args = self.args
+        model = self.tmp / "tiny"
+        log("making the tiny model; starting PostgreSQL and mosquitto")
+        subprocess.run(
+            [sys.executable, "-m", "voice_agent.cli", "make-tiny-model", str(model)],
+            check=True,
+            capture_output=True,
+            cwd=ROOT,
+        )
+        self.postgres.init()
+        self.mosquitto.start()
+        self.server = server = Server(self.tmp, self.server_args(model))
+        server.start()
+        log(f"server ready on port {server.port} (pid {server.pid}, worker {server.worker_pid()})")
+        recordings = [load_pcm(AUDIO_DIR / name).pcm for name in RECORDINGS]
+        self.ledger = Ledger()
+        idle_start = self.sample("idle_start")
+        ctx = Context(server.url, self.ledger, recordings, args.turn_timeout)
+        mix = parse_mix(args.mix)
+        clients: list[asyncio.Task[None]] = []
+        asker = MqttAsker(ctx, self.mosquitto.url) if mix.get("mqtt") else None
+        runners = {
+            "speech": speech_client,
+            "text": typed_client,
+            "resume": lambda c, n: typed_client(c, n, "resume"),
+            "webrtc": webrtc_client,
+            "vanish": vanishing_client,
+            "never_read": never_reading_client,
+        }
+        stop_side = asyncio.Event()
+        side = [asyncio.create_task(self.sampler(stop_side))]
+        if asker is not None:
+            side.append(asyncio.create_task(asker.run()))
+        for kind, count in mix.items():
+            for i in range(count):
+                name = f"soak-{kind.replace('_', '-')}-{i}"
+                if kind == "mqtt":
+                    assert asker is not None
+                    clients.append(asyncio.create_task(asker.device(name)))
+                else:
+                    clients.append(asyncio.create_task(runners[kind](ctx, name)))
+                await asyncio.sleep(0.2)  # a gentle ramp
+        side.append(asyncio.create_task(self.faults(ctx.stopping)))
+        await asyncio.sleep(max(0.0, self.duration - self.ledger.now()))
+        log("time is up: the clients finish the turn in hand")
+        loaded = self.sample("end_of_load")
+        self.draining = True
+        ctx.stopping.set()
+        _, late = await asyncio.wait(clients, timeout=args.turn_timeout + 30)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
+        self.ledger.close_open_turns("timeout")
+        failed_tasks = Counter(
+            type(r).__name__
+            for r in await asyncio.gather(*clients, return_exceptions=True)
+            if isinstance(r, BaseException)
+        )
+        stop_side.set()
+        for task in side:
+            task.cancel()
+        await asyncio.gather(*side, return_exceptions=True)
+        log("clients gone; the idle server settles for 10 s")
+        await asyncio.sleep(10)
+        idle_end = self.sample("idle_end")
+        exit_code = await asyncio.to_thread(server.stop)
+        return self.report(mix, idle_start, loaded, idle_end, exit_code, failed_tasks, len(late))
+
+    def report(
+        self,
+        mix: dict[str, int],
+        idle_start: dict[str, Any],
+        loaded: dict[str, Any],
+        idle_end: dict[str, Any],
+        exit_code: int | None,
+        failed_tasks: Counter[str],
+        late_tasks: int,
+    ) -> dict[str, Any]:
+        assert self.server is not None
+        turns = self.ledger.summary()
+        load = [s for s in self.samples if s["phase"] == "load"]
+        memory = {
+            "server": _series_growth(load, "server_rss_mb"),
+            "worker": _worker_growth(load, "worker_rss_mb", self.warmup),
+        }
+        fds = {
+            "server": _series_growth(load, "server_fds"),
+            "worker": _worker_growth(load, "worker_fds", self.warmup),
+            "server_idle_start": idle_start["server_fds"],
+            "server_idle_end": idle_end["server_fds"],
+        }
+        memory["server"]["idle_start"] = idle_start["server_rss_mb"]
+        memory["server"]["idle_end"] = idle_end["server_rss_mb"]
+        memory["worker"]["idle_start"] = idle_start["worker_rss_mb"]
+        memory["worker"]["idle_end"] = idle_end["worker_rss_mb"]
+        well_closes = {k: v for k, v in self.ledger.closes.items() if "never_read" not in k}
+        failed_resumes = sum(v for k, v in self.ledger.resumes.items() if k.endswith(":failed"))
+        growth = memory["server"]["growth_after_warmup"]
+        fd_growth = fds["server"]["growth_after_warmup"]
+        goals = {
+            "server_rss_growth_under_50_mb": growth is not None and growth < GOAL_RSS_MB,
+            "fds_flat": fd_growth is not None
+            and abs(fd_growth) <= 5
+            and idle_end["server_fds"] <= idle_start["server_fds"] + 5,
+            "no_turns_lost": turns["lost"] == 0,
+            "no_failed_resumes": failed_resumes == 0,
+            "well_behaved_unaffected": turns["lost"] == 0 and not well_closes,
+        }
+        return {
+            "benchmark": "soak",
+            "minutes": self.args.minutes,
+            "machine": {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()},
+            "server": {
+                "args": [
+                    a if not a.startswith("postgresql://") else "postgresql://..."
+                    for a in self.server.args
+                ],
+                "model": "tiny random Qwen2-Audio",
+                "exit_code": exit_code,
+                "log": _log_summary(self.server.log_path),
+            },
+            "mix": mix,
+            "warmup_s": self.warmup,
+            "sample_s": self.args.sample_s,
+            "faults": [
+                {
+                    "kind": f.kind,
+                    "at_s": round(f.start, 1),
+                    "recovered_after_s": None if f.end is None else round(f.end - f.start, 1),
+                    "detail": f.detail,
+                }
+                for f in self.ledger.faults
+            ],
+            "rss_mb": memory,
+            "fds": fds,
+            "at_end_of_load": loaded,
+            "turns": turns,
+            "resumes": {
+                "counts": dict(sorted(self.ledger.resumes.items())),
+                "failed": failed_resumes,
+                "failed_detail": self.ledger.failed_resumes[:20],
+            },
+            "errors_by_code": dict(sorted(self.ledger.errors.items())),
+            "server_closes_seen": dict(sorted(self.ledger.closes.items())),
+            "misbehaving_clients": dict(sorted(self.ledger.misbehaving.items())),
+            "notes": dict(sorted(self.ledger.notes.items())),
+            "client_tasks": {"failed": dict(failed_tasks), "cancelled_at_end": late_tasks},
+            "well_behaved_got_every_reply": turns["lost"] == 0,
+            "goals": goals,
+            "samples": self.samples,
+        }
+
+
+def _series_growth(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    if not values:
+        return {"after_warmup": None, "end": None, "max": None, "growth_after_warmup": None}
+    return {
+        "after_warmup": values[0],
+        "end": values[-1],
+        "max": max(values),
+        "growth_after_warmup": round(values[-1] - values[0], 1),
+        "growth_max_after_warmup": round(max(values) - values[0], 1),
+    }
+
+
+def _worker_growth(rows: list[dict[str, Any]], key: str, warmup: float) -> dict[str, Any]:
+    """Growth of the last worker process, from `warmup` after its first sample
+    (a killed worker's successor starts small and warms up again)."""
+    if not rows or rows[-1].get("worker_pid") is None:
+        return _series_growth([], key)
+    pid = rows[-1]["worker_pid"]
+    mine = [r for r in rows if r.get("worker_pid") == pid]
+    born = mine[0]["t_s"]
+    first_gen = all(r.get("worker_pid") == pid for r in rows)
+    settled = mine if first_gen else [r for r in mine if r["t_s"] >= born + warmup]
+    out = _series_growth(settled, key)
+    out["pid"] = pid
+    out["measured_from_s"] = settled[0]["t_s"] if settled else None
+    out["workers_seen"] = len({r.get("worker_pid") for r in rows if r.get("worker_pid")})
+    return out
+
+
+def _log_summary(path: Path) -> dict[str, Any]:
+    levels: Counter[str] = Counter()
+    messages: Counter[str] = Counter()
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            levels["non_json"] += 1
+            continue
+        level = str(record.get("level", "?")).lower()
+        levels[level] += 1
+        if level in ("warning", "error", "critical"):
+            messages[f"{level}: {str(record.get('msg', record.get('message', '')))[:100]}"] += 1
+    return {"levels": dict(levels), "warnings_and_errors": dict(messages.most_common(15))}
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--minutes", type=float, default=20.0)
+    ap.add_argument("--mix", default=DEFAULT_MIX, help=f"clients per kind (default {DEFAULT_MIX})")
+    ap.add_argument("--faults", default=",".join(FAULT_KINDS), help="fault kinds, or none")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--sample-s", type=float, default=5.0, help="seconds between samples")
+    ap.add_argument("--warmup-s", type=float, help="default: 15 %% of the run, 3 to 180 s")
+    ap.add_argument("--turn-timeout", type=float, default=120.0)
+    ap.add_argument("--progress-s", type=float, default=30.0)
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    args = ap.parse_args()
+    if not 0 < args.minutes <= 180:
+        ap.error("--minutes: more than 0, at most 180")
+    parse_mix(args.mix)
+    if set(args.faults.split(",")) - {*FAULT_KINDS, "none", ""}:
+        ap.error(f"--faults: {', '.join(FAULT_KINDS)} or none")
+    tmp = Path(tempfile.mkdtemp(prefix="voice-agent-soak-"))
+    soak = Soak(args, tmp)
+    started = time.monotonic()
+    try:
+        result = await soak.run()
+    finally:
+        if soak.server is not None:
+            soak.server.stop()
+        soak.mosquitto.stop()
+        soak.postgres.stop()
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
