@@ -92,3 +92,32 @@ async def test_sessions_are_registered_and_shutdown_saves_them(tmp_path: Path) -
     stored = store.load(live.session_id)
     assert stored is not None and stored.history.turns == 1
     store.close()
+
+
+async def test_a_client_back_before_its_dropped_connection_is_noticed_resumes() -> None:
+    """A client whose network dropped reconnects with its session_id while the
+    server has not yet ended the old connection's session (a busy event loop
+    notices the drop a moment later): it resumes once that session ends,
+    instead of getting a new conversation (found by benchmarks/soak.py)."""
+    import asyncio
+
+    host = ConversationHost(Config(), ScriptedEngine(echo, token_delay=0.0))
+    host.engine_started()
+    inbox = EventRecorder()
+    old = await host.start_session(inbox.send)
+    await old.text("one")
+    await inbox.until_done()
+
+    async def noticed_late() -> None:
+        await asyncio.sleep(0.3)
+        await host.end_session(old)
+
+    later = asyncio.create_task(noticed_late())
+    again = await host.start_session(EventRecorder().send, resume=old.session_id)
+    await later
+    assert again.session_id == old.session_id
+    assert again.conversation is old.conversation
+    # a session of another owner is not waited for: a new conversation at once
+    other = await host.start_session(EventRecorder().send, resume=again.session_id, owner="x")
+    assert other.session_id != again.session_id
+    await host.close()

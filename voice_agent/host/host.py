@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import logging
 import time
 import uuid
@@ -35,6 +36,10 @@ PlaybackHook = Callable[[str, bool], Awaitable[None]]
 KEPT_CONVERSATIONS = 1024
 # Seconds the engine gets to settle the turns cancelled at shutdown.
 SETTLE_TIMEOUT = 2.0
+# Seconds a resume waits for the conversation's session to end when a session
+# of the same owner still holds it: a client whose connection dropped is often
+# back before the server has noticed the drop (benchmarks/soak.py).
+RESUME_WAIT = 3.0
 
 
 class ConversationHost:
@@ -110,7 +115,8 @@ class ConversationHost:
         session_config: SessionConfig | None = None,
     ) -> LiveSession:
         """A LiveSession: the conversation `resume` when it is kept or stored
-        under `owner` and not in use, else a new one under a new id (read
+        under `owner` and not in use (a session of that owner still holding it
+        gets RESUME_WAIT s to end first), else a new one under a new id (read
         `live.session_id`). A resumed conversation keeps its device unless
         `device` is given. With a bus and a device, the session's commands go
         to the bus and the bus's commands for that device come to it.
@@ -121,6 +127,8 @@ class ConversationHost:
         opened = None
         if resume:
             opened = await self.conversations.open(resume, owner, create=False)
+            if opened is None and await self._released(resume, owner):
+                opened = await self.conversations.open(resume, owner, create=False)
         resumed = opened is not None
         if opened is None:
             opened = await self.conversations.open(
@@ -154,6 +162,19 @@ class ConversationHost:
             },
         )
         return live
+
+    async def _released(self, key: str, owner: str) -> bool:
+        """Wait up to RESUME_WAIT s for a session of `owner` holding `key` to
+        end; True when it has (False at once for another owner's or none)."""
+        holder = self._owners.get(key)
+        if holder is None or not hmac.compare_digest(holder, owner):
+            return False
+        deadline = time.monotonic() + RESUME_WAIT
+        while self.conversations.in_use(key):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     async def start_request(
         self,
