@@ -86,6 +86,18 @@ def continuation_available() -> bool:
     return {"continue_window_ms", "continue_heard_ms"} <= names
 
 
+def _speech_check(window_ms: int, barge_in_ms: int) -> dict[str, Any]:
+    """What the server adds for continuation (live_setup.speech_check: Silero
+    confirms resumed speech when the VAD is webrtcvad), where it exists."""
+    if "speech_check" not in {f.name for f in dataclasses.fields(SessionConfig)}:
+        return {}
+    from voice_agent.config import Config
+    from voice_agent.live_setup import speech_check
+
+    cfg = Config(continue_window_ms=window_ms, barge_in_ms=barge_in_ms)
+    return {"speech_check": speech_check(cfg)}
+
+
 @dataclass(frozen=True)
 class Policy:
     hangover_ms: int | None = None  # silence; None: the model
@@ -117,6 +129,7 @@ class Policy:
         }
         if continuation_available():
             extra |= {"continue_window_ms": self.window_ms, "continue_heard_ms": self.heard_ms}
+            extra |= _speech_check(self.window_ms, self.barge_in_ms)
         if self.threshold is None:
             vad = VadConfig(hangover_ms=self.hangover_ms or D.HANGOVER_MS)
             return SessionConfig(vad=vad, **extra)
