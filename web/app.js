@@ -6,6 +6,7 @@ import { RealtimeClient, realtimeUrl } from "./protocol.js";
 import { ServerStatus, readyzUrl } from "./server-status.js";
 import { createAudioInput, iceServersFrom, Recorder, Player } from "./audio.js";
 import { ReplyAudio, storedMuted, storeMuted } from "./reply-audio.js";
+import { Continuation } from "./continuation.js";
 
 const params = new URLSearchParams(window.location.search);
 const byId = (id) => document.querySelector(`[data-testid="${id}"]`);
@@ -57,6 +58,7 @@ function storeSessionId(id) {
 // resumes the same session shows its earlier turns again (text, durations,
 // cut-off marks; not the recorded audio).
 const transcript = { sessionId: null, turns: [] };
+const continuation = new Continuation(ui.conv, transcript);
 
 function loadTranscript() {
   try {
@@ -299,13 +301,14 @@ client.on("speech.stopped", (msg) => {
   speaking = false;
   const t = userTurns.get(msg.utterance_id) || addTurn("user", "You");
   userTurns.delete(msg.utterance_id);
-  const ms = Math.max(0, msg.end_ms - msg.start_ms);
+  const start = continuation.stopped(msg, t); // the first part's start when it continues one
+  const ms = Math.max(0, msg.end_ms - start);
   const seconds = (ms / 1000).toFixed(1);
   t.meta.textContent = `${seconds} s`;
   t.li.dataset.durationMs = String(ms);
   t.entry.durationMs = ms;
   saveTranscript();
-  const pcm = recorder.cut(msg.start_ms, msg.end_ms);
+  const pcm = recorder.cut(start, msg.end_ms);
   t.body.textContent = pcm ? "" : "Spoken (audio not kept)";
   if (pcm) t.body.append(playButton(pcm, seconds));
   setState("thinking");
@@ -351,6 +354,13 @@ client.on("reply.done", (msg) => {
 });
 
 client.on("reply.cancelled", (msg) => {
+  if (msg.reason === "continued") {
+    continuation.takeBack(msg.reply_id);
+    replies.delete(msg.reply_id);
+    replyAudio.stop();
+    saveTranscript();
+    return setState(restingState());
+  }
   const r = replyTurn(msg.reply_id);
   if (typeof msg.text === "string") r.text = msg.text;
   r.body.textContent = r.text || "(nothing said yet)";
