@@ -1,0 +1,53 @@
+"""benchmarks/soak.py end to end, briefly: a reduced mix for a few seconds
+against a real `voice-agent serve` (tiny model, --engine-process, PostgreSQL,
+mosquitto), no faults; its JSON has the promised shape and the turns were
+answered. (The real runs: docs/benchmarks/soak-*.json.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.mosquitto import require_mosquitto
+from tests.helpers.paths import ROOT
+from tests.helpers.postgres import postgres_bin
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+
+def test_a_short_soak_answers_every_turn_and_reports_its_figures() -> None:
+    require_mosquitto()
+    if postgres_bin() is None:
+        pytest.skip("no PostgreSQL server binaries (apt-get install postgresql)")
+    args = ["--minutes", "0.2", "--mix", "text=2,resume=1,mqtt=1", "--faults", "none"]
+    args += ["--warmup-s", "2", "--sample-s", "1", "--settle-s", "1", "--max-new-tokens", "8"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=220,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    turns = result["turns"]
+    assert turns["sent"] > 0 and turns["answered"] == turns["sent"], turns
+    assert turns["lost"] == 0 and turns["open"] == 0
+    assert set(turns["by_kind"]) <= {"text", "resume", "mqtt"} and "mqtt" in turns["by_kind"]
+    for process in ("server", "worker"):
+        assert result["rss_mb"][process]["growth_after_warmup"] is not None
+        assert result["fds"][process]["growth_after_warmup"] is not None
+    assert result["samples"] and result["samples"][0]["server_rss_mb"] > 0
+    assert result["faults"] == [] and result["resumes"]["failed"] == 0
+    assert result["server"]["exit_code"] == 0
+    assert set(result["goals"]) == {
+        "server_rss_growth_under_50_mb",
+        "fds_flat",
+        "no_turns_lost",
+        "no_failed_resumes",
+        "well_behaved_unaffected",
+    }
+    assert result["well_behaved_got_every_reply"] is True
