@@ -413,7 +413,7 @@ async def main() -> int:
     ap.add_argument("--warmup-s", type=float, help="default: 15 %% of the run, 3 to 180 s")
     ap.add_argument("--turn-timeout", type=float, default=120.0)
     ap.add_argument("--progress-s", type=float, default=30.0)
-    ap.add_argument("--settle-s", type=float, default=10.0, help="idle pause before the last sample")
+    ap.add_argument("--settle-s", type=float, default=10.0, help="idle pause, then the last sample")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = ap.parse_args()
     if not 0 < args.minutes <= 180:
