@@ -165,10 +165,10 @@ def parse_request(body: Any, max_new_tokens: int) -> ParsedRequest:
     for m in messages[:-1]:
         role = m.get("role")
         parts = _parts(m.get("content"))
-        if role == "assistant":
+        if role in ("assistant", "system"):  # system: an instruction added later on
             text = "".join(p.get("text", "") for p in parts if p.get("type") == "text")
-            history.append({"role": "assistant", "content": text})
-            turns += 1
+            history.append({"role": role, "content": text})
+            turns += role == "assistant"
         elif role == "user":
             items: list[dict[str, str]] = []
             for p in parts:

@@ -1,5 +1,6 @@
 """The Engine.edit_history contract (engine/base.py), the same on the scripted
-engine, the Qwen2-Audio engine on the tiny model and the --engine-process proxy."""
+engine, the Qwen2-Audio engine on the tiny model, the --engine-process proxy
+and the remote engine (OpenAIEngine against serve-model on the tiny model)."""
 
 from __future__ import annotations
 
@@ -20,15 +21,29 @@ from voice_agent.engine.base import (
     edit_future,
     resolve_threadsafe,
 )
+from voice_agent.engine.deferred import DeferredEngine
+from voice_agent.engine.openai import OpenAIEngine
 from voice_agent.engine.process import ProcessEngine
 from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
 from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.errors import EngineError
+from voice_agent.model_server import serving
 
 
-@pytest.fixture(params=["scripted", "qwen2_audio", "process"])
+@pytest.fixture(params=["scripted", "qwen2_audio", "process", "openai"])
 async def engine(request: pytest.FixtureRequest, tiny_model_dir: Path) -> AsyncIterator[Engine]:
     made: Engine
+    if request.param == "openai":
+        backend = Qwen2AudioEngine(str(tiny_model_dir), max_new_tokens=24)
+        try:
+            async with serving(backend) as (server, port):
+                made = OpenAIEngine(f"http://127.0.0.1:{port}/v1", server.served_name)
+                await made.start()
+                yield made
+                await made.close()
+        finally:
+            await backend.close()
+        return
     if request.param == "scripted":
         made = ScriptedEngine(["alpha beta gamma delta epsilon zeta eta theta"], token_delay=0.001)
     elif request.param == "qwen2_audio":
@@ -69,6 +84,10 @@ async def test_edits_in_order_with_the_turns(engine: Engine) -> None:
         "role": "system",
         "content": "Answer in French.",
     }
+    await say(engine, conv, "Lhasa")  # the appended message is in the next turn's prompt
+    history = engine.history_text(conv)
+    assert history.index("Answer in French.") < history.index("<|im_start|>user\nLhasa")
+    assert conv.turns == 2
 
 
 async def test_a_cancelled_turn_settles_before_the_edit(engine: Engine) -> None:
@@ -95,6 +114,18 @@ async def test_an_edit_of_a_closed_engine_fails_with_engine_error(engine: Engine
     with pytest.raises(EngineError):
         await engine.edit_history(conv, DropTurns())
     engine.edit_history(conv, AppendMessage("user", "x"))  # ignored: no warning
+
+
+async def test_the_deferred_engine_forwards_edits_once_loaded() -> None:
+    deferred = DeferredEngine(lambda: ScriptedEngine(["ok"], token_delay=0))
+    with pytest.raises(EngineError, match="loading"):
+        await deferred.edit_history(Conversation("c", None), DropTurns())
+    await deferred.start()
+    conv = deferred.new_conversation()
+    await say(deferred, conv, "hi")
+    assert await deferred.edit_history(conv, DropTurns())
+    assert conv.turns == 0
+    await deferred.close()
 
 
 async def test_resolve_threadsafe_settles_once() -> None:

@@ -225,12 +225,3 @@ async def test_edit_after_close_fails_quietly() -> None:
     with pytest.raises(EngineError):
         await engine.edit_history(conv, DropTurns())
     engine.edit_history(conv, DropTurns())  # ignored: no "never retrieved" warning
-
-
-def test_edits_check_their_fields() -> None:
-    with pytest.raises(ValueError):
-        DropTurns(0)
-    with pytest.raises(ValueError):
-        TruncateReply(-1)
-    with pytest.raises(ValueError):
-        AppendMessage("tool", "x")  # type: ignore[arg-type]

@@ -102,6 +102,7 @@ class Engine(abc.ABC):
         one of the same conversation still runs (or is being cancelled) starts
         only after that one has finished and its history is settled."""
 
+    @abc.abstractmethod
     def edit_history(self, conversation: Conversation, edit: HistoryEdit) -> asyncio.Future[bool]:
         """Edit the conversation's history (DropTurns, TruncateReply, AppendMessage;
         engine/types.py says what each does). Call it on the event loop.
@@ -120,7 +121,6 @@ class Engine(abc.ABC):
         lowers it by the user messages dropped, AppendMessage of a user message
         raises it by one), conversation.audio_clips, history_text() and what
         snapshot() returns. It does not count against max_queue."""
-        raise NotImplementedError(f"{type(self).__name__} cannot edit histories yet")
 
     def release(self, conversation: Conversation) -> None:  # noqa: B027 (optional hook)
         """The conversation has no client now: free what can be rebuilt (its KV

@@ -12,7 +12,8 @@ stream, which makes the server stop decoding.
 Connect errors are retried a bounded number of times; a backend that stays
 down, times out or answers with an error fails only that turn, with
 errors.BackendUnavailable or EngineError. The API key is sent as a bearer token
-and never logged.
+and never logged. History edits apply to the client-side messages in order
+with the turns (remote_history.py).
 
 `demo_model` follows the backend's GET /models entry for the served model
 (read at start, by every ready() probe and when the name is resolved):
@@ -22,38 +23,37 @@ serve-model marks a model written by make-tiny-model there.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import itertools
 import json
 import logging
 import time
-import wave
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
-from voice_agent.audio import float_to_pcm16, split_clips
-from voice_agent.engine import defaults, prompt
+from voice_agent.engine import defaults
 from voice_agent.engine.base import (
-    SAMPLE_RATE,
-    AudioArray,
     Conversation,
     Delta,
     Engine,
     EngineStats,
     History,
+    HistoryEdit,
     QueueTurnHandle,
     Timing,
     TurnHandle,
     TurnInput,
     TurnResult,
     Usage,
+    edit_future,
 )
+from voice_agent.engine.remote_history import RemoteState, apply_edit, user_message, wav_base64
 from voice_agent.engine.tiny import DEMO_MODEL_KEY
 from voice_agent.errors import BackendUnavailable, Busy, EngineError, VoiceAgentError
+
+__all__ = ["OpenAIEngine", "user_message", "wav_base64"]
 
 logger = logging.getLogger("voice_agent.engine")
 
@@ -61,66 +61,6 @@ logger = logging.getLogger("voice_agent.engine")
 # means it is down or unreachable (and a retry may find it back).
 CONNECT_TIMEOUT = 5.0
 RETRY_DELAY = 0.5  # seconds before the first retry of a failed connect; doubles each time
-
-
-def wav_base64(audio: AudioArray) -> str:
-    """16 kHz mono float32 -> base64 of a PCM16 WAV file."""
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes(float_to_pcm16(audio))
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def user_message(turn: TurnInput, clips_before: int) -> tuple[dict[str, Any], list[AudioArray]]:
-    """One user turn as a ChatML message in the engines' shared history format
-    (audio items name their clip: "clip-N", N counting the conversation's clips)
-    and its clips: audio first, then the text."""
-    clips = split_clips(turn.audio) if turn.audio is not None else []
-    return prompt.user_message(clips_before, len(clips), turn.text), clips
-
-
-@dataclass
-class _RemoteState:
-    """History as ChatML messages (the format every engine's snapshot uses),
-    its audio clips, and each clip's base64 WAV once it has been sent."""
-
-    messages: list[dict[str, Any]] = field(default_factory=list)
-    clips: list[AudioArray] = field(default_factory=list)
-    encoded: dict[int, str] = field(default_factory=dict)
-    last: asyncio.Task[None] | None = None
-
-    def request_messages(
-        self, extra: Sequence[dict[str, Any]] = (), clips: Sequence[AudioArray] = ()
-    ) -> list[dict[str, Any]]:
-        """The messages as the API takes them: audio items become input_audio parts."""
-        all_clips = [*self.clips, *clips]
-        out = []
-        for m in [*self.messages, *extra]:
-            if not isinstance(m.get("content"), list):
-                out.append({"role": m["role"], "content": m.get("content") or ""})
-                continue
-            parts = []
-            for p in m["content"]:
-                if p.get("type") == "audio":
-                    n = prompt.clip_number(p.get("audio"))
-                    if not 1 <= n <= len(all_clips):
-                        continue  # a clip the history does not hold
-                    data = self.encoded.get(n) or wav_base64(all_clips[n - 1])
-                    if n <= len(self.clips):  # settled in the history: encode it once
-                        self.encoded[n] = data
-                    audio = {"data": data, "format": "wav"}
-                    parts.append({"type": "input_audio", "input_audio": audio})
-                elif p.get("type") == "text":
-                    parts.append({"type": "text", "text": str(p.get("text", ""))})
-            if m["role"] == "user":
-                out.append({"role": "user", "content": parts})
-            else:
-                text = "".join(str(p.get("text", "")) for p in parts if p["type"] == "text")
-                out.append({"role": m["role"], "content": text})
-        return out
 
 
 @dataclass
@@ -174,6 +114,7 @@ class OpenAIEngine(Engine):
         self._unfinished = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
+        self._closed = False
 
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAIEngine(url={self.base_url!r}, model={self.model_name!r})"
@@ -181,6 +122,7 @@ class OpenAIEngine(Engine):
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        self._closed = False
         self._client()
         await self.ready(self.connect_timeout)  # the demo mark; a backend down now is not fatal
 
@@ -194,6 +136,7 @@ class OpenAIEngine(Engine):
         return self._session
 
     async def close(self) -> None:
+        self._closed = True
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -239,14 +182,14 @@ class OpenAIEngine(Engine):
         self, system_prompt: str | None = None, conversation_id: str | None = None
     ) -> Conversation:
         cid = conversation_id or f"remote-{next(self._ids)}"
-        state = _RemoteState()
+        state = RemoteState()
         if system_prompt is not None:
             state.messages.append({"role": "system", "content": system_prompt})
         return Conversation(cid, system_prompt, state=state)
 
-    def _state(self, conversation: Conversation) -> _RemoteState:
+    def _state(self, conversation: Conversation) -> RemoteState:
         state = conversation.state
-        if not isinstance(state, _RemoteState):
+        if not isinstance(state, RemoteState):
             raise ValueError("conversation was not created by this engine")
         return state
 
@@ -283,12 +226,43 @@ class OpenAIEngine(Engine):
         task.add_done_callback(self._tasks.discard)
         return handle
 
+    def edit_history(self, conversation: Conversation, edit: HistoryEdit) -> asyncio.Future[bool]:
+        state = self._state(conversation)
+        future = edit_future()
+        if self._closed:
+            future.set_exception(EngineError("the engine is closed"))
+            return future
+        task = asyncio.create_task(self._edit(conversation, state, edit, state.last, future))
+        state.last = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return future
+
+    async def _edit(
+        self,
+        conversation: Conversation,
+        state: RemoteState,
+        edit: HistoryEdit,
+        previous: asyncio.Task[None] | None,
+        future: asyncio.Future[bool],
+    ) -> None:
+        try:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+        except asyncio.CancelledError:
+            if not future.done():
+                future.set_exception(EngineError("the engine is closed"))
+            raise
+        applied = apply_edit(conversation, state, edit)
+        if not future.done():
+            future.set_result(applied)
+
     # ----------------------------------------------------------------- turn
 
     async def _run(
         self,
         conversation: Conversation,
-        state: _RemoteState,
+        state: RemoteState,
         turn: TurnInput,
         handle: QueueTurnHandle,
         previous: asyncio.Task[None] | None,
@@ -330,6 +304,7 @@ class OpenAIEngine(Engine):
                     keep = min(keep, handle.keep_tokens)
             text = "".join(out.pieces[:keep])
             state.messages += [message, {"role": "assistant", "content": text}]
+            state.pieces = out.pieces[:keep]
             state.clips += clips
             conversation.turns += 1
             conversation.audio_clips = len(state.clips)
