@@ -60,22 +60,26 @@ def test_session_events_count_and_time_turns_from_the_end_of_speech() -> None:
     obs.observe(ReplyStarted("r4", None))
     obs.observe(ReplyCancelled("r4", "client", ""))
     obs.observe(ErrorEvent("busy", "too many turns waiting"))
+    obs.observe(ReplyStarted("r5", None))
+    obs.observe(done("r5"))
+    obs.observe(ReplyCancelled("r5", "continued", "text"))  # taken back after its done
     obs.observe(CommandEvent("off", "light.kitchen"))
     obs.rejected_commands(2)
 
     m = parse(metrics)
     assert m["voice_agent_utterances_total"] == 1
-    assert m["voice_agent_turns_total"] == 4  # done and cancelled
+    assert m["voice_agent_turns_total"] == 5  # done and cancelled, each once
     assert m["voice_agent_barge_ins_total"] == 1
+    assert m["voice_agent_continuations_total"] == 1
     assert m['voice_agent_errors_total{code="busy"}'] == 1
     assert m['voice_agent_errors_total{code="internal"}'] == 0  # every code, from the start
     assert m["voice_agent_commands_total"] == 1
     assert m["voice_agent_commands_rejected_total"] == 2
     latency = 'voice_agent_turn_latency_seconds_{}{{transport="realtime"}}'
-    assert m[latency.format("count")] == 2  # cancelled replies have no latency
+    assert m[latency.format("count")] == 3  # cancelled replies have no latency
     assert m[latency.format("sum")] == pytest.approx(3.0)
     # the old attribute names read the same counters
-    assert (metrics.turns_total, metrics.barge_ins_total, metrics.errors_total) == (4, 1, 1)
+    assert (metrics.turns_total, metrics.barge_ins_total, metrics.errors_total) == (5, 1, 1)
     assert (metrics.commands_total, metrics.commands_rejected_total) == (1, 2)
 
 

@@ -16,6 +16,9 @@ Every name starts with `voice_agent_`:
     utterances_total                counter  utterances closed (speech.stopped)
     turns_total                     counter  replies finished or cancelled
     barge_ins_total                 counter  replies cancelled by barge-in
+    continuations_total             counter  replies taken back because the user went on
+                                             speaking (reply.cancelled "continued"; one
+                                             after its reply.done is not a second turn)
     errors_total{code}              counter  error events and messages sent to clients
                                              (realtime and MQTT)
     transport_errors_total{transport,code}
@@ -146,6 +149,9 @@ class Metrics:
         )
         self.turns = Counter(PREFIX + "turns", "replies finished or cancelled", registry=r)
         self.barge_ins = Counter(PREFIX + "barge_ins", "replies cancelled by barge-in", registry=r)
+        self.continuations = Counter(
+            PREFIX + "continuations", "replies taken back: the user went on speaking", registry=r
+        )
         self.errors = Counter(
             PREFIX + "errors", "error events and messages sent to clients", ["code"], registry=r
         )
@@ -370,9 +376,12 @@ class SessionMetrics:
             if start is not None and self._latency is not None:
                 self._latency.observe(max(0.0, self._clock() - start))
         elif isinstance(event, ReplyCancelled):
-            m.turns.inc()
+            if event.reason != "continued" or event.reply_id in self._turn_start:
+                m.turns.inc()  # (a reply taken back after its reply.done counted then)
             if event.reason == "barge_in":
                 m.barge_ins.inc()
+            elif event.reason == "continued":
+                m.continuations.inc()
             self._turn_start.pop(event.reply_id, None)
         elif isinstance(event, ErrorEvent):
             m.errors.labels(event.code).inc()
