@@ -55,9 +55,10 @@ class EventPrinter:
         if isinstance(event, SpeechStartedEvent):
             return f"speech.started {event.utterance_id} at {event.start_ms} ms"
         if isinstance(event, SpeechStoppedEvent):
+            joined = f", continues {event.continues}" if event.continues else ""
             return (
                 f"speech.stopped {event.utterance_id} {event.start_ms}-{event.end_ms} ms"
-                f" ({event.reason or 'silence'})"
+                f" ({event.reason or 'silence'}{joined})"
             )
         if isinstance(event, ReplyStarted):
             return f"reply.started {event.reply_id} for {event.utterance_id or 'text'}"

@@ -36,6 +36,7 @@ from voice_agent.session.actions import (
 )
 from voice_agent.session.config import SessionConfig
 from voice_agent.session.continuation import (
+    KEEP_SLACK_MS,
     Candidate,
     Turn,
     candidate,
@@ -328,6 +329,11 @@ class Session:
         if self._open is not None:
             actions += self._continue(self._open, self._seg.voiced_ms)
             actions += self._barge_in(self._open, self._seg.voiced_ms)
+        c = self._cand
+        if c is not None and c.resumed_by is None:
+            late = self.config.continue_window_ms + KEEP_SLACK_MS  # SpeechStarted comes late
+            if self._seg.frames_ms - c.closed_ms > late:
+                self._cand = None  # the window has passed: let its audio go
         return actions
 
     # -- continuation (continuation.py) ----------------------------------
