@@ -149,6 +149,16 @@ async def test_append_message(make_engine: EngineFactory, short_speech: AudioArr
     # A conversation rebuilt from the same messages renders the same ids.
     rebuilt = engine.history_from_messages(snap.messages, snap.clips, snap.turns)
     assert rebuilt.ids == snap.ids
+    # An appended reply is cut like a decoded one.
+    assert await engine.edit_history(conv, AppendMessage("assistant", "Welcome back."))
+    tokenizer = engine.processor.tokenizer
+    kept = tokenizer.decode(tokenizer.encode("Welcome back.", add_special_tokens=False)[:2])
+    assert 0 < len(kept) < len("Welcome back.")
+    assert await engine.edit_history(conv, TruncateReply(2))
+    assert engine.history_text(conv).endswith(f"<|im_start|>assistant\n{kept}<|im_end|>\n")
+    snap = engine.snapshot(conv)
+    assert snap is not None and snap.messages[-1] == {"role": "assistant", "content": kept}
+    assert engine.history_from_messages(snap.messages, snap.clips, snap.turns).ids == snap.ids
 
 
 async def test_edit_waits_for_a_cancelled_turn(
