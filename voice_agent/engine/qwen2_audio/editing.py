@@ -90,17 +90,17 @@ class _Editing(EngineCore):
             return None
         messages = st.messages[: cut.index]
         clips = len(st.clips) - cut.clips
-        if not st.ids:  # nothing rendered yet: the next turn renders the messages
-            ids: list[int] = []
-        else:
+        ids: list[int] = []  # nothing rendered yet: the next turn renders the messages
+        if st.ids:
             ids = st.ids[: self._message_start(st, messages)]
-        if any(s >= len(ids) for s in st.clip_starts[:clips]):
-            raise RuntimeError("the kept clips are not in the kept ids")
+            if any(s >= len(ids) for s in st.clip_starts[:clips]):
+                raise RuntimeError("the kept clips are not in the kept ids")
         return _Edited(messages, ids, st.clips[:clips], st.clip_starts[:clips], -cut.turns)
 
     def _message_start(self, st: _ConvState, messages: list[Message]) -> int:
         """Where the ids of the history's first len(messages) messages end."""
-        starts = [i for i, x in enumerate(st.ids) if x == self._im_start_id()]
+        im_start = self._im_start_id()
+        starts = [i for i, x in enumerate(st.ids) if x == im_start]
         if self._render(st.messages, False).count(IM_START) != len(starts):
             raise RuntimeError("the history's ids do not match its messages")
         n = self._render(messages, False).count(IM_START) if messages else 0
