@@ -253,3 +253,28 @@ def test_joined_audio_beyond_the_model_window_is_two_turns_again() -> None:
     assert stopped(after)[0].continues is None
     assert one_submit(after).utterance_id == "u1"  # answered again, alone
     assert s.queued == 1  # then u2
+
+
+YEAR_MS = 2080  # the quiet frame before ldc93s1's last word, "year"
+
+
+@pytest.mark.parametrize("checked", [True, False], ids=["silero-check", "webrtc-only"])
+def test_a_short_last_word_joins_when_it_closes_if_silero_calls_it_speech(checked: bool) -> None:
+    # While the reply plays the resumed speech must last barge_in_speaking_ms
+    # (here 1000 ms, longer than "year") before it counts; once the word has
+    # closed, Silero's word that it was speech is enough (min_speech_ms of it).
+    cfg = SessionConfig(barge_in_speaking_ms=1000, speech_check=silero_model() if checked else None)
+    s = Session("s1", cfg)
+    pcm = speech("ldc93s1-16k-mono.wav")
+    cut = YEAR_MS * 2 * RATE // 1000
+    feed(s, silence(1.0) + pcm[:cut] + silence(0.6))
+    s.on_delta("r1", Delta("Sure", 1))
+    s.playback("r1", True)
+    after = feed(s, silence(0.3) + pcm[cut:] + silence(1.0))
+    (stop,) = stopped(after)
+    if checked:
+        assert stop.continues == "u1"
+        assert CancelTurn("r1", 0, "continued") in after
+    else:  # webrtcvad alone cannot tell a word from a knock: it must last
+        assert stop.continues is None
+        assert s.reply_id == "r1"

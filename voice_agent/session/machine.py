@@ -313,7 +313,7 @@ class Session:
             eot = None if ev.eot_probability is None else round(ev.eot_probability, 3)
             # A whole utterance that went by within one chunk may still continue
             # the last one, or barge in.
-            withdrawn = self._continue(ev.utterance_id, ev.voiced_ms)
+            withdrawn = self._continue(ev.utterance_id, ev.voiced_ms, closed=True)
             turns, continues, audio_start = closed_turns(self._joining, ev, uid, self.config)
             if self._joining is not None and self._joining.resumed_by == ev.utterance_id:
                 self._joining = None
@@ -338,23 +338,27 @@ class Session:
 
     # -- continuation (continuation.py) ----------------------------------
 
-    def _continue(self, utterance: int, voiced_ms: int) -> list[Action]:
+    def _continue(self, utterance: int, voiced_ms: int, closed: bool = False) -> list[Action]:
         """The resuming utterance has been speech long enough (as for a
-        barge-in): take the candidate's reply back; the utterance is joined
-        to it when it closes."""
+        barge-in), or, once `closed`, was speech Silero is sure of for
+        min_speech_ms (a short last word): take the candidate's reply back;
+        the utterance is joined to it when it closes."""
         c = self._cand
         if c is None or c.resumed_by != utterance:
             return []
+        sure: int | None = None  # speech Silero is sure of (None: no Silero)
+        if c.check is not None:
+            sure = c.confirmed_ms(self._seg.audio_span, self._seg.frames_ms)
+        elif self.config.vad.vad == "silero":
+            sure = voiced_ms  # the Segmenter counts only sure frames
         limit = self.config.barge_in_ms
         if self._playing and self._audio is not None and self._audio[0] == c.reply_id:
             limit = max(limit, self.config.barge_in_speaking_ms)
-        if voiced_ms < limit:
-            return []
-        if (
-            c.check is not None
-            and c.confirmed_ms(self._seg.audio_span, self._seg.frames_ms) < limit
-        ):
-            return []  # webrtcvad's speech that Silero does not call speech: noise
+        if closed and sure is not None:
+            if sure < self.config.vad.min_speech_ms:
+                return []
+        elif voiced_ms < limit or (sure is not None and sure < limit):
+            return []  # (webrtcvad's speech that Silero does not call speech: noise)
         self._cand = None
         self._joining = c
         self._hold = utterance
