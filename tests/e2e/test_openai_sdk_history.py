@@ -215,3 +215,40 @@ async def test_deleting_the_last_user_item_drops_its_turn(tiny_engine: Qwen2Audi
     assert after == before
     # the cache was cropped back to the first turn: its prompt is still cached
     assert third["response"]["usage"]["input_token_details"]["cached_tokens"] > 0
+
+
+async def test_an_out_of_band_response_with_its_own_input(tiny_engine: Qwen2AudioEngine) -> None:
+    """input [] is a reply without the conversation; input messages and
+    item_references are its whole context; the history is left alone."""
+    story = " ".join(["The kitchen light is on and the oven is still warm."] * 8)
+    async with openai_server(tiny_engine) as app, realtime(app) as (conn, log):
+        await update_session(conn, log, output_modalities=["text"])
+        user = await say(conn, log, story)
+        first = await respond(conn, log)
+        before = history(app, tiny_engine)
+        empty = await respond(conn, log, conversation="none", input=[], metadata={"kind": "none"})
+        question = {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": "Say yes."}],
+        }
+        own = await respond(conn, log, conversation="none", input=[question])
+        reference = {"type": "item_reference", "id": user["item"]["id"]}
+        referenced = await respond(conn, log, conversation="none", input=[reference, question])
+        after = history(app, tiny_engine)
+    assert after == before
+    prompt = {}
+    for name, done in (("empty", empty), ("own", own), ("referenced", referenced)):
+        response = done["response"]
+        assert response["conversation_id"] is None and response["status"] in (
+            "completed",
+            "incomplete",
+        ), (name, response)
+        prompt[name] = response["usage"]["input_tokens"]
+    assert empty["response"]["metadata"] == {"kind": "none"}
+    story_tokens = first["response"]["usage"]["input_tokens"]
+    # without the conversation: the story is not in their prompts, unless referenced
+    assert max(prompt["empty"], prompt["own"]) < story_tokens < prompt["referenced"], (
+        prompt,
+        story_tokens,
+    )

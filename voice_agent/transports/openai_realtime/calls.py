@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from voice_agent.engine.types import AudioArray, HistoryEdit, TurnInput
+from voice_agent.engine.types import AppendMessage, AudioArray, HistoryEdit, TurnInput
 from voice_agent.session import SessionConfig
 
 
@@ -44,6 +44,25 @@ class Edit:
 
 
 @dataclass(frozen=True)
+class Aside:
+    """An out-of-band response with its own context (response.input): a
+    throwaway conversation with `system_prompt`, these messages appended,
+    then `turn`; its deltas and end go back through the translator as the
+    native events of `reply_id` (t.aside_started first). Never spoken."""
+
+    reply_id: str
+    system_prompt: str | None
+    messages: tuple[AppendMessage, ...]
+    turn: TurnInput
+    max_output_tokens: int | None
+
+
+@dataclass(frozen=True)
+class CancelAside:
+    reply_id: str
+
+
+@dataclass(frozen=True)
 class Cancel:
     pass
 
@@ -73,5 +92,17 @@ class Failed:
     event_id: str | None
 
 
-Call = Start | Feed | Commit | Respond | Edit | Cancel | StopAudio | Transcribe | Failed
+Call = (
+    Start
+    | Feed
+    | Commit
+    | Respond
+    | Edit
+    | Aside
+    | CancelAside
+    | Cancel
+    | StopAudio
+    | Transcribe
+    | Failed
+)
 Out = dict[str, Any] | Call

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from websockets.exceptions import ConnectionClosed
 
+from voice_agent.engine.base import TurnHandle
 from voice_agent.engine.types import SAMPLE_RATE, TurnInput
 from voice_agent.errors import (
     CLOSE_NORMAL,
@@ -43,14 +44,18 @@ from voice_agent.errors import (
     IdleTimeout,
     SlowClient,
     Unsupported,
+    WireError,
 )
 from voice_agent.host import ConversationHost
 from voice_agent.limits import AudioPacer, MessageLimiter
 from voice_agent.live import LiveSession
 from voice_agent.protocol import ReplyAudioStarted, ReplyDone, ReplyStarted, ServerEvent
 from voice_agent.transports.openai_realtime import transcripts
+from voice_agent.transports.openai_realtime.aside_run import run_aside
 from voice_agent.transports.openai_realtime.calls import (
+    Aside,
     Cancel,
+    CancelAside,
     Commit,
     Edit,
     Failed,
@@ -111,6 +116,7 @@ class RealtimeConnection:
         self._pacer = AudioPacer(config.max_audio_speed, time.monotonic)
         self._last_seen = 0.0  # loop time of the last client message
         self._transcriber: asyncio.Future[Any] | None = None
+        self._aside_handles: dict[str, TurnHandle] = {}  # out-of-band responses with input
 
     @property
     def session_id(self) -> str:
@@ -146,6 +152,9 @@ class RealtimeConnection:
             if not self.outbox.put(_dumps(event)):
                 self._too_slow()
                 return
+
+    def _report(self, exc: BaseException) -> WireError:
+        return self.host.report(exc, transport=TRANSPORT, session_id=self.session_id)
 
     def _too_slow(self) -> None:
         self._closing = True
@@ -344,6 +353,24 @@ class RealtimeConnection:
             return
         if isinstance(call, Edit):
             self._edit(call)
+            return
+        if isinstance(call, Aside):
+            self._spawn(
+                run_aside(
+                    self.host.engine,
+                    call,
+                    self.t,
+                    self._put,
+                    self._aside_handles,
+                    conversation_id=f"{self.t.session_id}-{call.reply_id}",
+                    report=self._report,
+                )
+            )
+            return
+        if isinstance(call, CancelAside):
+            handle = self._aside_handles.get(call.reply_id)
+            if handle is not None:
+                handle.cancel()
             return
         live = self.live
         if isinstance(call, StopAudio):

@@ -52,6 +52,13 @@ class ItemIn:
 
 
 @dataclass(frozen=True)
+class ItemRef:
+    """An item_reference in response.input: an item of the conversation."""
+
+    id: str
+
+
+@dataclass(frozen=True)
 class ItemCreate:
     event_id: str | None
     item: ItemIn
@@ -88,6 +95,7 @@ class ResponseCreate:
     instructions: str | None = None
     conversation: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
+    input: tuple[ItemIn | ItemRef, ...] | None = None  # its own context (out-of-band)
 
 
 @dataclass(frozen=True)
@@ -224,11 +232,16 @@ def _response(event_id: str | None, obj: Any) -> ResponseCreate:
         p,
     )
     refuse_tools(obj, p)
-    if obj.get("input") is not None:
-        raise Unsupported("response.input (out-of-band input) is not supported", "response.input")
     conversation = obj.get("conversation", "auto")
     if conversation not in ("auto", "none"):
         raise InvalidField("response.conversation must be auto or none", "response.conversation")
+    inputs = _inputs(obj.get("input"))
+    if inputs is not None and conversation != "none":
+        raise Unsupported(
+            'response.input with conversation "auto" is not supported (its own context, its '
+            'reply joining the conversation): use conversation "none"',
+            "response.input",
+        )
     modalities = obj.get("output_modalities")
     if modalities is not None and (
         not isinstance(modalities, list)
@@ -257,7 +270,25 @@ def _response(event_id: str | None, obj: Any) -> ResponseCreate:
         instructions=_str(obj, "instructions", "response.instructions", optional=True),
         conversation=conversation,
         extra={"audio": obj["audio"]} if "audio" in obj else {},
+        input=inputs,
     )
+
+
+def _inputs(value: Any) -> tuple[ItemIn | ItemRef, ...] | None:
+    """response.input: messages and item_references (None: not given)."""
+    if value is None:
+        return None
+    p = "response.input"
+    if not isinstance(value, list):
+        raise InvalidField(f"{p} must be an array", p)
+    out: list[ItemIn | ItemRef] = []
+    for i, obj in enumerate(value):
+        if isinstance(obj, dict) and obj.get("type") == "item_reference":
+            _only(obj, {"type", "id"}, f"{p}[{i}]")
+            out.append(ItemRef(_str(obj, "id", f"{p}[{i}].id")))
+        else:
+            out.append(_item(obj))
+    return tuple(out)
 
 
 def parse(text: str | bytes) -> Request:

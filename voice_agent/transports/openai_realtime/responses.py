@@ -37,7 +37,7 @@ from typing import Any
 
 from voice_agent.engine.types import TruncateReply
 from voice_agent.errors import InvalidField, NoActiveResponse
-from voice_agent.transports.openai_realtime.calls import Cancel, Edit, Out, StopAudio
+from voice_agent.transports.openai_realtime.calls import Cancel, CancelAside, Edit, Out, StopAudio
 from voice_agent.transports.openai_realtime.codec import format_object
 from voice_agent.transports.openai_realtime.events import ItemTruncate
 from voice_agent.transports.openai_realtime.history import ModelHistory, heard_tokens
@@ -66,6 +66,7 @@ class Response:
     status: str = "in_progress"
     details: dict[str, Any] | None = None
     in_conversation: bool = True  # False: out-of-band (conversation "none")
+    aside: bool = False  # out-of-band with its own input: runs beside the Session's replies
     marks: list[int] = field(default_factory=list)  # len(text) after each delta
     tokens: int = 0  # reply tokens (deltas) the model's history holds of it
     keep: int | None = None  # a cut of the history waiting for the reply to end
@@ -117,8 +118,12 @@ class Responses:
 
     @property
     def in_progress(self) -> Response | None:
-        """The newest response not finished yet."""
-        return next(reversed(self.open.values()), None) if self.open else None
+        """The newest response of the Session not finished yet (not an aside)."""
+        return next((r for r in reversed(self.open.values()) if not r.aside), None)
+
+    @property
+    def asides(self) -> int:
+        return sum(1 for r in self.open.values() if r.aside)
 
     def by_id(self, response_id: str) -> Response | None:
         return next((r for r in self.open.values() if r.id == response_id), None)
@@ -165,13 +170,14 @@ class Responses:
     def _where(self, r: Response) -> dict[str, Any]:
         return {"response_id": r.id, "item_id": r.item_id, "output_index": 0, "content_index": 0}
 
-    def start(self, reply_id: str, opts: Options) -> list[dict[str, Any]]:
+    def start(self, reply_id: str, opts: Options, *, aside: bool = False) -> list[dict[str, Any]]:
         """reply.started: finish what still waits for its audio (completed:
         its text was generated; the speaker stops its audio for the new
-        reply), then open the new response."""
+        reply), then open the new response. (An aside touches no other.)"""
         out: list[dict[str, Any]] = []
         for old in list(self.open.values()):  # its text is done: only its audio is cut
-            out += self._complete(old)
+            if not aside and not old.aside:
+                out += self._complete(old)
         r = Response(
             self.ids.next("resp"),
             reply_id,
@@ -181,6 +187,7 @@ class Responses:
             opts.max_output_tokens,
             opts.metadata,
             in_conversation=opts.in_conversation,
+            aside=aside,
         )
         self._formats[r.id] = opts
         self.open[reply_id] = r
@@ -385,8 +392,11 @@ class Responses:
     def cancel_request(self, response_id: str | None) -> list[Out]:
         """response.cancel: the response generating, or the audio still going out."""
         current = self.in_progress
-        if response_id is not None and self.by_id(response_id) is None:
+        asked = self.by_id(response_id) if response_id is not None else None
+        if response_id is not None and asked is None:
             raise NoActiveResponse("no such response in progress", "response_id")
+        if asked is not None and asked.aside:
+            return [CancelAside(asked.reply_id)]
         if current is None:
             raise NoActiveResponse("no response is in progress", "response_id")
         if current.text_done:

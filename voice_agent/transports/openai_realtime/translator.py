@@ -40,7 +40,7 @@ import numpy as np
 
 from voice_agent.audio import pcm16_to_float, resample
 from voice_agent.engine.types import DropTurns, TurnInput
-from voice_agent.errors import BadAudio, CommitEmpty, InvalidField, ResponseActive
+from voice_agent.errors import BadAudio, Busy, CommitEmpty, InvalidField, ResponseActive
 from voice_agent.protocol import (
     ErrorEvent,
     ReplyAudioDone,
@@ -53,10 +53,11 @@ from voice_agent.protocol import (
     SpeechStoppedEvent,
 )
 from voice_agent.session import SessionConfig
+from voice_agent.transports.openai_realtime import aside, idle, transcripts
 from voice_agent.transports.openai_realtime import events as ev
-from voice_agent.transports.openai_realtime import idle, transcripts
 from voice_agent.transports.openai_realtime import settings as st
 from voice_agent.transports.openai_realtime.calls import (
+    Aside,
     Commit,
     Edit,
     Failed,
@@ -109,6 +110,7 @@ class Translator:
         self._answered = False  # a response has started: the history is not empty
         self._buffer = bytearray()  # manual turns: input audio not committed yet
         self._oob: set[str] = set()  # native reply ids of out-of-band responses
+        self._asides: dict[str, Options] = {}  # asides asked for, not started yet
         self._asked: deque[ev.ResponseCreate] = deque()
         self._utterances: dict[str, str] = {}  # native utterance id -> item id
         self._open_utterance: str | None = None
@@ -296,7 +298,9 @@ class Translator:
         """A response to the pending items (in-band: they join the history);
         out-of-band (conversation none): the same turn, which leaves the
         history when it ends (DropTurns(1) in `_server`) while the pending
-        items stay pending."""
+        items stay pending. With `input`: an aside (aside.py)."""
+        if r.input is not None:
+            return self._aside(r)
         current = self.responses.in_progress
         if current is not None and not current.text_done:
             raise ResponseActive("a response is in progress: cancel it or wait", "response")
@@ -318,6 +322,23 @@ class Translator:
         self._asked.append(r)
         opts = self._options(r)
         return [*self._ensure_started(), Respond(turn, opts.audio, opts.max_output_tokens)]
+
+    def _aside(self, r: ev.ResponseCreate) -> list[Out]:
+        assert r.input is not None
+        if self.responses.asides + len(self._asides) >= aside.MAX_ASIDES:
+            raise Busy(f"at most {aside.MAX_ASIDES} out-of-band responses with input at once")
+        messages, turn = aside.build(r.input, self.items, self.settings.input_format, SPEAK_FIRST)
+        reply_id = self.ids.next("aside")
+        opts = dataclasses.replace(self._options(r), audio=False)
+        self._asides[reply_id] = opts
+        system = (
+            r.instructions if r.instructions is not None else self._start().config.system_prompt
+        )
+        return [Aside(reply_id, system, messages, turn, opts.max_output_tokens)]
+
+    def aside_started(self, reply_id: str) -> list[dict[str, Any]]:
+        """The Aside `reply_id` is about to run: its response opens."""
+        return self.responses.start(reply_id, self._asides.pop(reply_id), aside=True)
 
     def _options(self, r: ev.ResponseCreate | None) -> Options:
         s = self.settings
