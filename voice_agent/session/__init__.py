@@ -76,10 +76,12 @@ report of its start) for at most `continue_heard_ms`, resumes it; once that
 speech has been scored as speech for barge_in_ms (barge_in_speaking_ms while
 that reply's audio plays; with `speech_check`, only frames Silero is sure of
 count), or, when it closes sooner (a short last word), Silero was sure of
-min_speech_ms of it (speech_check or vad="silero"), the reply is taken back: StopAudio(reply_id, "continued"),
+min_speech_ms of it (speech_check or vad="silero"), the reply is taken back:
+StopAudio(reply_id, "continued"),
 CancelTurn(keep_tokens=0, "continued") if it still runs, reply.cancelled
 (reason "continued", which may follow its reply.done), EditHistory(
-DropTurns(1)) and its entries leave `history`; a turn still waiting is just
+DropTurns(1, submitted=True)) (that turn, whether or not it had started in
+the engine) and its entries leave `history`; a turn still waiting is just
 taken out of the queue. When the new utterance closes, it is answered as one
 turn whose audio runs from the first one's audio start to its own end, the
 pause included (the Segmenter keeps the recent audio for that); its
