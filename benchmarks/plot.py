@@ -204,7 +204,9 @@ def felt_chart(data: dict[str, Any], path: Path) -> Path:
     continuation and with the picked continue window and heard limit (the
     other windows and limits faint); the goal shaded."""
     results = data["results"]
-    picked = (data.get("picked") or {}).get("name", "")
+    star = data.get("picked") or data.get("closest_under_goal_latency") or {}
+    picked = star.get("name", "")
+    what = "picked" if data.get("picked") else "nothing meets the rule; closest under 500 ms"
     window = picked.split("continue ")[1] if "continue " in picked else None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     panels = (
@@ -243,6 +245,18 @@ def felt_chart(data: dict[str, Any], path: Path) -> Path:
         if picked in results and results[picked].get(key) is not None:
             r = results[picked]
             ax.scatter(r["latency_mean_ms"], r[key], marker="*", s=160, color="black", zorder=5)
+        for name, r in data.get("barge_in_variants", {}).items():
+            if r.get(key) is not None:
+                ax.scatter(r["latency_mean_ms"], r[key], marker="x", color="tab:green", zorder=5)
+                tag = "barge-in " + name.split("barge-in ")[1]
+                ax.annotate(
+                    tag,
+                    (r["latency_mean_ms"], r[key]),
+                    xytext=(4, -10),
+                    fontsize=7,
+                    textcoords="offset points",
+                    color="tab:green",
+                )
         ax.set(xlabel="last word to first reply audio, mean (ms)", ylabel=ylabel)
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)
@@ -252,7 +266,7 @@ def felt_chart(data: dict[str, Any], path: Path) -> Path:
     fig.suptitle(
         f"Turn-taking as felt: {n.get('whole', '?')} whole and {n.get('cut', '?')} cut "
         f"sentences of {len(data.get('recordings', []))} recordings, Piper, scripted engine; "
-        f"star: picked ({picked or 'nothing meets the rule'})",
+        f"star: {what} ({picked or 'none'}); x: its shorter barge-in lengths",
         fontsize=9,
     )
     fig.tight_layout()

@@ -29,10 +29,12 @@ that follows a reply quickly would be joined too, which these cases do not
 measure). Picked on four recordings and scored on the fifth (each in turn;
 `held_out`), and on all five (`picked`). Goal: that, with a mean latency
 under GOAL_LATENCY_MS, and talk-over stopped within GOAL_TALK_OVER_MS at p95.
-`barge_in_variants`: the picked policy with shorter barge-in lengths (how
-soon speech stops the reply's audio), for what they would do to talk-over;
-not picked by, since these cases have no echo of the assistant's voice (what
-the longer length while the audio plays is for).
+`closest_under_goal_latency`: when nothing meets the rule, the fewest
+fragments among the policies under GOAL_LATENCY_MS. `barge_in_variants`: the
+picked (else that closest) policy with shorter barge-in lengths, which are
+also how much resumed speech counts for continuation; not picked by, since
+these cases have no echo of the assistant's voice (what the longer length
+while the audio plays is for) and no coughs or clicks.
 
     python benchmarks/turns.py > docs/benchmarks/turns.json
 
@@ -193,6 +195,20 @@ def pick(
     return best
 
 
+def closest(runs: dict[Policy, list[Felt]]) -> tuple[Policy, dict[str, Any]] | None:
+    """How close the family gets when nothing meets the rule: the fewest
+    fragments among the policies under GOAL_LATENCY_MS (then the rule's order)."""
+    best: tuple[Policy, dict[str, Any]] | None = None
+    for policy, felt in runs.items():
+        s = summarize(felt)
+        if (s["latency_mean_ms"] or 1e9) >= GOAL_LATENCY_MS:
+            continue
+        key = (s["fragment_rate_cut"], *_sort_key(policy, s))
+        if best is None or key < (best[1]["fragment_rate_cut"], *_sort_key(*best)):
+            best = (policy, s)
+    return best
+
+
 def held_out(runs: dict[Policy, list[Felt]], recordings: Sequence[str]) -> dict[str, Any]:
     folds: dict[str, Any] = {}
     pooled: list[Felt] = []
@@ -301,9 +317,11 @@ def main() -> None:
     for policy in table_policies(best, detector is not None):
         if policy not in runs:
             extra[policy] = run(policy)
-    if best is not None:  # what shorter barge-in lengths would do to talk-over
+    near = closest(runs)
+    varied = best if best is not None else None if near is None else near[0]
+    if varied is not None:  # what shorter barge-in lengths would do (not picked by)
         for b, bs in BARGE_INS_MS:
-            policy = dataclasses.replace(best, barge_in_ms=b, barge_in_speaking_ms=bs)
+            policy = dataclasses.replace(varied, barge_in_ms=b, barge_in_speaking_ms=bs)
             extra[policy] = run(policy)
     if detector is not None:
         cache = {k.hex(): v for k, v in detector.cache.items()}
@@ -346,6 +364,7 @@ def main() -> None:
             f"talk_over_stop_p95_ms <= {GOAL_TALK_OVER_MS:g}"
         ),
         "picked": None if chosen is None else {"name": chosen[0].name, **chosen[1]},
+        "closest_under_goal_latency": None if near is None else {"name": near[0].name, **near[1]},
         "held_out": held_out(runs, recordings),
         "table": rows,
         "barge_in_variants": barge_ins,
