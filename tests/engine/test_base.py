@@ -65,11 +65,11 @@ async def test_edits_in_order_with_the_turns(engine: Engine) -> None:
     await say(engine, conv, "Kathmandu")
     assert conv.turns == 2
     assert await engine.edit_history(conv, DropTurns(1))
-    assert conv.turns == 1
+    assert conv.turns == 2  # turns taken: an edit never lowers it
     history = engine.history_text(conv)
     assert "Zanzibar" in history and "Kathmandu" not in history
     snap = engine.snapshot(conv)
-    assert snap is not None and snap.turns == 1
+    assert snap is not None and snap.turns == 2
     assert [m["role"] for m in snap.messages if m["role"] != "system"] == ["user", "assistant"]
 
     assert await engine.edit_history(conv, TruncateReply(0))
@@ -87,7 +87,7 @@ async def test_edits_in_order_with_the_turns(engine: Engine) -> None:
     await say(engine, conv, "Lhasa")  # the appended message is in the next turn's prompt
     history = engine.history_text(conv)
     assert history.index("Answer in French.") < history.index("<|im_start|>user\nLhasa")
-    assert conv.turns == 2
+    assert conv.turns == 3
 
 
 async def test_a_cancelled_turn_settles_before_the_edit(engine: Engine) -> None:
@@ -102,10 +102,32 @@ async def test_a_cancelled_turn_settles_before_the_edit(engine: Engine) -> None:
         pass
     await collect(last)
     assert await dropped
-    assert conv.turns == 1
+    assert conv.turns == 2
     history = engine.history_text(conv)
     assert "Zanzibar" not in history and history.count("<|im_start|>user\n") == 1
     assert "<|im_start|>user\nKathmandu<|im_end|>" in history
+
+
+async def test_drop_submitted_turns(engine: Engine) -> None:
+    """DropTurns(submitted=True) after a turn cancelled before it started drops
+    nothing older in its place; with n=2 it drops the turn before."""
+    conv = engine.new_conversation()
+    await say(engine, conv, "Zanzibar")
+    running = engine.submit(conv, TurnInput(text="Kathmandu"))
+    waiting = engine.submit(conv, TurnInput(text="Lhasa"))  # waits for "Kathmandu"
+    waiting.cancel(keep_tokens=0)  # before it started: it leaves nothing
+    nothing = engine.edit_history(conv, DropTurns(1, submitted=True))
+    await collect(running)
+    await collect(waiting)
+    assert waiting.result.cancelled
+    assert not await nothing
+    history = engine.history_text(conv)
+    assert "Kathmandu" in history and "Lhasa" not in history
+    assert await engine.edit_history(conv, DropTurns(2, submitted=True))
+    history = engine.history_text(conv)
+    assert "Zanzibar" in history and "Kathmandu" not in history
+    assert not await engine.edit_history(conv, DropTurns(2, submitted=True))  # both gone
+    assert conv.turns == 2
 
 
 async def test_an_edit_of_a_closed_engine_fails_with_engine_error(engine: Engine) -> None:
@@ -124,7 +146,7 @@ async def test_the_deferred_engine_forwards_edits_once_loaded() -> None:
     conv = deferred.new_conversation()
     await say(deferred, conv, "hi")
     assert await deferred.edit_history(conv, DropTurns())
-    assert conv.turns == 0
+    assert "hi" not in deferred.history_text(conv)
     await deferred.close()
 
 

@@ -47,7 +47,7 @@ async def test_drop_turns_crops_the_cache(
     await turn(engine, conv, text="Dim the lights.", audio=short_speech)
     assert conv.turns == 2 and conv.audio_clips == 2
     assert await engine.edit_history(conv, DropTurns(1))
-    assert conv.turns == 1 and conv.audio_clips == 1
+    assert conv.turns == 2 and conv.audio_clips == 1  # turns taken: never lowered
     assert history_ids(engine, conv) == after_first  # snapshot() reflects the edit
     cached = engine.cached_tokens(conv)
     assert cached is not None and 0 < cached <= len(after_first)  # cropped, not dropped
@@ -72,7 +72,7 @@ async def test_drop_every_turn(make_engine: EngineFactory, short_speech: AudioAr
     assert not await engine.edit_history(conv, DropTurns(3))  # nothing to apply it to
     assert conv.turns == 2
     assert await engine.edit_history(conv, DropTurns(2))
-    assert conv.turns == 0 and conv.audio_clips == 0
+    assert conv.turns == 2 and conv.audio_clips == 0
     assert history_ids(engine, conv) == [] and engine.cached_tokens(conv) is None
     edited = await turn(engine, conv, text="Hello.")
     fresh = engine.new_conversation()
@@ -124,7 +124,7 @@ async def test_append_message(make_engine: EngineFactory, short_speech: AudioArr
     cached = engine.cached_tokens(conv)
     assert await engine.edit_history(conv, AppendMessage("system", "Answer in French."))
     assert await engine.edit_history(conv, AppendMessage("user", "Typed note."))
-    assert conv.turns == 2
+    assert conv.turns == 1
     assert engine.cached_tokens(conv) == cached  # prefilled with the next turn
     history = engine.history_text(conv)
     assert history.endswith(
@@ -136,7 +136,7 @@ async def test_append_message(make_engine: EngineFactory, short_speech: AudioArr
     assert prompt.startswith(history)
     assert prompt.endswith("<|im_start|>user\nHi.<|im_end|>\n<|im_start|>assistant\n")
     snap = engine.snapshot(conv)
-    assert snap is not None and snap.turns == 3
+    assert snap is not None and snap.turns == 2
     assert [m["role"] for m in snap.messages] == [
         "assistant",
         "user",
@@ -177,7 +177,7 @@ async def test_edit_waits_for_a_cancelled_turn(
     await collect(second)
     assert first.result.cancelled
     assert await edited
-    assert conv.turns == 1
+    assert conv.turns == 2
     history = engine.history_text(conv)
     assert "first" not in history and "<|im_start|>user\nsecond<|im_end|>" in history
     assert history.count("<|im_start|>user") == 1

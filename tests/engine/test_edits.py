@@ -18,10 +18,32 @@ MESSAGES = [
 
 
 def test_dropped() -> None:
-    assert edits.dropped(MESSAGES, DropTurns(1)) == edits.Dropped(4, 1, 2)
-    assert edits.dropped(MESSAGES, DropTurns(2)) == edits.Dropped(1, 2, 3)
-    assert edits.dropped(MESSAGES, DropTurns(3)) is None
+    log = edits.TurnLog()
+    assert edits.dropped(MESSAGES, DropTurns(1), log, 0) == edits.Dropped(4, 1, 2)
+    assert edits.dropped(MESSAGES, DropTurns(2), log, 0) == edits.Dropped(1, 2, 3)
+    assert edits.dropped(MESSAGES, DropTurns(3), log, 0) is None
     assert edits.drop_index(MESSAGES, 2) == 1
+
+
+def test_dropped_submitted_turns_follow_the_turn_log() -> None:
+    log = edits.TurnLog()
+    first, second, third = log.submit(), log.submit(), log.submit()
+    log.note(third, False)  # cancelled while waiting: it ends before the second
+    log.note(first, True)
+    log.note(second, True)
+    upto = log.submitted
+    assert edits.dropped(MESSAGES, DropTurns(1, submitted=True), log, upto) is None
+    assert edits.dropped(MESSAGES, DropTurns(2, submitted=True), log, upto) == edits.Dropped(
+        4, 1, 2
+    )
+    assert log.fates == {0: True, 1: False, 2: False}  # the second is gone now
+    assert edits.dropped(MESSAGES[:4], DropTurns(2, submitted=True), log, upto) is None
+    # Turns from before the log (a restored conversation) are in the history.
+    fresh = edits.TurnLog()
+    assert edits.dropped(MESSAGES, DropTurns(1, submitted=True), fresh, 0) == edits.Dropped(4, 1, 2)
+    for _ in range(edits.TURN_LOG + 5):
+        log.note(log.submit(), True)
+    assert len(log.fates) <= edits.TURN_LOG + 1
 
 
 def test_message_text_and_last_reply() -> None:

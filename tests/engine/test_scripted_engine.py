@@ -139,14 +139,14 @@ async def test_drop_turns_cuts_the_history_back() -> None:
     for text in ("one", "two", "three"):
         await _turn(engine, conv, text)
     assert await engine.edit_history(conv, DropTurns(2))
-    assert conv.turns == 1
+    assert conv.turns == 3  # turns taken: an edit never lowers it
     history = engine.history_text(conv)
     assert "reply one" in history and "two" not in history and "three" not in history
     snap = engine.snapshot(conv)
-    assert snap is not None and snap.turns == 1 and len(snap.messages) == 2
+    assert snap is not None and snap.turns == 3 and len(snap.messages) == 2
     assert not await engine.edit_history(conv, DropTurns(2))  # only one turn left
     assert await engine.edit_history(conv, DropTurns(1))
-    assert conv.turns == 0 and engine.snapshot(conv) == History(turns=0)
+    assert engine.snapshot(conv) == History(turns=3)
 
 
 async def test_drop_turns_counts_clips() -> None:
@@ -156,7 +156,7 @@ async def test_drop_turns_counts_clips() -> None:
     await collect(engine.submit(conv, TurnInput(audio=np.zeros(1600, dtype=np.float32))))
     assert conv.audio_clips == 2
     assert await engine.edit_history(conv, DropTurns())
-    assert conv.audio_clips == 1 and conv.turns == 1
+    assert conv.audio_clips == 1 and conv.turns == 2
 
 
 async def test_truncate_reply() -> None:
@@ -178,9 +178,8 @@ async def test_append_message() -> None:
     conv = engine.new_conversation()
     assert await engine.edit_history(conv, AppendMessage("system", "Speak French."))
     assert await engine.edit_history(conv, AppendMessage("assistant", "Bonjour."))
-    assert conv.turns == 0
     assert await engine.edit_history(conv, AppendMessage("user", "Salut"))
-    assert conv.turns == 1
+    assert conv.turns == 0
     await _turn(engine, conv, "ça va")
     history = engine.history_text(conv)
     assert history.endswith(
@@ -190,7 +189,7 @@ async def test_append_message() -> None:
         "<|im_start|>user\nça va<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n"
     )
     restored = engine.restore("again", None, engine.snapshot(conv) or History())
-    assert engine.history_text(restored) == history and restored.turns == 2
+    assert engine.history_text(restored) == history and restored.turns == 1
 
 
 async def test_edit_waits_for_the_cancelled_turn() -> None:
@@ -207,9 +206,38 @@ async def test_edit_waits_for_the_cancelled_turn() -> None:
     await collect(h2)
     assert h1.result.cancelled and h1.result.text == ""
     assert await edited
-    assert conv.turns == 1
+    assert conv.turns == 2
     history = engine.history_text(conv)
     assert "first" not in history and "user\nsecond<|im_end|>" in history
+
+
+async def test_drop_submitted_turns() -> None:
+    def reply(turn: TurnInput) -> str:
+        if turn.text == "boom":
+            raise ValueError("script broke")
+        return f"a b c {turn.text}"
+
+    engine = ScriptedEngine(reply, token_delay=0.001)
+    conv = engine.new_conversation()
+    await _turn(engine, conv, "one")
+    two = engine.submit(conv, TurnInput(text="two"))
+    three = engine.submit(conv, TurnInput(text="three"))  # waits for "two"
+    three.cancel(keep_tokens=0)  # before it started: it leaves nothing
+    assert not await engine.edit_history(conv, DropTurns(1, submitted=True))
+    await collect(two)
+    await collect(three)
+    assert "three" not in engine.history_text(conv) and "a b c two" in engine.history_text(conv)
+    assert not await engine.edit_history(conv, DropTurns(1, submitted=True))  # three again
+    assert await engine.edit_history(conv, DropTurns(2, submitted=True))  # two, three
+    assert "two" not in engine.history_text(conv) and "a b c one" in engine.history_text(conv)
+    # The turns dropped count as gone: the same edit again drops nothing older.
+    assert not await engine.edit_history(conv, DropTurns(2, submitted=True))
+    failed = engine.submit(conv, TurnInput(text="boom"))
+    with pytest.raises(EngineError):
+        await collect(failed)
+    assert not await engine.edit_history(conv, DropTurns(1, submitted=True))
+    assert await engine.edit_history(conv, DropTurns(1))  # the plain form: the last in the history
+    assert engine.snapshot(conv) == History(turns=2)  # "one" and "two" were taken
 
 
 async def test_edit_after_close_fails_quietly() -> None:

@@ -117,10 +117,9 @@ class Engine(abc.ABC):
         errors.EngineError only when the engine is closed (or closes before the
         edit is applied). Callers may ignore the future: an error in it is never
         reported as "exception never retrieved". It discards a speculative
-        prefill of the conversation; it updates conversation.turns (DropTurns
-        lowers it by the user messages dropped, AppendMessage of a user message
-        raises it by one), conversation.audio_clips, history_text() and what
-        snapshot() returns. It does not count against max_queue."""
+        prefill of the conversation; it updates conversation.audio_clips,
+        history_text() and what snapshot() returns, never conversation.turns
+        (turns taken). It does not count against max_queue."""
 
     def release(self, conversation: Conversation) -> None:  # noqa: B027 (optional hook)
         """The conversation has no client now: free what can be rebuilt (its KV

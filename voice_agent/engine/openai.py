@@ -218,8 +218,9 @@ class OpenAIEngine(Engine):
         self._unfinished += 1
         handle = QueueTurnHandle(asyncio.get_running_loop())
         limit = max(1, self.max_new_tokens if max_new_tokens is None else max_new_tokens)
+        seq = state.turn_log.submit()
         task = asyncio.create_task(
-            self._run(conversation, state, turn, handle, state.last, limit, self._clock())
+            self._run(conversation, state, turn, handle, state.last, limit, self._clock(), seq)
         )
         state.last = task
         self._tasks.add(task)
@@ -232,7 +233,8 @@ class OpenAIEngine(Engine):
         if self._closed:
             future.set_exception(EngineError("the engine is closed"))
             return future
-        task = asyncio.create_task(self._edit(conversation, state, edit, state.last, future))
+        upto = state.turn_log.submitted
+        task = asyncio.create_task(self._edit(conversation, state, edit, state.last, future, upto))
         state.last = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -245,6 +247,7 @@ class OpenAIEngine(Engine):
         edit: HistoryEdit,
         previous: asyncio.Task[None] | None,
         future: asyncio.Future[bool],
+        upto: int,
     ) -> None:
         try:
             if previous is not None:
@@ -253,7 +256,7 @@ class OpenAIEngine(Engine):
             if not future.done():
                 future.set_exception(EngineError("the engine is closed"))
             raise
-        applied = apply_edit(conversation, state, edit)
+        applied = apply_edit(conversation, state, edit, upto)
         if not future.done():
             future.set_result(applied)
 
@@ -268,8 +271,10 @@ class OpenAIEngine(Engine):
         previous: asyncio.Task[None] | None,
         limit: int,
         submitted: float,
+        seq: int,
     ) -> None:
         stream: asyncio.Task[None] | None = None
+        entered = False  # whether the turn entered the history
         try:
             if previous is not None:
                 await asyncio.gather(previous, return_exceptions=True)
@@ -308,6 +313,7 @@ class OpenAIEngine(Engine):
             state.clips += clips
             conversation.turns += 1
             conversation.audio_clips = len(state.clips)
+            entered = True
             usage = out.usage or {}
             details = usage.get("prompt_tokens_details") or {}
             now = self._clock()
@@ -337,6 +343,7 @@ class OpenAIEngine(Engine):
             handle.push(EngineError("the model failed on this turn"))
         finally:
             self._unfinished -= 1
+            state.turn_log.note(seq, entered)
 
     async def _resolve_model(self) -> str:
         if self.model_name:

@@ -20,6 +20,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from voice_agent.engine.base import Conversation, History, TurnHandle, TurnInput
+from voice_agent.engine.edits import TurnLog
 from voice_agent.errors import EngineError, ModelLoadError
 
 FAILED = "the model failed on this turn"
@@ -106,6 +107,9 @@ async def _serve(conn: Connection, engine: Any) -> None:
             try:
                 handle = engine.submit(conv, TurnInput(audio=audio, text=text), max_new)
             except Exception as exc:
+                state: Any = conv.state
+                log: TurnLog = state.turn_log
+                log.note(log.submit(), entered=False)  # the parent saw it submitted
                 send(("error", tid, str(exc) if isinstance(exc, EngineError) else FAILED))
                 return
             handles[tid] = handle

@@ -66,6 +66,7 @@ class RemoteState:
     encoded: dict[int, str] = field(default_factory=dict)
     last: asyncio.Task[None] | None = None  # the conversation's last turn or edit
     pieces: list[str] | None = None  # the last reply's Delta pieces
+    turn_log: edits.TurnLog = field(default_factory=edits.TurnLog)
 
     def request_messages(
         self, extra: Sequence[dict[str, Any]] = (), clips: Sequence[AudioArray] = ()
@@ -98,11 +99,14 @@ class RemoteState:
         return out
 
 
-def apply_edit(conversation: Conversation, state: RemoteState, edit: HistoryEdit) -> bool:
-    """Apply an edit to a settled history; False: nothing to apply it to."""
+def apply_edit(
+    conversation: Conversation, state: RemoteState, edit: HistoryEdit, upto: int
+) -> bool:
+    """Apply an edit to a settled history (`upto`: the turns submitted before
+    it); False: nothing to apply it to."""
     messages = state.messages
     if isinstance(edit, DropTurns):
-        cut = edits.dropped(messages, edit)
+        cut = edits.dropped(messages, edit, state.turn_log, upto)
         if cut is None:
             return False
         del messages[cut.index :]
@@ -110,7 +114,6 @@ def apply_edit(conversation: Conversation, state: RemoteState, edit: HistoryEdit
         del state.clips[kept:]
         state.encoded = {n: d for n, d in state.encoded.items() if n <= kept}
         state.pieces = None
-        conversation.turns = max(0, conversation.turns - cut.turns)
     elif isinstance(edit, TruncateReply):
         reply = edits.last_reply(messages)
         if reply is None:
@@ -126,7 +129,5 @@ def apply_edit(conversation: Conversation, state: RemoteState, edit: HistoryEdit
         assert isinstance(edit, AppendMessage)
         messages.append(edits.text_message(edit))
         state.pieces = None
-        if edit.role == "user":
-            conversation.turns += 1
     conversation.audio_clips = len(state.clips)
     return True

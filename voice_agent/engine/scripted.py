@@ -64,6 +64,7 @@ def _chatml(message: dict[str, Any]) -> str:
 class _ScriptState:
     messages: list[dict[str, Any]] = field(default_factory=list)
     last: asyncio.Task[Any] | None = None  # the conversation's last turn or edit
+    turn_log: edits.TurnLog = field(default_factory=edits.TurnLog)
 
 
 class ScriptedEngine(Engine):
@@ -143,8 +144,9 @@ class ScriptedEngine(Engine):
         self.submitted.append((conversation, turn))
         handle = QueueTurnHandle(asyncio.get_running_loop())
         previous = state.last
+        seq = state.turn_log.submit()
         task = asyncio.create_task(
-            self._run(conversation, state, turn, handle, previous, max_new_tokens)
+            self._run(conversation, state, turn, handle, previous, max_new_tokens, seq)
         )
         state.last = task
         self._tasks.add(task)
@@ -159,8 +161,10 @@ class ScriptedEngine(Engine):
         handle: QueueTurnHandle,
         previous: asyncio.Task[None] | None,
         max_new_tokens: int | None,
+        seq: int,
     ) -> None:
         submitted = self._clock()
+        entered = False  # whether the turn entered the history
         try:
             if previous is not None:
                 await asyncio.gather(previous, return_exceptions=True)
@@ -200,6 +204,7 @@ class ScriptedEngine(Engine):
             conversation.turns += 1
             if turn.audio is not None:
                 conversation.audio_clips += 1
+            entered = True
             now = self._clock()
             handle.push(
                 TurnResult(
@@ -218,6 +223,7 @@ class ScriptedEngine(Engine):
             raise
         finally:
             self._unfinished -= 1
+            state.turn_log.note(seq, entered)
 
     def snapshot(self, conversation: Conversation) -> History | None:
         state = conversation.state
@@ -245,7 +251,8 @@ class ScriptedEngine(Engine):
             future.set_exception(EngineError("the engine is closed"))
             return future
         self.edits.append((conversation, edit))
-        task = asyncio.create_task(self._edit(conversation, state, edit, state.last, future))
+        upto = state.turn_log.submitted
+        task = asyncio.create_task(self._edit(conversation, state, edit, state.last, future, upto))
         state.last = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -258,6 +265,7 @@ class ScriptedEngine(Engine):
         edit: HistoryEdit,
         previous: asyncio.Task[Any] | None,
         future: asyncio.Future[bool],
+        upto: int,
     ) -> None:
         try:
             if previous is not None:
@@ -266,7 +274,7 @@ class ScriptedEngine(Engine):
             if not future.done():
                 future.set_exception(EngineError("the engine is closed"))
             raise
-        applied = _apply(conversation, state, edit)
+        applied = _apply(conversation, state, edit, upto)
         if not future.done():
             future.set_result(applied)
 
@@ -280,15 +288,15 @@ class ScriptedEngine(Engine):
         )
 
 
-def _apply(conversation: Conversation, state: _ScriptState, edit: HistoryEdit) -> bool:
-    """Apply a settled edit to the history; False: nothing to apply it to."""
+def _apply(conversation: Conversation, state: _ScriptState, edit: HistoryEdit, upto: int) -> bool:
+    """Apply an edit to the settled history (`upto`: turns submitted before
+    it); False: nothing to apply it to."""
     messages = state.messages
     if isinstance(edit, DropTurns):
-        cut = edits.dropped(messages, edit)
+        cut = edits.dropped(messages, edit, state.turn_log, upto)
         if cut is None:
             return False
         del messages[cut.index :]
-        conversation.turns = max(0, conversation.turns - cut.turns)
         conversation.audio_clips = max(0, conversation.audio_clips - cut.clips)
         return True
     if isinstance(edit, TruncateReply):
@@ -302,6 +310,4 @@ def _apply(conversation: Conversation, state: _ScriptState, edit: HistoryEdit) -
         return True
     assert isinstance(edit, AppendMessage)
     messages.append(edits.text_message(edit))
-    if edit.role == "user":
-        conversation.turns += 1
     return True

@@ -84,7 +84,9 @@ class Conversation:
     """Handle to one conversation's state inside the engine.
 
     The engine owns what is inside `state`; callers only keep the handle.
-    `turns` counts completed turns, `audio_clips` the clips in the history.
+    `turns` counts turns taken (completed turns; a history edit never lowers
+    it: the store and host compare it as a revision), `audio_clips` the clips
+    in the history.
     """
 
     conversation_id: str
@@ -139,9 +141,19 @@ class DropTurns:
     """Drop the last `n` user turns: the n-th last user message and everything
     after it (its reply, later messages); the ids, clips and KV cache are cut
     back to just before it. Nothing to apply (False) when the history has fewer
-    than `n` user messages."""
+    than `n` user messages.
+
+    submitted=True: `n` counts the conversation's last n turns SUBMITTED before
+    the edit instead, whether or not they entered the history: a turn that left
+    nothing there (cancelled before it started, or failed) counts as gone
+    already, so nothing older is dropped in its place. Nothing to apply (False)
+    when none of them is in the history. (A turn that started and was
+    cancelled, or finished, always enters the history, even with an empty
+    reply.) For "cancel this reply and forget its turn" when the caller cannot
+    know whether the turn had started."""
 
     n: int = 1
+    submitted: bool = False
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -169,7 +181,7 @@ ROLES: tuple[Role, ...] = ("system", "user", "assistant")
 @dataclass(frozen=True)
 class AppendMessage:
     """Append a text message to the history (its KV cache is prefilled with the
-    next turn). A user message counts as a turn (Conversation.turns)."""
+    next turn)."""
 
     role: Role
     text: str

@@ -46,7 +46,6 @@ class _Edited:
     ids: list[int]
     clips: list[AudioArray] = field(default_factory=list)
     clip_starts: list[int] = field(default_factory=list)
-    turns: int = 0  # the change of Conversation.turns
 
 
 def resolve(e: _Edit, outcome: bool | BaseException) -> None:
@@ -62,7 +61,7 @@ class _Editing(EngineCore):
         st.running = True  # snapshot() answers None while the history changes
         try:
             self._discard_spec(st)
-            edited = self._edited(st, e.edit)
+            edited = self._edited(st, e.edit, e.upto)
             if edited is not None:
                 self._commit(e.conversation, st, edited)
             outcome: bool | BaseException = edited is not None
@@ -76,16 +75,16 @@ class _Editing(EngineCore):
         self._touch(st)
         resolve(e, outcome)
 
-    def _edited(self, st: _ConvState, edit: HistoryEdit) -> _Edited | None:
+    def _edited(self, st: _ConvState, edit: HistoryEdit, upto: int) -> _Edited | None:
         if isinstance(edit, DropTurns):
-            return self._drop_turns(st, edit)
+            return self._drop_turns(st, edit, upto)
         if isinstance(edit, TruncateReply):
             return self._truncate_reply(st, edit)
         assert isinstance(edit, AppendMessage)
         return self._append_message(st, edit)
 
-    def _drop_turns(self, st: _ConvState, edit: DropTurns) -> _Edited | None:
-        cut = edits.dropped(st.messages, edit)
+    def _drop_turns(self, st: _ConvState, edit: DropTurns, upto: int) -> _Edited | None:
+        cut = edits.dropped(st.messages, edit, st.turn_log, upto)
         if cut is None:
             return None
         messages = st.messages[: cut.index]
@@ -95,7 +94,7 @@ class _Editing(EngineCore):
             ids = st.ids[: self._message_start(st, messages)]
             if any(s >= len(ids) for s in st.clip_starts[:clips]):
                 raise RuntimeError("the kept clips are not in the kept ids")
-        return _Edited(messages, ids, st.clips[:clips], st.clip_starts[:clips], -cut.turns)
+        return _Edited(messages, ids, st.clips[:clips], st.clip_starts[:clips])
 
     def _message_start(self, st: _ConvState, messages: list[Message]) -> int:
         """Where the ids of the history's first len(messages) messages end."""
@@ -134,7 +133,6 @@ class _Editing(EngineCore):
     def _append_message(self, st: _ConvState, edit: AppendMessage) -> _Edited:
         message = edits.text_message(edit)
         messages = [*st.messages, message]
-        turns = 1 if edit.role == "user" else 0
         if st.ids:
             before = self._render(st.messages, False)
             after = self._render(messages, False)
@@ -145,7 +143,7 @@ class _Editing(EngineCore):
             ids = []  # clips not rendered yet: the next turn renders them all
         else:
             ids = self._encode(self._render(messages, False))
-        return _Edited(messages, ids, list(st.clips), list(st.clip_starts), turns)
+        return _Edited(messages, ids, list(st.clips), list(st.clip_starts))
 
     def _commit(self, conversation: Conversation, st: _ConvState, new: _Edited) -> None:
         """Put the edited history in place; the cache keeps what still matches."""
@@ -158,7 +156,6 @@ class _Editing(EngineCore):
                 st.cache.crop(-(cached - keep))  # crop(-n) removes n tokens
         st.messages, st.ids = new.messages, new.ids
         st.clips, st.clip_starts = new.clips, new.clip_starts
-        conversation.turns = max(0, conversation.turns + new.turns)
         conversation.audio_clips = len(st.clips)
 
     def _kept_prefix(self, old: list[int], new: list[int], cached: int, starts: list[int]) -> int:

@@ -256,8 +256,13 @@ class Qwen2AudioEngine(
         if self._closed:
             raise EngineError("the engine is closed")
         self._start_thread()
+
         # Atomic with close(): a turn is either refused or served.
-        self._sched.admit(item.state, lambda: self._inbox.put(item))
+        def enqueue() -> None:
+            item.seq = item.state.turn_log.submit()
+            self._inbox.put(item)
+
+        self._sched.admit(item.state, enqueue)
         return handle
 
     def edit_history(self, conversation: Conversation, edit: HistoryEdit) -> asyncio.Future[bool]:
@@ -266,7 +271,7 @@ class Qwen2AudioEngine(
         if not self.loaded or self._closed:
             future.set_exception(EngineError("the engine is closed"))
             return future
-        item = _Edit(conversation, st, edit, future)
+        item = _Edit(conversation, st, edit, future, st.turn_log.submitted)
         self._start_thread()
         try:
             self._sched.admit_edit(lambda: self._inbox.put(item))

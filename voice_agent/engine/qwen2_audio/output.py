@@ -60,11 +60,19 @@ class _Output(EngineCore):
         t.cache = None
         t.conversation.turns += 1
         t.conversation.audio_clips = len(st.clips)
+        self._log_turn(t, entered=True)
         st.running = False
         self._touch(st)
         if self._batch is not None:
             self._enforce_budget(self._batch, [])
         return text
+
+    @staticmethod
+    def _log_turn(t: _Turn, entered: bool) -> None:
+        """Note once whether the turn entered its conversation's history."""
+        if not t.logged:
+            t.logged = True
+            t.state.turn_log.note(t.seq, entered)
 
     def _usage_timing(self, t: _Turn) -> tuple[Usage, Timing]:
         now = self._clock()
@@ -106,6 +114,7 @@ class _Output(EngineCore):
 
     def _drop_unstarted(self, t: _Turn) -> None:
         """A turn cancelled before its prefill: nothing enters the history."""
+        self._log_turn(t, entered=False)
         usage, timing = self._usage_timing(t)
         t.handle.push(TurnResult("", usage, timing, cancelled=True))
 
@@ -113,6 +122,7 @@ class _Output(EngineCore):
         logger.exception(
             "the model failed on a turn of conversation %s", t.conversation.conversation_id
         )
+        self._log_turn(t, entered=False)
         t.state.cache = None  # rebuilt from the history next turn
         t.state.spec = None
         t.state.running = False

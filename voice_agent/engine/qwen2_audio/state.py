@@ -16,6 +16,7 @@ from voice_agent.engine.base import (
     QueueTurnHandle,
     TurnInput,
 )
+from voice_agent.engine.edits import TurnLog
 from voice_agent.engine.qwen2_audio.scheduler import QueuedEdit, reserve_tokens
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class _ConvState:
     running: bool = False  # a turn of this conversation is active
     queued: int = 0  # turns submitted and not started yet
     spec: _Spec | None = None  # a speculative prefill of the next turn
+    turn_log: TurnLog = field(default_factory=TurnLog)  # for DropTurns(submitted=True)
 
     def cached_tokens(self) -> int:
         return 0 if self.cache is None else int(self.cache.get_seq_length())
@@ -117,6 +119,8 @@ class _Turn(_Prefill):
     fed: int = 0  # reply tokens fed to the model (in the cache)
     emitted: str = ""  # reply text sent so far
     emit_from: int = 0  # reply tokens before this index are in `emitted`
+    seq: int = -1  # its number in the conversation's turn_log
+    logged: bool = False  # its fate is in the conversation's turn_log
 
     @property
     def cancel_requested(self) -> bool:
@@ -141,6 +145,7 @@ class _Edit(QueuedEdit):
     state: _ConvState
     edit: HistoryEdit
     future: asyncio.Future[bool]  # on the caller's loop
+    upto: int  # the conversation's turns submitted before it (TurnLog.submitted)
 
 
 _Waiting = _Turn | QueuedEdit  # what waits in the worker's queue: turns and _Edit
