@@ -89,7 +89,7 @@ def test_a_cut_sentence_resumed_in_the_window_is_one_turn() -> None:
     assert StopAudio("r1", "continued") in after
     assert CancelTurn("r1", 0, "continued") in after
     assert ReplyCancelled("r1", "continued", "Sure") in events(after)
-    assert EditHistory(DropTurns(1)) in after
+    assert EditHistory(DropTurns(1, submitted=True)) in after
     (stop,) = stopped(after)
     assert stop.utterance_id == "u2" and stop.continues == "u1"
     assert ReplyStarted("r2", "u2") in events(after)
@@ -117,7 +117,7 @@ def test_a_finished_reply_not_heard_is_withdrawn() -> None:
     assert "CancelTurn" not in kinds(after)
     assert StopAudio("r1", "continued") in after
     assert ReplyCancelled("r1", "continued", "Sure thing.") in events(after)
-    assert EditHistory(DropTurns(1)) in after
+    assert EditHistory(DropTurns(1, submitted=True)) in after
     assert stopped(after)[0].continues == "u1"
     assert one_submit(after).utterance_id == "u2"
     assert s.history == []  # until the joined turn ends

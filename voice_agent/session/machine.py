@@ -391,7 +391,7 @@ class Session:
         return [
             *actions,
             Send(ReplyCancelled(reply_id, "continued", text)),
-            EditHistory(DropTurns(1)),
+            EditHistory(DropTurns(1, submitted=True)),
         ]
 
     def _barge_in(self, utterance: int, voiced_ms: int) -> list[Action]:
