@@ -110,9 +110,9 @@ async def reading_client(url: str, replies: int, speak: bool) -> int:
         await client.start(16000, speak=speak)
         for _ in range(replies):
             await client.send_text(PROMPT)
-            await client.wait_for(ReplyDone, 120)
+            await client.wait_for(ReplyDone, 600)
             if speak:
-                await client.wait_for(ReplyAudioDone, 300)
+                await client.wait_for(ReplyAudioDone, 600)
         return client.audio_bytes
 
 

@@ -106,8 +106,8 @@ class Speech:
 
     def warm_up(self) -> None:
         """Synthesize a short clause once at start-up, so the first reply does
-        not pay for lazily built parts (ONNX Runtime's first run and memory
-        arena, the phonemizer, the resampler)."""
+        not pay for lazily built parts (ONNX Runtime's first run, the
+        phonemizer, the resampler)."""
         self.synthesize_now("Hello, I am ready.", 16000)
 
     def close(self) -> None:
