@@ -252,3 +252,22 @@ async def test_an_out_of_band_response_with_its_own_input(tiny_engine: Qwen2Audi
         prompt,
         story_tokens,
     )
+
+
+async def test_deleting_the_user_item_of_a_reply_in_progress(tiny_engine: Qwen2AudioEngine) -> None:
+    """The reply is cancelled first (perhaps before its first token, when its
+    turn never enters the history): the history is the first turn's either way."""
+    async with openai_server(tiny_engine) as app, realtime(app) as (conn, log):
+        await update_session(conn, log, output_modalities=["text"])
+        await say(conn, log, "First question.")
+        await respond(conn, log)
+        before = history(app, tiny_engine)
+        second = await say(conn, log, "Second question.")
+        await conn.send({"type": "response.create"})
+        await log.wait("response.created", 2)
+        await conn.send({"type": "conversation.item.delete", "item_id": second["item"]["id"]})
+        await log.wait("conversation.item.deleted", 2)
+        done = await log.wait("response.done", 2)
+        after = await history_until(app, tiny_engine, lambda t: t == before)
+    assert done["response"]["status"] in ("cancelled", "completed", "incomplete"), done
+    assert after == before

@@ -119,15 +119,22 @@ def test_instructions_cannot_change_once_a_message_was_appended() -> None:
 def test_deleting_the_last_user_item_drops_its_turn() -> None:
     t = translator()
     text_mode(t)
-    _, older_reply = spoken_turn(t, 1)
+    older, older_reply = spoken_turn(t, 1)
     user, reply = spoken_turn(t, 2)
     outs = send(t, "conversation.item.delete", item_id=user)
-    assert outs[0] == Edit(DropTurns(1))
+    assert outs[0] == Edit(DropTurns(1, submitted=True))
     assert [e["item_id"] for e in events(outs)] == [user, reply]
     assert all(e["type"] == "conversation.item.deleted" for e in events(outs))
     assert isinstance(send(t, "conversation.item.retrieve", item_id=reply)[0], Failed)
     # the turn before it is the last one now: its reply can be emptied
     assert send(t, "conversation.item.delete", item_id=older_reply)[0] == Edit(TruncateReply(0))
+    # an out-of-band turn submitted since is counted (it is gone already): the
+    # engine then drops the right turn even if this one never entered the history
+    send(t, "response.create", response={"conversation": "none"})
+    t.server(ReplyStarted("r9", None))
+    t.server(ReplyDone("r9", "", USAGE, TIMING))
+    # (the dropped turn 2 was submitted since too)
+    assert Edit(DropTurns(3, submitted=True)) in send(t, "conversation.item.delete", item_id=older)
 
 
 def test_deleting_the_last_user_item_while_its_reply_generates_cancels_it_first() -> None:
@@ -145,7 +152,7 @@ def test_deleting_the_last_user_item_while_its_reply_generates_cancels_it_first(
         "conversation.item.deleted",
         "conversation.item.deleted",
     ]
-    assert outs[2] == Edit(DropTurns(1))
+    assert outs[2] == Edit(DropTurns(1, submitted=True))
     end = t.server(ReplyCancelled("r1", "client", "half"))
     assert not [o for o in end if isinstance(o, Edit)]  # the turn leaves whole: no other cut
     assert "response.done" in types(end)
@@ -194,7 +201,9 @@ def test_deleting_a_user_item_whose_turn_waits_is_refused() -> None:
     assert refused.exc.code == "unsupported" and "cancel that response first" in str(refused.exc)
     t.server(ReplyDone("r1", "", USAGE, TIMING))
     t.server(ReplyStarted("r2", "u2"))
-    assert Edit(DropTurns(1)) in send(t, "conversation.item.delete", item_id=waiting)
+    assert Edit(DropTurns(1, submitted=True)) in send(
+        t, "conversation.item.delete", item_id=waiting
+    )
 
 
 def test_a_pending_item_just_leaves() -> None:

@@ -10,8 +10,8 @@ response (pending), and what each does to the model's history (history.py).
   user audio item cannot go first that way (only text is appended): such a
   message is refused until the audio has been answered or deleted.
 - Delete: a pending item just leaves; an item of the model's last user
-  message drops that whole turn (DropTurns(1): the user message, its reply
-  and what came after; one conversation.item.deleted each, a reply still
+  message drops that whole turn (DropTurns: the user message, its reply and
+  what came after; one conversation.item.deleted each, a reply still
   generating is cancelled first); the model's last reply is emptied
   (TruncateReply(0)). Anything older is refused (`unsupported`): the
   history is the model's KV cache, which only ever loses its end.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from voice_agent.audio import pcm16_to_float, resample
-from voice_agent.engine.types import AppendMessage, AudioArray, DropTurns
+from voice_agent.engine.types import AppendMessage, AudioArray
 from voice_agent.errors import DuplicateItem, InvalidField, Unsupported
 from voice_agent.transports.openai_realtime import events as ev
 from voice_agent.transports.openai_realtime import transcripts
@@ -187,8 +187,8 @@ class ClientConversation:
             out += self.responses.cancel_request(response.id)  # it stops first
         if response is not None:
             response.keep = None  # (no cut of a reply that leaves whole)
+        out.append(Edit(self.history.drop(turn)))
         self.history.drop_last()
-        out.append(Edit(DropTurns(1)))
         return out + self._remove([i for i in turn.items() if i in self.items])
 
     def _empty_reply(self, item_id: str) -> list[Out]:

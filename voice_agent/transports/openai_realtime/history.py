@@ -12,7 +12,11 @@ Only the turns since the session started are known (the last MAX_TURNS).
 What can be edited (the rest is refused by name: see docs/openai-realtime.md):
 
 - the last user turn: deleting one of its user items drops the whole turn
-  (DropTurns(1): the user message, its reply and the messages after it);
+  (the user message, its reply and the messages after it): DropTurns with
+  submitted=True, counting the turns submitted since it (out-of-band turns,
+  dropped already), so a turn that never entered the history (cancelled
+  before its first token) drops nothing older; plain DropTurns(1) for an
+  appended user message;
 - the last reply, while nothing was appended after it: truncated to the
   reply tokens heard (TruncateReply(keep)), or deleted (TruncateReply(0):
   the model keeps its user message and an empty reply).
@@ -27,6 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from voice_agent.engine.types import DropTurns
+
 MAX_TURNS = 64  # turns followed; older ones can no longer be edited
 
 
@@ -37,6 +43,7 @@ class Turn:
     reply: str | None = None  # the assistant item answering it
     reply_started: bool = False  # a reply to it started (or none will come: an appended message)
     after: list[str] = field(default_factory=list)  # system/assistant items appended after
+    index: int | None = None  # its place among the submitted turns (None: appended)
 
     def items(self) -> list[str]:
         return [*self.user, *([self.reply] if self.reply else []), *self.after]
@@ -45,6 +52,7 @@ class Turn:
 class ModelHistory:
     def __init__(self) -> None:
         self.turns: list[Turn] = []
+        self.submitted = 0  # turns submitted to the engine (out-of-band ones too)
 
     @property
     def last(self) -> Turn | None:
@@ -55,8 +63,22 @@ class ModelHistory:
     ) -> None:
         """A user turn went to the engine (a response.create, an utterance the
         Session answers, or an appended user message: no reply comes)."""
-        self.turns.append(Turn(user, utterance, reply_started=appended))
+        index = None
+        if not appended:
+            self.submitted += 1
+            index = self.submitted
+        self.turns.append(Turn(user, utterance, reply_started=appended, index=index))
         del self.turns[:-MAX_TURNS]
+
+    def out_of_band(self) -> None:
+        """An out-of-band turn was submitted (and will be dropped)."""
+        self.submitted += 1
+
+    def drop(self, turn: Turn) -> DropTurns:
+        """The edit that drops `turn` and everything after it."""
+        if turn.index is None:
+            return DropTurns(1)
+        return DropTurns(self.submitted - turn.index + 1, submitted=True)
 
     def replied(self, item_id: str, utterance: str | None) -> None:
         """A reply started: it answers the turn of its utterance, else the
@@ -70,7 +92,7 @@ class ModelHistory:
             None,
         )
         if turn is None:  # (a turn not followed: a new one, without items)
-            self.sent(())
+            self.turns.append(Turn(()))  # (not counted: its submission was not seen)
             turn = self.turns[-1]
         turn.reply, turn.reply_started = item_id, True
 

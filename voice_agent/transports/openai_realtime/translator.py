@@ -319,6 +319,8 @@ class Translator:
             self.history.sent(tuple(p.item_id for p in pending))
             pending.clear()
             self.items.answered()
+        else:
+            self.history.out_of_band()
         self._asked.append(r)
         opts = self._options(r)
         return [*self._ensure_started(), Respond(turn, opts.audio, opts.max_output_tokens)]
@@ -403,12 +405,12 @@ class Translator:
         if isinstance(event, ReplyDelta):
             return self.responses.delta(event.reply_id, event.text)
         if isinstance(event, ReplyDone):
-            drop = self._drop_oob(event.reply_id, True)
+            drop = self._drop_oob(event.reply_id)
             return [*drop, *self.responses.done(event.reply_id, event.text, event.usage)]
         if isinstance(event, ReplyCancelled):
             if event.reason == "continued":
                 return self._withdrawn(event)
-            drop = self._drop_oob(event.reply_id, False)
+            drop = self._drop_oob(event.reply_id)
             return [*drop, *self.responses.cancelled(event.reply_id, event.reason, event.text)]
         if isinstance(event, ReplyAudioDone):
             return self.responses.audio_done(event.reply_id, event.cancelled)
@@ -421,16 +423,14 @@ class Translator:
             return [e("error", error={**body, "param": None, "event_id": None})]
         return []  # session.started, reply.audio.started, command: nothing on this wire
 
-    def _drop_oob(self, reply_id: str, finished: bool) -> list[Out]:
-        """An out-of-band reply ended: its turn leaves the history. A turn
-        cancelled before its first token never entered it (nothing to drop)."""
+    def _drop_oob(self, reply_id: str) -> list[Out]:
+        """An out-of-band reply ended: its turn, the last one submitted, leaves
+        the history (if it entered it: submitted=True; the Session submits
+        nothing else while it runs)."""
         if reply_id not in self._oob:
             return []
         self._oob.discard(reply_id)
-        r = self.responses.open.get(reply_id)
-        if not finished and (r is None or r.tokens == 0):
-            return []
-        return [Edit(DropTurns(1))]
+        return [Edit(DropTurns(1, submitted=True))]
 
     def _withdrawn(self, event: ReplyCancelled) -> list[Out]:
         """Continuation (the user went on speaking): the Session took the reply
