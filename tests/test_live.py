@@ -268,3 +268,43 @@ async def test_a_continued_sentence_is_one_turn_in_the_engine(
     assert "you said hello" in history and history.count("heard some audio") == 1
     joined = engine.submitted[-1][1].audio
     assert joined is not None and len(joined) > len(first) // 2  # the whole span
+
+
+async def test_a_continued_sentence_is_prefilled_joined_on_the_real_engine(
+    tiny_model_dir: Path, audio_dir: Path
+) -> None:
+    # The first part's reply is taken back (its KV cropped away) and the
+    # joined clip, prefilled during the second part's hangover, is adopted.
+    from voice_agent.engine.qwen2_audio import Qwen2AudioEngine
+
+    engine = Qwen2AudioEngine(str(tiny_model_dir), max_new_tokens=4)
+    await engine.start()
+    rec = EventRecorder()
+    live = LiveSession(engine, rec, session_id="s1", config=SessionConfig(), max_new_tokens=4)
+    first, rest = cut_sentence(audio_dir)
+    end = (2780 - 940) * 16  # where ldc93s1's last word ends, in `rest`
+    speech, after = rest[:end], rest[end:]
+    try:
+        for frame in frames(first):
+            await live.feed_audio(frame)
+        for frame in frames(speech):
+            await live.feed_audio(frame)
+        assert [e.reason for e in rec.of(ReplyCancelled)] == ["continued"]
+        async with asyncio.timeout(30):  # the taken-back turn has settled in the engine
+            while live.replies_in_flight:
+                await asyncio.sleep(0.01)
+        for frame in frames(after[: 16 * 200]):  # 200 ms: the pause, Speculate (joined)
+            await live.feed_audio(frame)
+        async with asyncio.timeout(30):
+            while not engine.speculating(live.conversation):
+                await asyncio.sleep(0.01)
+        for frame in frames(after[16 * 200 :]):
+            await live.feed_audio(frame)
+        await rec.until(lambda evs: any(isinstance(e, ReplyDone) for e in evs), timeout=40)
+        history = engine.snapshot(live.conversation)
+    finally:
+        await live.close()
+        await engine.close()
+    assert (engine.stats["speculative_hits"], engine.stats["speculative_misses"]) == (1, 0)
+    assert history is not None and len(history.clips) == 1
+    assert [m["role"] for m in history.messages if m["role"] != "system"] == ["user", "assistant"]

@@ -1,7 +1,7 @@
 """End to end, continuation (issue 20): a real server on loopback, a real
 client streaming a real sentence cut by a pause at real time, the real
 engine on the tiny model; spoken replies with Piper where it matters whether
-the reply was heard."""
+the reply was heard. (Over WebRTC: test_browser_continuation.py.)"""
 
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ async def test_a_cut_sentence_is_one_turn_on_the_tiny_model(
     config = Config(host="127.0.0.1", port=0, max_new_tokens=12)
     audio = cut_sentence(audio_dir, 0.9)
     hits = tiny_engine.stats["speculative_hits"]
+    misses = tiny_engine.stats["speculative_misses"]
     async with (
         running_server(config, tiny_engine, close_engine=False) as server,
         RealtimeClient(server.url) as client,
@@ -91,8 +92,11 @@ async def test_a_cut_sentence_is_one_turn_on_the_tiny_model(
     # its KV cache is that history's (nothing of the first turn is kept: it
     # would make the cache longer than the ids)
     assert cached is not None and history.clip_starts[0] < cached <= len(history.ids)
-    # the joined clip was prefilled during the hangover and adopted
-    assert tiny_engine.stats["speculative_hits"] == hits + 1
+    # the joined clip's speculative prefill was adopted, or not made in time
+    # (the first part's prefill may still run on a loaded CPU): never a miss.
+    # test_live.py checks the hit itself, without real time.
+    assert tiny_engine.stats["speculative_hits"] in (hits, hits + 1)
+    assert tiny_engine.stats["speculative_misses"] == misses
 
 
 def long_reply(turn: TurnInput) -> str:
