@@ -278,3 +278,18 @@ def test_a_short_last_word_joins_when_it_closes_if_silero_calls_it_speech(checke
     else:  # webrtcvad alone cannot tell a word from a knock: it must last
         assert stop.continues is None
         assert s.reply_id == "r1"
+
+
+def test_the_benchmarks_lone_last_word_joins() -> None:
+    # benchmarks/turns.py's hardest cut: ldc93s1 "... all | year" with room
+    # tone in the pause; "year" alone closes after 280 ms, 140 ms of it sure.
+    from benchmarks.turn_cases import build_cases
+
+    cases = [c for c in build_cases(["ldc93s1-16k-mono.wav"]) if c.boundary == "all | year"]
+    assert cases
+    for case in cases:
+        s = Session(
+            "s1", SessionConfig(vad=VadConfig(hangover_ms=300), speech_check=silero_model())
+        )
+        actions = feed(s, float_to_pcm16(case.audio))
+        assert [e.continues for e in stopped(actions)] == [None, "u1"], case.pause_ms

@@ -76,7 +76,7 @@ report of its start) for at most `continue_heard_ms`, resumes it; once that
 speech has been scored as speech for barge_in_ms (barge_in_speaking_ms while
 that reply's audio plays; with `speech_check`, only frames Silero is sure of
 count), or, when it closes sooner (a short last word), Silero was sure of
-min_speech_ms of it (speech_check or vad="silero"), the reply is taken back:
+100 ms of it (speech_check or vad="silero"), the reply is taken back:
 StopAudio(reply_id, "continued"),
 CancelTurn(keep_tokens=0, "continued") if it still runs, reply.cancelled
 (reason "continued", which may follow its reply.done), EditHistory(

@@ -33,6 +33,11 @@ from voice_agent.vad.scoring import SILERO_SURE
 _PER_MS = SAMPLE_RATE // 1000
 # kept audio beyond window + hangover + pre-roll + min_speech (scorer lag, chunking)
 KEEP_SLACK_MS = 1000
+# A resumed utterance that closed before lasting barge_in_ms (a short last
+# word) joins when Silero was sure of this much of it: a lone "year" after a
+# pause scores 140 ms sure frames (benchmarks/turn_cases.py, ldc93s1), glass
+# breaking and music 0 in every half second (../shared/audio).
+SHORT_WORD_SURE_MS = 100
 # the pause reasons after which speech may continue an utterance
 PAUSE_REASONS = frozenset({"silence", "end_of_turn"})
 

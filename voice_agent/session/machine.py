@@ -37,6 +37,7 @@ from voice_agent.session.actions import (
 from voice_agent.session.config import SessionConfig
 from voice_agent.session.continuation import (
     KEEP_SLACK_MS,
+    SHORT_WORD_SURE_MS,
     Candidate,
     Turn,
     candidate,
@@ -341,7 +342,7 @@ class Session:
     def _continue(self, utterance: int, voiced_ms: int, closed: bool = False) -> list[Action]:
         """The resuming utterance has been speech long enough (as for a
         barge-in), or, once `closed`, was speech Silero is sure of for
-        min_speech_ms (a short last word): take the candidate's reply back;
+        SHORT_WORD_SURE_MS (a short last word): take the candidate's reply back;
         the utterance is joined to it when it closes."""
         c = self._cand
         if c is None or c.resumed_by != utterance:
@@ -355,7 +356,7 @@ class Session:
         if self._playing and self._audio is not None and self._audio[0] == c.reply_id:
             limit = max(limit, self.config.barge_in_speaking_ms)
         if closed and sure is not None:
-            if sure < self.config.vad.min_speech_ms:
+            if sure < SHORT_WORD_SURE_MS:
                 return []
         elif voiced_ms < limit or (sure is not None and sure < limit):
             return []  # (webrtcvad's speech that Silero does not call speech: noise)
