@@ -210,7 +210,7 @@ class Soak:
         recordings = [load_pcm(AUDIO_DIR / name).pcm for name in RECORDINGS]
         self.ledger = Ledger()
         idle_start = self.sample("idle_start")
-        ctx = Context(server.url, self.ledger, recordings, args.turn_timeout)
+        ctx = Context(server.url, self.ledger, recordings, args.turn_timeout, args.think_s)
         mix = parse_mix(args.mix)
         clients: list[asyncio.Task[None]] = []
         asker = MqttAsker(ctx, self.mosquitto.url) if mix.get("mqtt") else None
@@ -408,7 +408,8 @@ async def main() -> int:
     ap.add_argument("--minutes", type=float, default=20.0)
     ap.add_argument("--mix", default=DEFAULT_MIX, help=f"clients per kind (default {DEFAULT_MIX})")
     ap.add_argument("--faults", default=",".join(FAULT_KINDS), help="fault kinds, or none")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--think-s", type=float, default=30.0, help="mean pause between turns")
     ap.add_argument("--sample-s", type=float, default=3.0, help="seconds between samples")
     ap.add_argument("--warmup-s", type=float, help="default: 15 %% of the run, 3 to 180 s")
     ap.add_argument("--turn-timeout", type=float, default=120.0)

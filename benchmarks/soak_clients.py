@@ -50,8 +50,13 @@ class Context:
     ledger: Ledger
     recordings: list[bytes]  # 16 kHz mono PCM16
     turn_timeout: float
+    think_s: float = 30.0  # mean pause after a reply before the next turn
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     rng: random.Random = field(default_factory=lambda: random.Random(22))
+
+    async def think(self) -> None:
+        """A user's pause between turns: 0.5 to 1.5 times think_s."""
+        await self.pause(0.5 * self.think_s, 1.5 * self.think_s)
 
     async def pause(self, lo: float, hi: float) -> None:
         """A think time (returns early when the soak is stopping)."""
@@ -89,6 +94,7 @@ class Tracker:
             with contextlib.suppress(ValueError):
                 self.last_reply = max(self.last_reply, int(e.reply_id.lstrip("r")))
         elif isinstance(e, ReplyDone):
+            self.ledger.timed(e.timing)
             if (turn := self.replies.pop(e.reply_id, None)) is not None:
                 self.ledger.end(turn, "answered")
         elif isinstance(e, ReplyCancelled):
@@ -221,7 +227,7 @@ async def speech_client(ctx: Context, name: str) -> None:
                 if not await tracker.wait(tracker.idle, ctx.turn_timeout, client):
                     tracker.fail_all("timeout")
                     break
-                await ctx.pause(1, 3)
+                await ctx.think()
         finally:
             await mic.stop()
             await finish(ctx, client, tracker, "speech")
@@ -263,9 +269,9 @@ async def typed_client(ctx: Context, name: str, kind: str = "text") -> None:
                 if first_check and tracker.last_reply:
                     first_check = False
                     if tracker.last_reply <= last_reply:  # the ids started again: a new history
-                        detail = {"client": name, "last": last_reply, "now": tracker.last_reply}
-                        ctx.ledger.resume(False, "history", detail)
-                await ctx.pause(1, 4)
+                        ids = {"client": name, "last": last_reply, "now": tracker.last_reply}
+                        ctx.ledger.resume(False, "history", ids)
+                await ctx.think()
             last_reply = max(last_reply, tracker.last_reply)
             drop = kind == "resume" and ctx.rng.random() < 0.5
             if drop and not client.ended:
@@ -304,11 +310,11 @@ async def vanishing_client(ctx: Context, name: str) -> None:
             with contextlib.suppress(Exception):
                 client.ws.transport.abort()
                 await asyncio.wait_for(client.close(), 5)
-        await ctx.pause(1, 3)
+        await ctx.think()
 
 
 async def never_reading_client(ctx: Context, name: str) -> None:
-    """Starts a spoken session and asks every few seconds, never reading a
+    """Starts a spoken session and asks every think time, never reading a
     byte of what comes back, for 30 to 90 s; then drops the connection."""
     while not ctx.stopping.is_set():
         start = json.dumps({"type": "session.start", "sample_rate": 16000, "speak": True})
@@ -325,7 +331,7 @@ async def never_reading_client(ctx: Context, name: str) -> None:
                 text = json.dumps({"type": "text", "text": ctx.rng.choice(TEXTS)})
                 await asyncio.wait_for(ws.send(text), 10)
                 ctx.ledger.misbehaving["never_read_asks"] += 1
-                await ctx.pause(3, 6)
+                await ctx.think()
             ctx.ledger.misbehaving["never_read_sessions"] += 1
         except Exception as exc:
             ctx.ledger.misbehaving[f"never_read ended: {type(exc).__name__}"] += 1

@@ -62,6 +62,7 @@ class Ledger:
     failed_resumes: list[dict[str, Any]] = field(default_factory=list)
     misbehaving: Counter[str] = field(default_factory=Counter)
     notes: Counter[str] = field(default_factory=Counter)
+    timing: dict[str, list[float]] = field(default_factory=dict)  # reply.done's, ms
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -80,6 +81,11 @@ class Ledger:
             turn.latency_s = turn.ended - turn.sent
         if outcome.startswith("error:"):
             self.errors[outcome[6:]] += 1
+
+    def timed(self, timing: dict[str, float]) -> None:
+        """A reply.done's timing (queue_ms, ttft_ms, total_ms)."""
+        for key, value in timing.items():
+            self.timing.setdefault(key, []).append(float(value))
 
     def error(self, code: str) -> None:
         """An error event that ended no turn of a well-behaved client."""
@@ -163,6 +169,7 @@ class Ledger:
             "outcomes": dict(sorted(outcomes.items())),
             "lost_detail": lost_detail,
             "reply_latency_s": _quantiles(lat),
+            "server_timing_ms": {k: _quantiles(sorted(v)) for k, v in self.timing.items()},
         }
 
 

@@ -123,7 +123,7 @@ async def webrtc_client(ctx: Context, name: str) -> None:
                 if not await tracker.wait(tracker.idle, ctx.turn_timeout, client):
                     tracker.fail_all("timeout")
                     break
-                await ctx.pause(1, 3)
+                await ctx.think()
         except Exception as exc:
             ctx.ledger.notes[f"webrtc failed: {type(exc).__name__}: {exc}"[:120]] += 1
         finally:
@@ -205,4 +205,4 @@ class MqttAsker:
             finally:
                 self.pending.pop(rid, None)
             ledger.end(turn, outcome)
-            await self.ctx.pause(2, 5)
+            await self.ctx.think()

@@ -23,7 +23,7 @@ def test_a_short_soak_answers_every_turn_and_reports_its_figures() -> None:
     if postgres_bin() is None:
         pytest.skip("no PostgreSQL server binaries (apt-get install postgresql)")
     args = ["--minutes", "0.2", "--mix", "text=2,resume=1,mqtt=1", "--faults", "none"]
-    args += ["--warmup-s", "2", "--sample-s", "1", "--settle-s", "1", "--max-new-tokens", "8"]
+    args += ["--warmup-s", "2", "--sample-s", "1", "--settle-s", "1", "--think-s", "2"]
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "soak.py"), *args],
         capture_output=True,
