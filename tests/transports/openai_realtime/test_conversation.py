@@ -114,6 +114,7 @@ def test_instructions_cannot_change_once_a_message_was_appended() -> None:
     create(t, "system", "context")
     outs = send(t, "session.update", session={"instructions": "new prompt"})
     assert isinstance(outs[-1], Failed) and outs[-1].exc.code == "unsupported"
+    assert "a message appended" in str(outs[-1].exc)
 
 
 def test_deleting_the_last_user_item_drops_its_turn() -> None:

@@ -315,8 +315,8 @@ def needs_restart(
         )
     if restart and prompt_changed and answered:
         raise Unsupported(
-            "changing instructions after the first response (the history "
-            "is kept as the model's KV cache)",
+            "changing instructions once the conversation has begun (a response, or "
+            "a message appended; the history is kept as the model's KV cache)",
             "session.instructions",
         )
     return restart
