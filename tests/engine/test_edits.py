@@ -67,3 +67,14 @@ def test_edits_check_their_fields() -> None:
         TruncateReply(-1)
     with pytest.raises(ValueError):
         AppendMessage("tool", "x")  # type: ignore[arg-type]
+
+
+def test_turn_log_merge_keeps_its_own_count() -> None:
+    parent, worker = edits.TurnLog(), edits.TurnLog()
+    for _ in range(3):
+        parent.submit()
+    worker.note(worker.submit(), True)
+    worker.note(worker.submit(), False)
+    parent.merge(worker)
+    assert parent.submitted == 3 and parent.fates == {0: True, 1: False}
+    assert parent.in_history(3, 3) == 2  # the third is still out: counted as in

@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 from tests.helpers.engines import EngineFactory, collect, history_ids
-from voice_agent.engine.base import AudioArray, EngineStats, TurnInput
+from voice_agent.engine.base import AudioArray, DropTurns, EngineStats, TurnInput
 from voice_agent.engine.process import ProcessEngine
 from voice_agent.errors import EngineError, to_wire
 
@@ -54,6 +54,9 @@ async def test_a_killed_worker_is_restarted_and_the_next_turn_succeeds(
                 await asyncio.sleep(0.05)
 
         await asyncio.wait_for(restarted(), timeout=120)
+        # The new worker has the parent's log of the turns: the failed one left
+        # nothing, so dropping the last submitted turn drops nothing older.
+        assert not await engine.edit_history(conv, DropTurns(1, submitted=True))
         h3 = engine.submit(conv, last)
         await asyncio.wait_for(collect(h3), timeout=120)
         assert not h3.result.cancelled

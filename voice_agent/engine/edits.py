@@ -100,6 +100,13 @@ class TurnLog:
         for old in [k for k in self.fates if k < self.submitted - TURN_LOG]:
             del self.fates[old]
 
+    def merge(self, other: TurnLog) -> None:
+        """Take in another copy's fates, numbered as this one (--engine-process:
+        the worker's; the parent's own count of turns submitted stands)."""
+        self.fates.update(other.fates)
+        for old in [k for k in self.fates if k < self.submitted - TURN_LOG]:
+            del self.fates[old]
+
     def in_history(self, upto: int, n: int) -> int:
         """How many of the n turns submitted before turn `upto` are in the
         history (unknown ones, older than the log or before a restore, are)."""

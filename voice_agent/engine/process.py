@@ -50,6 +50,7 @@ from voice_agent.engine.base import (
     edit_future,
     resolve_threadsafe,
 )
+from voice_agent.engine.edits import TurnLog
 from voice_agent.engine.process_worker import FAILED, STATS_INTERVAL, child_main
 from voice_agent.errors import Busy, EngineError, ModelLoadError
 
@@ -69,6 +70,8 @@ class _Mirror:
     clips: list[AudioArray] = field(default_factory=list)
     clip_starts: list[int] = field(default_factory=list)
     generation: int = -1  # the worker generation that knows this conversation
+    # Numbered as the worker numbers them; handed to a new worker with the history.
+    turn_log: TurnLog = field(default_factory=TurnLog)
 
 
 @dataclass
@@ -76,6 +79,7 @@ class _InFlight:
     conversation: Conversation
     handle: QueueTurnHandle
     turn: TurnInput
+    seq: int  # its number in the conversation's turn_log
 
 
 @dataclass
@@ -230,6 +234,7 @@ class ProcessEngine(Engine):
             turns, self._turns = list(self._turns.values()), {}
             edits, self._edits = list(self._edits.values()), {}
         for f in turns:
+            _log(f, entered=False)
             f.handle.push(EngineError(message))
         for e in edits:
             resolve_threadsafe(e.future, EngineError(message))
@@ -262,6 +267,7 @@ class ProcessEngine(Engine):
         with self._lock:
             self._turns.pop(tid, None)
         if kind == "error":
+            _log(f, entered=False)
             f.handle.push(EngineError(msg[2]))
             return
         text, usage, timing, cancelled, snapshot = msg[2:]
@@ -280,6 +286,7 @@ class ProcessEngine(Engine):
         m.messages = snapshot["messages"]
         m.ids = snapshot["ids"]
         m.clip_starts = snapshot["clip_starts"]
+        m.turn_log.merge(snapshot["log"])
         f.conversation.turns = snapshot["turns"]
         f.conversation.audio_clips = len(m.clips)
 
@@ -293,6 +300,7 @@ class ProcessEngine(Engine):
         m.messages = snapshot["messages"]
         m.ids = snapshot["ids"]
         m.clip_starts = snapshot["clip_starts"]
+        m.turn_log.merge(snapshot["log"])
         conversation.turns = snapshot["turns"]
         conversation.audio_clips = len(m.clips)
 
@@ -340,6 +348,7 @@ class ProcessEngine(Engine):
                 "clips": m.clips,
                 "clip_starts": m.clip_starts,
                 "turns": conversation.turns,
+                "log": m.turn_log,
             }
             self._send(("open", conversation.conversation_id, conversation.system_prompt, snapshot))
             m.generation = self._generation
@@ -357,7 +366,10 @@ class ProcessEngine(Engine):
                 raise Busy("the engine is busy, try again")
             self._sync(conversation)
             tid = next(self._tids)
-            self._turns[tid] = _InFlight(conversation, handle, turn)
+            m = conversation.state
+            assert isinstance(m, _Mirror)  # _sync checked it
+            log = m.turn_log
+            self._turns[tid] = _InFlight(conversation, handle, turn, log.submit())
             audio = None if turn.audio is None else np.asarray(turn.audio, dtype=np.float32)
             try:
                 self._send(
@@ -365,6 +377,7 @@ class ProcessEngine(Engine):
                 )
             except EngineError:
                 self._turns.pop(tid, None)
+                log.submitted -= 1  # the worker never saw it
                 raise
 
         def on_cancel() -> None:
@@ -439,3 +452,10 @@ class ProcessEngine(Engine):
                 self.model_name, local_files_only=self._kwargs.get("local_files_only", False)
             )
         return str(self._tokenizer.decode(self.history_ids(conversation)))
+
+
+def _log(f: _InFlight, entered: bool) -> None:
+    """Note a turn's fate in the parent's log (one that failed: nothing entered)."""
+    m = f.conversation.state
+    if isinstance(m, _Mirror):
+        m.turn_log.note(f.seq, entered)

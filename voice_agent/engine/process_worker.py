@@ -100,6 +100,7 @@ async def _serve(conn: Connection, engine: Any) -> None:
             st.clip_starts = list(snap["clip_starts"])
             conv.turns = snap["turns"]
             conv.audio_clips = len(st.clips)
+            st.turn_log = TurnLog(snap["log"].submitted, dict(snap["log"].fates))
             convs[cid] = conv
         elif kind == "turn":
             _, tid, cid, audio, text, max_new = msg
@@ -176,11 +177,13 @@ async def _serve(conn: Connection, engine: Any) -> None:
 def _snapshot(conv: Conversation) -> dict[str, Any]:
     """The conversation's history for the parent's mirror (the clips counted:
     the parent keeps their samples)."""
-    history = History.of(conv.state, conv.turns)  # read as it is now, even if running
+    state: Any = conv.state
+    history = History.of(state, conv.turns)  # read as it is now, even if running
     return {
         "messages": history.messages,
         "ids": history.ids,
         "clips": len(history.clips),
         "clip_starts": history.clip_starts,
         "turns": history.turns,
+        "log": TurnLog(state.turn_log.submitted, dict(state.turn_log.fates)),
     }
