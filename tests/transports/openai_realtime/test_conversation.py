@@ -213,3 +213,22 @@ def test_a_pending_item_just_leaves() -> None:
     assert types(send(t, "conversation.item.delete", item_id=user)) == ["conversation.item.deleted"]
     respond = send(t, "response.create")[-1]
     assert isinstance(respond, Respond) and respond.turn.text == SPEAK_FIRST
+
+
+def test_a_turn_dropped_while_its_deleted_reply_settles_gets_no_late_cut() -> None:
+    t = translator()
+    text_mode(t)
+    spoken_turn(t, 1)
+    t.server(SpeechStartedEvent("u2", 0))
+    user = t.server(SpeechStoppedEvent("u2", 0, 800))[2]["item"]["id"]
+    reply = t.server(ReplyStarted("r2", "u2"))[1]["item"]["id"]
+    t.server(ReplyDelta("r2", "half"))
+    assert types(send(t, "conversation.item.delete", item_id=reply)) == [
+        "StopAudio",
+        "Cancel",
+        "conversation.item.deleted",
+    ]  # (its cut waits for the cancel to settle)
+    outs = send(t, "conversation.item.delete", item_id=user)
+    assert [o for o in outs if isinstance(o, Edit)] == [Edit(DropTurns(1, submitted=True))]
+    end = t.server(ReplyCancelled("r2", "client", "half"))
+    assert not [o for o in end if isinstance(o, Edit)]  # no TruncateReply(0) of the turn before

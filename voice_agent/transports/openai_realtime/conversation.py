@@ -200,7 +200,8 @@ class ClientConversation:
             if response.status == "in_progress":
                 out += self.responses.cancel_request(response.id)
             out += self.responses.cut(response, 0)
-        self.history.reply_deleted()
+        # (the turn keeps its reply's id: a later drop of the turn then voids a cut
+        # still waiting for this reply, which would otherwise land on an older one)
         return out + self._remove([item_id])
 
     def _remove(self, item_ids: list[str]) -> list[Out]:

@@ -127,11 +127,6 @@ class ModelHistory:
         """DropTurns(1) was sent: the last turn leaves the history."""
         return self.turns.pop()
 
-    def reply_deleted(self) -> None:
-        """The last reply's item was deleted (the model keeps an empty reply)."""
-        if self.turns:
-            self.turns[-1].reply = None
-
 
 def heard_tokens(marks: list[int], chars: int) -> int:
     """How many reply tokens (deltas) lie within the first `chars` characters
