@@ -223,3 +223,16 @@ def test_a_continued_reply_and_its_user_item_are_deleted() -> None:
     outs = t.server(ReplyCancelled("r2", "continued", "ok"))
     assert types(outs) == ["conversation.item.deleted", "conversation.item.deleted"]
     assert [e["item_id"] for e in outs] == [user2, reply2]
+
+
+def test_a_continued_reply_waiting_for_its_cut_is_not_cut() -> None:
+    t = translator()
+    t.server(SpeechStartedEvent("u1", 0))
+    t.server(SpeechStoppedEvent("u1", 0, 800))
+    item_id = t.server(ReplyStarted("r1", "u1"))[1]["item"]["id"]
+    for w in WORDS:
+        t.server(ReplyDelta("r1", w))
+    t.audio(bytes(2 * 24000), "r1")
+    assert "Cancel" in types(truncate(t, item_id, 500))  # its cut waits for the cancel
+    outs = t.server(ReplyCancelled("r1", "continued", "one two three four"))
+    assert edits(outs) == []  # the Session drops the whole turn itself
