@@ -17,7 +17,7 @@ those in the first k messages' rendering. A settled reply's ids are
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from voice_agent.engine import edits
 from voice_agent.engine.base import (
@@ -44,8 +44,8 @@ class _Edited:
 
     messages: list[Message]
     ids: list[int]
-    clips: list[AudioArray] = field(default_factory=list)
-    clip_starts: list[int] = field(default_factory=list)
+    clips: list[AudioArray]
+    clip_starts: list[int]
 
 
 def resolve(e: _Edit, outcome: bool | BaseException) -> None:
@@ -115,7 +115,8 @@ class _Editing(EngineCore):
             if keep > len(tokens):
                 return None
             text = self._decode_text(tokens[:keep])
-            return _Edited([*st.messages[:-1], {"role": "assistant", "content": text}], [])
+            messages = [*st.messages[:-1], {"role": "assistant", "content": text}]
+            return _Edited(messages, [], list(st.clips), list(st.clip_starts))
         header = self._encode(f"{IM_START}assistant\n")
         tail = [self._im_end_id, *self._newline_ids]
         start = len(st.ids) - 1 - st.ids[::-1].index(self._im_start_id())
