@@ -113,6 +113,7 @@ class Soak:
             "worker_rss_mb": rss_mb(worker),
             "worker_fds": open_fds(worker),
             "worker_pid": worker,
+            "load_avg_1m": round(os.getloadavg()[0], 2),  # the machine, other work included
         }
         self.samples.append(row)
         return row
@@ -304,7 +305,11 @@ class Soak:
         return {
             "benchmark": "soak",
             "minutes": self.args.minutes,
-            "machine": {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "load_avg_1m_median": statistics.median(s["load_avg_1m"] for s in self.samples),
+                "load_avg_at_end": os.getloadavg(),
+            },
             "server": {
                 "args": [
                     a if not a.startswith("postgresql://") else "postgresql://..."
