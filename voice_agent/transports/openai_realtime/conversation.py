@@ -185,8 +185,6 @@ class ClientConversation:
         response = self.responses.by_item(turn.reply) if turn.reply else None
         if response is not None and response.status == "in_progress":
             out += self.responses.cancel_request(response.id)  # it stops first
-        if response is not None:
-            response.keep = None  # (no cut of a reply that leaves whole)
         out.append(Edit(self.history.drop(turn)))
         self.history.drop_last()
         return out + self._remove([i for i in turn.items() if i in self.items])

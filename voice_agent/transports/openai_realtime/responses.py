@@ -25,8 +25,9 @@ joins the conversation (no conversation.item.* events; it cannot be
 retrieved, truncated or deleted).
 
 conversation.item.truncate and .delete of the model's last reply cut the
-model's history too (history.py): TruncateReply(tokens heard), at once for a
-reply whose text is done, else once it ends (its cancel settles first).
+model's history too (history.py): TruncateReply(tokens heard), queued at
+once (the engine applies it after the reply's turn has settled, a cancel
+first), so it keeps its place among later edits and turns.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ class Response:
     in_conversation: bool = True  # False: out-of-band (conversation "none")
     aside: bool = False  # out-of-band with its own input: runs beside the Session's replies
     marks: list[int] = field(default_factory=list)  # len(text) after each delta
-    tokens: int = 0  # reply tokens (deltas) the model's history holds of it
-    keep: int | None = None  # a cut of the history waiting for the reply to end
+    tokens: int = 0  # reply tokens (deltas) seen, after a truncate too
+    cut: int | None = None  # the tokens the model's history was cut to
 
 
 @dataclass(frozen=True)
@@ -234,17 +235,16 @@ class Responses:
         r.audio_ms += ms
         return [self.ids.event("response.output_audio.delta", **self._where(r), delta=b64)]
 
-    def done(self, reply_id: str, text: str, usage: dict[str, int]) -> list[Out]:
+    def done(self, reply_id: str, text: str, usage: dict[str, int]) -> list[dict[str, Any]]:
         r = self.open.get(reply_id)
         if r is None:
             return []
         if not r.truncated:
             r.text = text
         r.text_done, r.usage = True, usage_of(usage)
-        cut = self._cut(r)
         if r.audio and not r.audio_done:
-            return cut  # response.done once its audio has gone out
-        return [*cut, *self._complete(r)]
+            return []  # response.done once its audio has gone out
+        return self._complete(r)
 
     def audio_done(self, reply_id: str, cancelled: bool) -> list[dict[str, Any]]:
         """The reply's audio has all gone out (or was stopped), or none will come."""
@@ -263,14 +263,14 @@ class Responses:
             return self._finish(r, "incomplete", details)
         return self._finish(r, "completed", None)
 
-    def cancelled(self, reply_id: str, reason: str, text: str) -> list[Out]:
+    def cancelled(self, reply_id: str, reason: str, text: str) -> list[dict[str, Any]]:
         r = self.open.get(reply_id)
         if r is None:
             return []
         if not r.truncated:
             r.text = text
         details = {"type": "cancelled", "reason": _REASONS.get(reason, "client_cancelled")}
-        return [*self._cut(r), *self._finish(r, "cancelled", details)]
+        return self._finish(r, "cancelled", details)
 
     def cancel_held(self) -> list[dict[str, Any]]:
         """response.cancel of a response whose text is done and whose audio
@@ -405,19 +405,17 @@ class Responses:
 
     def cut(self, r: Response, keep: int) -> list[Out]:
         """Cut the model's history of `r` (its last reply) to `keep` reply
-        tokens: now when its text is done, else once it ends (it was just
-        cancelled: the edit queues behind that turn)."""
-        r.keep = keep if r.keep is None else min(keep, r.keep)
-        return self._cut(r) if r.text_done else []
-
-    def _cut(self, r: Response) -> list[Out]:
-        """The Edit of a cut waiting for `r`, if it removes anything: a reply
-        with no delta is empty in the history, or not in it at all (a turn
-        cancelled before its first token), and is left alone."""
-        keep, r.keep = r.keep, None
-        if keep is None or r.tokens <= keep:
+        tokens, if that removes anything. Queued now: the engine applies it
+        after the reply's turn settles (a generating reply was just
+        cancelled, and keeps at least the deltas seen). A reply with no delta
+        seen is empty in the history or not in it at all (a turn cancelled
+        before its first token: a cut would land on an older reply): left
+        alone."""
+        if r.tokens == 0 or (r.cut is not None and keep >= r.cut):
             return []
-        r.tokens = keep
+        if r.text_done and keep >= r.tokens:
+            return []
+        r.cut = keep
         return [Edit(TruncateReply(keep))]
 
     def truncate(self, r: Response, audio_end_ms: int) -> dict[str, Any]:

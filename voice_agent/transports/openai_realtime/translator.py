@@ -438,8 +438,6 @@ class Translator:
         new user item. The response ends cancelled (turn_detected) if still
         open, then its item and its user items are deleted."""
         r = self.responses.by_reply(event.reply_id)
-        if r is not None:
-            r.keep = None  # (its turn leaves whole: no cut of it may land on an older reply)
         out: list[Out] = list(self.responses.cancelled(event.reply_id, "barge_in", event.text))
         turn = self.history.forget(r.item_id) if r is not None else None
         gone = turn.items() if turn is not None else [r.item_id] if r is not None else []
