@@ -149,3 +149,11 @@ def test_asides_run_beside_the_sessions_responses() -> None:
     assert done["id"] == aside_id and done["status"] == "cancelled"
     assert isinstance(StopAudio(), StopAudio) and isinstance(Cancel(), Cancel)
     assert second.reply_id != first.reply_id
+
+
+def test_a_reference_to_a_reply_in_progress_brings_its_text_so_far() -> None:
+    t = translator()  # (audio output: the reply stays open while its audio goes out)
+    reply = t.server(ReplyStarted("r1", "u1"))[1]["item"]["id"]
+    t.server(ReplyDelta("r1", "The light"))
+    call = only_aside(aside(t, [{"type": "item_reference", "id": reply}]))
+    assert call.messages == (AppendMessage("assistant", "The light"),)

@@ -32,10 +32,12 @@ P = "response.input"
 Entry = tuple[str, str, AudioArray | None]  # role, text, audio (user only)
 
 
-def _referenced(ref: ItemRef, items: Items) -> Entry:
+def _referenced(ref: ItemRef, items: Items, live: dict[str, str]) -> Entry:
     item = items.get(ref.id)
     if item is None:
         raise InvalidField(f"no item with id {ref.id[:64]!r}", P)
+    if ref.id in live:  # a reply still in progress: its text so far
+        return "assistant", live[ref.id], None
     texts: list[str] = []
     for part in item.get("content", []):
         kind = part.get("type")
@@ -52,13 +54,13 @@ def _referenced(ref: ItemRef, items: Items) -> Entry:
     return str(item.get("role", "user")), "\n".join(t for t in texts if t), None
 
 
-def _entry(item: ItemIn | ItemRef, items: Items, input_format: str) -> Entry:
+def _entry(item: ItemIn | ItemRef, items: Items, live: dict[str, str], fmt: str) -> Entry:
     if isinstance(item, ItemRef):
-        return _referenced(item, items)
+        return _referenced(item, items, live)
     audio = None
     if item.audio:
-        pcm = b"".join(to_pcm16(b64decode(a, P), input_format) for a in item.audio)
-        audio = resample(pcm16_to_float(pcm), FORMATS[input_format])
+        pcm = b"".join(to_pcm16(b64decode(a, P), fmt) for a in item.audio)
+        audio = resample(pcm16_to_float(pcm), FORMATS[fmt])
     return item.role, "\n".join(item.texts), audio
 
 
@@ -67,10 +69,15 @@ def _role(role: str) -> Any:
 
 
 def build(
-    inputs: tuple[ItemIn | ItemRef, ...], items: Items, input_format: str, speak_first: str
+    inputs: tuple[ItemIn | ItemRef, ...],
+    items: Items,
+    input_format: str,
+    speak_first: str,
+    live: dict[str, str] | None = None,
 ) -> tuple[tuple[AppendMessage, ...], TurnInput]:
-    """The history (text messages) and the turn of an input (see the module doc)."""
-    entries = [_entry(i, items, input_format) for i in inputs]
+    """The history (text messages) and the turn of an input (see the module
+    doc); `live`: the text so far of replies still in progress, by item id."""
+    entries = [_entry(i, items, live or {}, input_format) for i in inputs]
     n = len(entries)
     while n > 0 and entries[n - 1][0] == "user":
         n -= 1

@@ -329,7 +329,9 @@ class Translator:
         assert r.input is not None
         if self.responses.asides + len(self._asides) >= aside.MAX_ASIDES:
             raise Busy(f"at most {aside.MAX_ASIDES} out-of-band responses with input at once")
-        messages, turn = aside.build(r.input, self.items, self.settings.input_format, SPEAK_FIRST)
+        live = {x.item_id: x.text for x in self.responses.open.values()}
+        fmt = self.settings.input_format
+        messages, turn = aside.build(r.input, self.items, fmt, SPEAK_FIRST, live)
         reply_id = self.ids.next("aside")
         opts = dataclasses.replace(self._options(r), audio=False)
         self._asides[reply_id] = opts
