@@ -211,6 +211,9 @@ def test_a_continued_reply_and_its_user_item_are_deleted() -> None:
     assert done["status_details"] == {"type": "cancelled", "reason": "turn_detected"}
     deleted = [e["item_id"] for e in events(outs) if e["type"] == "conversation.item.deleted"]
     assert deleted == [user, reply] and not edits(outs)  # (the Session drops the turn itself)
+    # a client that truncates it a moment later (its interruption) is told why it is gone
+    [late] = truncate(t, reply, 0)
+    assert isinstance(late, Failed) and "continuation" in str(late.exc)
     # withdrawn after its text was done (its audio not heard): only the deletions
     t.server(SpeechStartedEvent("u2", 0))
     user2 = t.server(SpeechStoppedEvent("u2", 0, 800))[2]["item"]["id"]

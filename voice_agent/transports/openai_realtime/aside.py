@@ -21,7 +21,7 @@ import numpy as np
 
 from voice_agent.audio import pcm16_to_float, resample
 from voice_agent.engine.types import AppendMessage, AudioArray, TurnInput
-from voice_agent.errors import InvalidField, Unsupported
+from voice_agent.errors import Unsupported
 from voice_agent.transports.openai_realtime.codec import FORMATS, b64decode, to_pcm16
 from voice_agent.transports.openai_realtime.events import ItemIn, ItemRef
 from voice_agent.transports.openai_realtime.items import Items
@@ -35,7 +35,7 @@ Entry = tuple[str, str, AudioArray | None]  # role, text, audio (user only)
 def _referenced(ref: ItemRef, items: Items, live: dict[str, str]) -> Entry:
     item = items.get(ref.id)
     if item is None:
-        raise InvalidField(f"no item with id {ref.id[:64]!r}", P)
+        raise items.missing(ref.id, P)
     if ref.id in live:  # a reply still in progress: its text so far
         return "assistant", live[ref.id], None
     texts: list[str] = []

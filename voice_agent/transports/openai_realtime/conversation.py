@@ -157,7 +157,7 @@ class ClientConversation:
     def delete(self, r: ev.ItemDelete) -> list[Out]:
         item_id = r.item_id
         if item_id not in self.items:
-            raise InvalidField(f"no item with id {item_id[:64]!r}", "item_id")
+            raise self.items.missing(item_id)
         if item_id in self.items.pending:
             return self._remove([item_id])
         if self.history.last_user(item_id):

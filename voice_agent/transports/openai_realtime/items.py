@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+from voice_agent.errors import InvalidField
+
 
 class Ids:
     def __init__(self, tag: str) -> None:
@@ -53,6 +55,7 @@ def message_item(item_id: str, role: str, texts: tuple[str, ...]) -> dict[str, A
 
 
 MAX_ITEMS = 4096  # items kept for retrieve/delete/truncate; the oldest go first
+MAX_GONE = 64  # items the server removed itself, remembered to say so
 
 
 class Items:
@@ -63,6 +66,7 @@ class Items:
     def __init__(self) -> None:
         self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.pending: set[str] = set()
+        self._gone: OrderedDict[str, str] = OrderedDict()  # item id -> why the server removed it
 
     @property
     def last_id(self) -> str | None:
@@ -88,9 +92,21 @@ class Items:
             self.remove(oldest)
         return previous
 
-    def remove(self, item_id: str) -> None:
+    def remove(self, item_id: str, why: str | None = None) -> None:
+        """Remove an item; `why`: the server removed it on its own (a client
+        that asks for it later is told so)."""
         self._items.pop(item_id, None)
         self.pending.discard(item_id)
+        if why is not None:
+            self._gone[item_id] = why
+            while len(self._gone) > MAX_GONE:
+                self._gone.popitem(last=False)
+
+    def missing(self, item_id: str, param: str = "item_id") -> InvalidField:
+        """The error for an item that is not here (and why, if the server removed it)."""
+        why = self._gone.get(item_id)
+        detail = f": {why}" if why else ""
+        return InvalidField(f"no item with id {item_id[:64]!r}{detail}", param)
 
     def answered(self) -> None:
         """The pending items went to the model."""

@@ -346,7 +346,7 @@ class Responses:
         history keeps the reply: see docs/openai-realtime.md)."""
         item = self.items.get(r.item_id)
         if item is None:
-            raise InvalidField(f"no item with id {r.item_id[:64]!r}", "item_id")
+            raise self.items.missing(r.item_id)
         response = self.by_item(r.item_id)
         if item.get("role") != "assistant" or response is None:
             raise InvalidField("only a recent assistant item can be truncated", "item_id")

@@ -40,7 +40,7 @@ import numpy as np
 
 from voice_agent.audio import pcm16_to_float, resample
 from voice_agent.engine.types import DropTurns, TurnInput
-from voice_agent.errors import BadAudio, Busy, CommitEmpty, InvalidField, ResponseActive
+from voice_agent.errors import BadAudio, Busy, CommitEmpty, ResponseActive
 from voice_agent.protocol import (
     ErrorEvent,
     ReplyAudioDone,
@@ -183,7 +183,7 @@ class Translator:
         if isinstance(r, ev.ItemRetrieve):
             item = self.items.get(r.item_id)
             if item is None:
-                raise InvalidField(f"no item with id {r.item_id[:64]!r}", "item_id")
+                raise self.items.missing(r.item_id)
             return [self.ids.event("conversation.item.retrieved", item=item)]
         if isinstance(r, ev.ItemDelete):
             return self.conv.delete(r)
@@ -445,7 +445,7 @@ class Translator:
         gone = turn.items() if turn is not None else [r.item_id] if r is not None else []
         for item_id in gone:
             if item_id in self.items:
-                self.items.remove(item_id)
+                self.items.remove(item_id, "taken back, the user went on speaking (continuation)")
                 out.append(self.ids.event("conversation.item.deleted", item_id=item_id))
         return out
 
