@@ -8,6 +8,7 @@ import pytest
 
 from tests.helpers.paths import AUDIO_DIR
 from tests.session.support import (
+    CHUNK,
     RATE,
     events,
     feed,
@@ -293,3 +294,22 @@ def test_the_benchmarks_lone_last_word_joins() -> None:
         )
         actions = feed(s, float_to_pcm16(case.audio))
         assert [e.continues for e in stopped(actions)] == [None, "u1"], case.pause_ms
+
+
+def decided_after_ms(cfg: SessionConfig) -> int:
+    """Audio of the resumed part fed when the reply was taken back."""
+    s = Session("s1", cfg)
+    feed(s, first_part() + silence(0.9))
+    rest = second_part()
+    for i in range(0, len(rest), CHUNK):
+        if any(isinstance(a, CancelTurn) for a in s.feed_audio(rest[i : i + CHUNK])):
+            return (i + CHUNK) * 1000 // (2 * RATE)
+    raise AssertionError("not taken back")
+
+
+def test_the_speech_check_does_not_delay_the_decision() -> None:
+    # barge_in_ms of voiced frames decides how long; Silero only whether it
+    # is speech (its sure frames lag): the reply stops as soon as without it
+    plain = decided_after_ms(SessionConfig())
+    assert decided_after_ms(CHECKED) == plain
+    assert 300 <= plain <= 420  # 300 ms of speech, plus the onset frames

@@ -340,10 +340,11 @@ class Session:
     # -- continuation (continuation.py) ----------------------------------
 
     def _continue(self, utterance: int, voiced_ms: int, closed: bool = False) -> list[Action]:
-        """The resuming utterance has been speech long enough (as for a
-        barge-in), or, once `closed`, was speech Silero is sure of for
-        SHORT_WORD_SURE_MS (a short last word): take the candidate's reply back;
-        the utterance is joined to it when it closes."""
+        """The resuming utterance has been speech long enough (voiced for
+        barge_in_ms, as for a barge-in), or has closed sooner (a short last
+        word); with Silero, only if it is sure of SHORT_WORD_SURE_MS of it:
+        take the candidate's reply back; the utterance is joined to it when it
+        closes."""
         c = self._cand
         if c is None or c.resumed_by != utterance:
             return []
@@ -355,11 +356,12 @@ class Session:
         limit = self.config.barge_in_ms
         if self._playing and self._audio is not None and self._audio[0] == c.reply_id:
             limit = max(limit, self.config.barge_in_speaking_ms)
-        if closed and sure is not None:
-            if sure < SHORT_WORD_SURE_MS:
-                return []
-        elif voiced_ms < limit or (sure is not None and sure < limit):
-            return []  # (webrtcvad's speech that Silero does not call speech: noise)
+        # The VAD's voiced frames say how long (as for a barge-in); Silero, when
+        # there, says whether it is speech at all (music, clatter: no frame).
+        if sure is not None and sure < SHORT_WORD_SURE_MS:
+            return []
+        if voiced_ms < limit and not (closed and sure is not None):
+            return []  # (a short last word that closed: Silero's word is enough)
         self._cand = None
         self._joining = c
         self._hold = utterance
