@@ -22,6 +22,7 @@ from voice_agent.protocol import (
     ErrorEvent,
     ReplyAudioDone,
     ReplyCancelled,
+    ReplyDelta,
     ReplyDone,
     ReplyStarted,
     SpeechStoppedEvent,
@@ -152,3 +153,27 @@ async def test_spoken_reply_heard_or_not(
     else:  # the reply's text had finished: the speech stops its audio only (barge-in)
         assert second.continues is None
         assert reasons == []
+
+
+async def test_a_finished_text_reply_is_taken_back_after_its_done(audio_dir: Path) -> None:
+    # A text-only client never hears a reply: finished before the speech
+    # resumed, it is still taken back (reply.cancelled after its reply.done).
+    engine = ScriptedEngine(lambda turn: "Okay.", token_delay=0.001)
+    config = Config(host="127.0.0.1", port=0, max_new_tokens=12)
+    async with (
+        running_server(config, engine) as server,
+        RealtimeClient(server.url) as client,
+    ):
+        started = await client.start()
+        live = server.sessions[started.session_id]
+        await send_paced(client, pcm16_mono(cut_sentence(audio_dir, 0.9)))
+        await wait_done(client, "r2")
+        assert await client.wait_settled(30, quiet=0.3)
+        history = engine.history_text(live.conversation)
+    kinds = [type(e).__name__ for e in client.received if not isinstance(e, ReplyDelta)]
+    assert kinds[kinds.index("ReplyDone") + 1 :].count("ReplyCancelled") == 1
+    assert [(e.reply_id, e.reason, e.text) for e in client.of_type(ReplyCancelled)] == [
+        ("r1", "continued", "Okay.")
+    ]
+    assert [e.reply_id for e in client.of_type(ReplyDone)] == ["r1", "r2"]
+    assert history.count("<|im_start|>user") == 1 and history.count("Okay.") == 1
