@@ -313,3 +313,18 @@ def test_the_speech_check_does_not_delay_the_decision() -> None:
     plain = decided_after_ms(SessionConfig())
     assert decided_after_ms(CHECKED) == plain
     assert 300 <= plain <= 420  # 300 ms of speech, plus the onset frames
+
+
+def test_a_reply_that_sent_commands_is_never_taken_back() -> None:
+    from tests.helpers.devices import DEVICES_TOML
+    from voice_agent.commands import parse_devices
+
+    s = Session("s1", SessionConfig(devices=parse_devices(DEVICES_TOML)))
+    feed(s, first_part() + silence(0.9))
+    on = '<command>{"action": "on", "target": "light.kitchen"}</command>'
+    done = s.on_done("r1", result(f"Turning it on. {on}"))
+    assert "command" in kinds(done)
+    after = feed(s, second_part())
+    assert "continued" not in str(after)
+    assert stopped(after)[0].continues is None  # a turn of its own
+    assert [h.reply_id for h in s.history] == ["r1", "r1"]

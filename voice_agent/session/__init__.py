@@ -89,8 +89,9 @@ speech.stopped says `continues: <first utterance id>`; Speculate and
 DetectTurn carry the joined audio too. While the resuming speech has not
 decided, it does not barge in (noise that Silero rejects cuts nothing). A
 typed turn is never joined and ends the candidate; so do a client cancel of
-its reply and its failure. Joined audio longer than max_utterance_ms is
-answered as the two turns again. `continue_window_ms <= 0` or
+its reply, its failure, and command events of its reply (it acted: it
+stays). Joined audio longer than max_utterance_ms is answered as the two
+turns again. `continue_window_ms <= 0` or
 `barge_in_ms <= 0` turns continuation off.
 
 Commands: with a `devices` allowlist in the config, on_done follows the

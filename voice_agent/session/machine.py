@@ -256,6 +256,8 @@ class Session:
         devices = self.config.devices
         if devices is not None and not result.cancelled:
             parsed = parse_commands(result.text, devices)
+            if parsed.commands and self._cand is not None and self._cand.reply_id == reply_id:
+                self._cand = None  # it acted on devices: never taken back
             for c in parsed.commands:
                 actions.append(Send(CommandEvent(c.action, c.target, c.value)))
             for rej in parsed.rejected:
