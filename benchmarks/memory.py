@@ -5,8 +5,8 @@
 
 Loopback only; bounded (every wait has a timeout); stops by itself. For each
 mode (`speech`: the default TTS, `text`: `--tts none`) it starts `serve` as a
-subprocess (the tiny random model unless --model, `--db none`, otherwise the
-default settings; `--env` adds environment variables such as
+subprocess (the tiny random model unless --model, `--db none`,
+`--idle-timeout 0`, otherwise the default settings; `--env` adds environment variables such as
 MALLOC_ARENA_MAX=2 for the breakdown) and reports its RSS (MiB, from /proc):
 
 - `start`: once /readyz is 200;
@@ -186,7 +186,9 @@ async def run_mode(args: argparse.Namespace, mode: str, model: str) -> dict[str,
     if args.trace:
         env["VOICE_AGENT_BENCH_TRACE"] = str(trace)
     argv = ["serve", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--db", "none", "--log-level", "warning"]
+    # --idle-timeout 0: under load a long spoken reply outlasted the 300 s idle
+    # timeout, which closed the session mid-audio (found here, fixed since)
+    argv += ["--db", "none", "--log-level", "warning", "--idle-timeout", "0"]
     argv += ["--tts", "auto" if speak else "none"]
     if args.lead_ms is not None:
         argv += ["--tts-lead-ms", str(args.lead_ms)]

@@ -1,11 +1,13 @@
-"""What one WebSocket session holds is freed when it ends: a real server on
-loopback (scripted engine, real espeak-ng), weak references to the
-connection's objects, and the garbage collector (no object of a finished
-session may stay reachable, whatever way it ended)."""
+"""One WebSocket session (a real server on loopback, scripted engine, real
+espeak-ng): what it holds is freed when it ends (weak references to the
+connection's objects and the garbage collector: no object of a finished
+session may stay reachable, whatever way it ended); the idle timeout leaves
+a reply's audio that is still going out alone."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import secrets
@@ -29,24 +31,35 @@ from voice_agent.tts.speaker import Speech
 pytestmark = pytest.mark.timeout(90)
 
 SHORT = "Sure, the kitchen light is on now. Anything else?"
+MEDIUM = "The kitchen light is on now, and the living room stays dark as you asked."
 LONG = " ".join(f"This is sentence number {n} of a long answer." for n in range(40))
 FLOOD = "".join(" " + secrets.token_urlsafe(3000) for _ in range(4000))
 
 
 def reply(turn: TurnInput) -> str:
-    return {"long": LONG, "flood": FLOOD}.get(turn.text or "", SHORT)
+    return {"long": LONG, "medium": MEDIUM, "flood": FLOOD}.get(turn.text or "", SHORT)
+
+
+CONFIG = Config(
+    host="127.0.0.1", port=0, ping_interval=5.0, db="none", send_queue=32, max_new_tokens=4000
+)
+
+
+@contextlib.asynccontextmanager
+async def server(config: Config) -> AsyncIterator[WebSocketServerApp]:
+    speech = Speech(EspeakTTS())
+    engine = ScriptedEngine(reply, token_delay=0.0)
+    try:
+        async with running_server(config, engine, speech=speech) as app:
+            yield app
+    finally:
+        speech.close()
 
 
 @pytest.fixture
 async def app() -> AsyncIterator[WebSocketServerApp]:
-    config = Config(
-        host="127.0.0.1", port=0, ping_interval=5.0, db="none", send_queue=32, max_new_tokens=4000
-    )
-    speech = Speech(EspeakTTS())
-    engine = ScriptedEngine(reply, token_delay=0.0)
-    async with running_server(replace(config), engine, speech=speech) as server:
-        yield server
-    speech.close()
+    async with server(CONFIG) as app:
+        yield app
 
 
 async def session_objects(app: WebSocketServerApp) -> list[weakref.ref[Any]]:
@@ -105,3 +118,22 @@ async def test_a_client_that_never_reads_is_freed(app: WebSocketServerApp) -> No
     await until(lambda: app.counters["slow_consumer_closes_total"] == 1, 60)
     lazy.transport.abort()
     assert await gone(app, refs) == []
+
+
+async def test_audio_still_going_out_is_not_idle() -> None:
+    # The text is done at once, its audio takes seconds at real time: before,
+    # the idle timeout closed the session (1000) in the middle of the audio
+    # (found by benchmarks/memory.py, where long replies outlasted 300 s).
+    async with server(replace(CONFIG, idle_timeout=1.0)) as app, connect(app.url) as ws:
+        await ws.send(json.dumps({"type": "session.start"}))
+        await ws.send(json.dumps({"type": "text", "text": "medium"}))
+        audio = 0
+        async with asyncio.timeout(30):
+            while True:
+                raw = await ws.recv()  # ConnectionClosed here before the fix
+                if isinstance(raw, bytes):
+                    audio += len(raw)
+                elif json.loads(raw)["type"] == "reply.audio.done":
+                    break
+        assert audio > 2 * 16000 * 2  # more than twice the idle timeout of audio
+        assert app.counters["idle_closes_total"] == 0

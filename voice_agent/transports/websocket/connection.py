@@ -12,9 +12,10 @@ Limits: messages beyond `max_messages_per_second`, or audio beyond
 `max_audio_speed` times real time (after a 10 s allowance), make the reader
 wait before reading on (limits.py), so a fast sender is slowed by TCP and
 nothing piles up; no client message for `idle_timeout` seconds while no reply
-runs closes with 1000 (errors.IdleTimeout); a client that stops reading fills
-its outbox and is closed with 1008 (errors.SlowClient), its reply cancelled
-at once.
+runs and nothing was written to it (a long reply's audio going out keeps it
+open, a client that does not read it does not) closes with 1000
+(errors.IdleTimeout); a client that stops reading fills its outbox and is
+closed with 1008 (errors.SlowClient), its reply cancelled at once.
 
 The audio fast path: the sans-I/O server (transports/sansio/) hands a
 complete binary frame that arrives while `run()` waits in recv() with
@@ -177,6 +178,8 @@ class _Connection:
         while not self._closing:
             await asyncio.sleep(max(0.05, self._last_seen + idle - loop.time()))
             live = self.live
+            # a reply's audio still being written (read by the client) is not idle
+            self._last_seen = max(self._last_seen, self.outbox.last_write)
             if loop.time() - self._last_seen < idle or (live and live.replies_in_flight):
                 if live and live.replies_in_flight:
                     self._last_seen = loop.time()  # idle counts from the reply's end

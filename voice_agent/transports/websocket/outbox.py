@@ -11,6 +11,8 @@ takes at most half of the queue, by count and by bytes, and waits for room,
 so events always find some: a client that does not read holds at most
 `max_bytes` here (plus the transport's write buffer, 32 KiB), however long
 it stays. `flush(timeout)` waits (bounded) until what is queued was written.
+`last_write` is the loop time of the last message written (the idle
+timeout does not close a session whose reply audio is still going out).
 `close_or_abort` closes a connection whose peer may not read the close frame.
 """
 
@@ -40,6 +42,7 @@ class Outbox:
         self._queue: asyncio.Queue[str | bytes] = asyncio.Queue(size)
         self.max_bytes = max(1, max_bytes)
         self.queued_bytes = 0  # what is queued, in bytes (text: characters)
+        self.last_write = 0.0  # loop time the last message was written (0: none)
         self._room = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self.closed = False
@@ -81,10 +84,12 @@ class Outbox:
             self.queued_bytes += len(pcm)
 
     async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             data = await self._queue.get()
             try:
                 await self.ws.send(data)
+                self.last_write = loop.time()
             except ConnectionClosed:
                 return
             finally:
