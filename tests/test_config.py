@@ -88,6 +88,8 @@ def test_bad_env_value_is_a_clear_config_error() -> None:
         ("max_utterance_ms", 60000, "max_utterance_ms must be 1000..30000"),
         ("log_format", "xml", "log_format must be text or json"),
         ("max_sessions", 0, "max_sessions must be at least 1"),
+        ("continue_window_ms", -1, "continue_window_ms must be 0 or more"),
+        ("continue_heard_ms", -5, "continue_heard_ms must be 0 or more"),
     ],
 )
 def test_invalid_values_are_refused(field: str, value: object, message: str) -> None:

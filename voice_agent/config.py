@@ -345,7 +345,14 @@ class Config:
         for name in ("max_messages_per_second", "max_audio_speed"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be more than 0")
-        for name in ("idle_timeout", "drain_timeout", "retention_days", "tts_lead_ms"):
+        for name in (
+            "idle_timeout",
+            "drain_timeout",
+            "retention_days",
+            "tts_lead_ms",
+            "continue_window_ms",
+            "continue_heard_ms",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be 0 or more")
         if (self.tls_cert is None) != (self.tls_key is None):
