@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -175,3 +176,38 @@ async def test_per_response_modality_and_g711_output(app: WebSocketServerApp) ->
             base64.b64decode(e.delta) for e in seen if e.type == "response.output_audio.delta"
         )
         assert len(audio) == 2 * round(0.25 * 8000)  # one byte a sample
+
+
+class _SlowTTS(ToneTTS):
+    """Synthesis slower than the idle timeout over a whole reply (as Piper
+    on a loaded CPU): 0.6 s of work per sentence."""
+
+    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        time.sleep(0.6)
+        return super().synthesize(text)
+
+
+async def test_audio_still_going_out_is_not_idle() -> None:
+    # The reply's text is done at once; its sentences' audio goes out over
+    # about 2.4 s, more than twice the 1 s idle timeout: audio being written
+    # counts as activity (before, the session was closed in the middle).
+    config = Config(host="127.0.0.1", port=0, tts_lead_ms=0, idle_timeout=1.0)
+    speech = Speech(_SlowTTS(lambda text: 0.25))
+    engine = ScriptedEngine(lambda turn: "One. Two. Three. Four.", token_delay=0.0)
+    try:
+        async with running_server(config, engine, speech=speech) as app:
+            client = AsyncOpenAI(base_url=f"http://127.0.0.1:{app.port}/v1", api_key="k")
+            async with client.realtime.connect(model="qwen2-audio") as conn:
+                await conn.session.update(
+                    session={"type": "realtime", "output_modalities": ["audio"]}
+                )
+                await conn.conversation.item.create(item=USER)  # type: ignore[arg-type]
+                await conn.response.create()
+                seen: list[Any] = []
+                done = await until(conn, "response.done", seen)
+                assert done.response.status == "completed"
+                deltas = [e for e in seen if e.type == "response.output_audio.delta"]
+                assert len(deltas) >= 4
+            assert app.counters["idle_closes_total"] == 0
+    finally:
+        speech.close()

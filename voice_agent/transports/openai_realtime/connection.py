@@ -282,10 +282,13 @@ class RealtimeConnection:
 
     async def _watch_idle(self, idle: float) -> None:
         """Close (1000) after `idle` seconds without a client message while no
-        reply runs (as the native connection does)."""
+        reply runs and no audio goes out (as the native connection does)."""
         loop = asyncio.get_running_loop()
         while not self._closing:
             await asyncio.sleep(max(0.05, self._last_seen + idle - loop.time()))
+            # A reply's audio still being written is not idle (synthesis can
+            # outlast the reply's text by longer than the timeout).
+            self._last_seen = max(self._last_seen, self.outbox.last_write)
             live = self.live
             if live is not None and live.replies_in_flight:
                 self._last_seen = loop.time()  # idle counts from the reply's end
