@@ -260,13 +260,16 @@ def felt_chart(data: dict[str, Any], path: Path) -> Path:
         ax.set(xlabel="last word to first reply audio, mean (ms)", ylabel=ylabel)
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)
+        if key == "fragment_rate_cut":  # linear below 2 %, where the goal is
+            ax.set_yscale("symlog", linthresh=0.02)
+            ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
     axes[0].legend(loc="upper right", fontsize=7)
     n = data.get("cases", {})
     fig.suptitle(
         f"Turn-taking as felt: {n.get('whole', '?')} whole and {n.get('cut', '?')} cut "
-        f"sentences of {len(data.get('recordings', []))} recordings, Piper, scripted engine; "
-        f"star: {what} ({picked or 'none'}); x: its shorter barge-in lengths",
+        f"sentences of {len(data.get('recordings', []))} recordings, Piper, scripted engine\n"
+        f"star: {what} ({picked or 'none'}); x: the same with shorter barge-in lengths",
         fontsize=9,
     )
     fig.tight_layout()
@@ -284,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     data = json.loads(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if "barge_in_variants" in data:  # benchmarks/turns.py
+        print(felt_chart(data, out / "turns.png"))
+        return 0
     if "sweep" in data:  # benchmarks/turn_segments.py
         print(turns_chart(data, out / "turn-segments.png"))
         return 0

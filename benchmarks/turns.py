@@ -18,9 +18,8 @@ reply audio.
 
 Policies: the silence hangover (HANGOVERS_MS) and the end-of-turn model
 (THRESHOLDS, one check at 200 ms of silence, 1500 ms at most), each without
-continuation and with it for every continue window (WINDOWS_MS) and heard
-limit (HEARD_MS); continuation runs only where SessionConfig has
-`continue_window_ms` (0: off).
+continuation, and with it over continue windows and heard limits (family());
+continuation runs only where SessionConfig has `continue_window_ms` (0: off).
 
 The rule that picks the defaults: at most GOAL_FRAGMENTS of the cut cases
 answered as fragments, then the lowest mean latency, then the smallest
@@ -70,10 +69,10 @@ from voice_agent.vad import VadConfig
 
 HANGOVERS_MS = (300, 400, 500, 600, 800, 1000, 1300)
 THRESHOLDS = (0.5, 0.7, 0.9, 0.97)
-WINDOWS_MS = (1000, 1500, 2000, 3000)
-HEARD_MS = (600, 1000, 1500, 2000, 3000)
-CONTINUE_HANGOVERS_MS = (300, 400, 500, 600, 800)
-MODEL_CONTINUE = ((1500, 1000), (3000, 3000))  # (window, heard) with the model
+# (continue window, heard limit): the session's first defaults, and longer ones
+CONTINUE_GRID = ((1500, 600), (1500, 1000), (3000, 1500), (3000, 3000))
+CONTINUE_HANGOVERS_MS = (300, 500, 600)
+MODEL_CONTINUE = ((0.5, 3000, 3000), (0.97, 3000, 3000))  # (threshold, window, heard)
 NAMED_HANGOVERS_MS = (300, 600, 1000, 1300)  # the issue's rows
 BARGE_INS_MS = ((300, 300), (200, 200), (100, 100))  # (barge_in_ms, ..._speaking_ms) tried
 GOAL_FRAGMENTS, GOAL_LATENCY_MS, GOAL_TALK_OVER_MS = 0.01, 500.0, 300.0
@@ -159,70 +158,110 @@ class Policy:
 
 def family(model: bool, quick: bool) -> list[Policy]:
     """Every hangover and threshold without continuation; with it, the
-    shorter hangovers over every window and heard limit, the thresholds over
-    a few (the model's mean latency stays far above the goal's)."""
+    shorter hangovers over CONTINUE_GRID, two thresholds at the longest
+    (the model's mean latency stays far above the goal's). A finer grid
+    (hangovers 300 to 800, windows 1000 to 3000, heard 600 to 3000) gave
+    the same picture: docs/benchmarks/turns-grid.json."""
     out = [Policy(hangover_ms=h) for h in ((300, 600, 1300) if quick else HANGOVERS_MS)]
     thresholds = ((0.97,) if quick else THRESHOLDS) if model else ()
     out += [Policy(threshold=t) for t in thresholds]
     if not continuation_available():
         return out
-    grid = ((2000, 1500),) if quick else tuple((w, h) for w in WINDOWS_MS for h in HEARD_MS)
+    grid = ((2000, 1500),) if quick else CONTINUE_GRID
     for hangover in (300, 600) if quick else CONTINUE_HANGOVERS_MS:
         out += [Policy(hangover_ms=hangover, window_ms=w, heard_ms=h) for w, h in grid]
-    model_grid = grid if quick else MODEL_CONTINUE
-    out += [Policy(threshold=t, window_ms=w, heard_ms=h) for t in thresholds for w, h in model_grid]
+    model_grid = [(t, 2000, 1500) for t in thresholds] if quick else MODEL_CONTINUE
+    out += [Policy(threshold=t, window_ms=w, heard_ms=h) for t, w, h in model_grid if model]
     return out
 
 
 # ------------------------------------------------------------ picking
 
 
-def _sort_key(p: Policy, s: dict[str, Any]) -> tuple[float, int, int]:
-    return (s["latency_mean_ms"] or 1e9, p.window_ms, p.heard_ms)
+def pooled(result: dict[str, Any], recordings: Sequence[str]) -> dict[str, Any]:
+    """A result's fragments and latency over `recordings` (from by_recording;
+    each recording has one whole case, the rest are cut)."""
+    by = [result["by_recording"][r] for r in recordings]
+    cut = sum(b["cases"] - 1 for b in by)
+    frags = sum(round(b["fragment_rate_cut"] * (b["cases"] - 1)) for b in by)
+    lat = [b["latency_mean_ms"] for b in by]
+    cases = sum(b["cases"] for b in by)
+    weighted = [m * b["cases"] for m, b in zip(lat, by, strict=True) if m is not None]
+    mean = None if None in lat else sum(weighted) / cases
+    return {
+        "fragment_rate_cut": round(frags / max(1, cut), 4),
+        "latency_mean_ms": None if mean is None else round(mean, 1),
+        "cases": cases,
+    }
 
 
-def pick(
-    runs: dict[Policy, list[Felt]], recordings: Sequence[str]
-) -> tuple[Policy, dict[str, Any]] | None:
-    """The rule (module doc) on the cases of `recordings`."""
-    best: tuple[Policy, dict[str, Any]] | None = None
-    for policy, felt in runs.items():
-        s = summarize([f for f in felt if f.recording in recordings])
-        if s["fragment_rate_cut"] > GOAL_FRAGMENTS:
-            continue
-        if best is None or _sort_key(policy, s) < _sort_key(*best):
-            best = (policy, s)
-    return best
+def _order(result: dict[str, Any], s: dict[str, Any]) -> tuple[float, int, int]:
+    policy = result["policy"]
+    window = policy.get("continue_window_ms", 0)
+    return (
+        s["latency_mean_ms"] or 1e9,
+        window,
+        policy.get("continue_heard_ms", 0) if window else 0,
+    )
 
 
-def closest(runs: dict[Policy, list[Felt]]) -> tuple[Policy, dict[str, Any]] | None:
-    """How close the family gets when nothing meets the rule: the fewest
-    fragments among the policies under GOAL_LATENCY_MS (then the rule's order)."""
-    best: tuple[Policy, dict[str, Any]] | None = None
-    for policy, felt in runs.items():
-        s = summarize(felt)
-        if (s["latency_mean_ms"] or 1e9) >= GOAL_LATENCY_MS:
-            continue
-        key = (s["fragment_rate_cut"], *_sort_key(policy, s))
-        if best is None or key < (best[1]["fragment_rate_cut"], *_sort_key(*best)):
-            best = (policy, s)
-    return best
+def choose(
+    results: dict[str, dict[str, Any]], recordings: Sequence[str]
+) -> tuple[str, dict[str, Any], bool] | None:
+    """The rule (module doc) on `recordings`: (name, pooled figures, True);
+    when nothing meets it, how close the family gets: the fewest fragments
+    among the policies under GOAL_LATENCY_MS (then the rule's order), False.
+    The barge-in variants are not candidates."""
+    scored = [
+        (name, r, pooled(r, recordings)) for name, r in results.items() if "barge-in" not in name
+    ]
+    ok = [x for x in scored if x[2]["fragment_rate_cut"] <= GOAL_FRAGMENTS]
+    if ok:
+        name, _, s = min(ok, key=lambda x: _order(x[1], x[2]))
+        return name, s, True
+    fast = [x for x in scored if (x[2]["latency_mean_ms"] or 1e9) < GOAL_LATENCY_MS]
+    if not fast:
+        return None
+    name, _, s = min(fast, key=lambda x: (x[2]["fragment_rate_cut"], *_order(x[1], x[2])))
+    return name, s, False
 
 
-def held_out(runs: dict[Policy, list[Felt]], recordings: Sequence[str]) -> dict[str, Any]:
+def analyze(results: dict[str, dict[str, Any]], recordings: Sequence[str]) -> dict[str, Any]:
+    """picked (the rule on every recording), closest (when it picks
+    nothing) and held_out: chosen on the other recordings, scored on each."""
+    got = choose(results, recordings)
+    out: dict[str, Any] = {"picked": None, "closest_under_goal_latency": None}
+    if got is not None:
+        key = "picked" if got[2] else "closest_under_goal_latency"
+        out[key] = {"name": got[0], **_short(results[got[0]])}
     folds: dict[str, Any] = {}
-    pooled: list[Felt] = []
-    if len(recordings) < 2:
-        return {"folds": folds, "pooled": None}
-    for rec in recordings:
-        got = pick(runs, [r for r in recordings if r != rec])
-        if got is None:
-            folds[rec] = {"picked": None}
+    frags = cut = 0
+    lat_sum, cases = 0.0, 0
+    for rec in recordings if len(recordings) > 1 else ():
+        fold = choose(results, [r for r in recordings if r != rec])
+        if fold is None:
+            folds[rec] = {"chosen": None}
             continue
-        test = [f for f in runs[got[0]] if f.recording == rec]
-        pooled += test
-        folds[rec] = {"picked": got[0].name, "held_out": _short(summarize(test))}
-    return {"folds": folds, "pooled": summarize(pooled) if pooled else None}
+        test = pooled(results[fold[0]], [rec])
+        rb = results[fold[0]]["by_recording"][rec]
+        folds[rec] = {
+            "chosen": fold[0],
+            "by_the_rule": fold[2],
+            "held_out": {**test, "talk_over_stop_p95_ms": rb["talk_over_stop_p95_ms"]},
+        }
+        frags += round(test["fragment_rate_cut"] * (test["cases"] - 1))
+        cut += test["cases"] - 1
+        lat_sum += (test["latency_mean_ms"] or 0.0) * test["cases"]
+        cases += test["cases"]
+    pooled_out = None
+    if cases:
+        pooled_out = {
+            "fragment_rate_cut": round(frags / max(1, cut), 4),
+            "latency_mean_ms": round(lat_sum / cases, 1),
+            "cases": cases,
+        }
+    out["held_out"] = {"folds": folds, "pooled": pooled_out}
+    return out
 
 
 def _short(s: dict[str, Any]) -> dict[str, Any]:
@@ -244,6 +283,10 @@ def meets_goal(s: dict[str, Any]) -> bool:
         and lat < GOAL_LATENCY_MS
         and (talk is None or talk <= GOAL_TALK_OVER_MS)
     )
+
+
+def result(policy: Policy, felt: list[Felt]) -> dict[str, Any]:
+    return {**summarize(felt), "by_recording": by_recording(felt), "policy": policy.describe()}
 
 
 def table_policies(chosen: Policy | None, model: bool) -> list[Policy]:
@@ -289,6 +332,13 @@ def main() -> None:
     ap.add_argument("--no-model", action="store_true", help="silence policies only")
     ap.add_argument("--quick", action="store_true", help="one recording, a few policies")
     ap.add_argument("--model-cache", default="/tmp/voice-agent-turns-model-cache.json")
+    ap.add_argument(
+        "--partial",
+        default="/tmp/voice-agent-turns-partial.jsonl",
+        help="each policy's result is appended here as it is done; a rerun with --resume "
+        "takes those from it instead of running them again",
+    )
+    ap.add_argument("--resume", action="store_true")
     args = ap.parse_args()
     t0 = time.perf_counter()
     from voice_agent.tts.piper import PiperTTS
@@ -298,27 +348,34 @@ def main() -> None:
     detector = None if args.no_model else load_model(Path(args.model_cache), meter)
     recordings = RECORDINGS[3:4] if args.quick else RECORDINGS
     cases: list[Case] = build_cases(recordings)
-    runs: dict[Policy, list[Felt]] = {}
+    partial = Path(args.partial)
+    done: dict[str, dict[str, Any]] = {}
+    if args.resume and partial.is_file():
+        for line in partial.read_text().splitlines():
+            done.update(json.loads(line))
+    elif partial.exists():
+        partial.unlink()
 
-    def run(policy: Policy) -> list[Felt]:
+    def run(policy: Policy) -> dict[str, Any]:
+        if policy.name in done:
+            return done[policy.name]
         felt = [score(c, simulate(c, policy.config(detector), speech, meter)) for c in cases]
-        s = summarize(felt)
+        r = result(policy, felt)
+        with partial.open("a") as f:
+            f.write(json.dumps({policy.name: r}) + "\n")
         log(
-            f"{policy.name}: fragments {s['fragment_rate_cut']:.3f}, "
-            f"latency {s['latency_mean_ms']} ms, talk-over p95 {s['talk_over_stop_p95_ms']} ms"
+            f"{policy.name}: fragments {r['fragment_rate_cut']:.3f}, "
+            f"latency {r['latency_mean_ms']} ms, talk-over p95 {r['talk_over_stop_p95_ms']} ms"
         )
-        return felt
+        return r
 
-    for policy in family(detector is not None, args.quick):
-        runs[policy] = run(policy)
-    chosen = pick(runs, recordings)
-    extra: dict[Policy, list[Felt]] = {}  # rows outside the family the rule picks from
-    best = None if chosen is None else chosen[0]
-    for policy in table_policies(best, detector is not None):
+    runs = {p: run(p) for p in family(detector is not None, args.quick)}
+    got = choose({p.name: r for p, r in runs.items()}, recordings)
+    extra: dict[Policy, dict[str, Any]] = {}  # rows outside the family the rule picks from
+    varied = None if got is None else next(p for p in runs if p.name == got[0])
+    for policy in table_policies(varied, detector is not None):
         if policy not in runs:
             extra[policy] = run(policy)
-    near = closest(runs)
-    varied = best if best is not None else None if near is None else near[0]
     if varied is not None:  # what shorter barge-in lengths would do (not picked by)
         for b, bs in BARGE_INS_MS:
             policy = dataclasses.replace(varied, barge_in_ms=b, barge_in_speaking_ms=bs)
@@ -327,18 +384,15 @@ def main() -> None:
         cache = {k.hex(): v for k, v in detector.cache.items()}
         Path(args.model_cache).write_text(json.dumps(cache))
     every = runs | extra
-    results = {
-        p.name: {**summarize(f), "by_recording": by_recording(f), "policy": p.describe()}
-        for p, f in every.items()
-    }
+    results = {p.name: r for p, r in every.items()}
     rows = {
-        p.name: {**_short(summarize(every[p])), "policy": p.describe()}
-        for p in table_policies(best, detector is not None)
+        p.name: {**_short(every[p]), "policy": p.describe()}
+        for p in table_policies(varied, detector is not None)
         if p in every
     }
     barge_ins = {
-        p.name: {**_short(summarize(f)), "policy": p.describe()}
-        for p, f in extra.items()
+        p.name: {**_short(r), "policy": p.describe()}
+        for p, r in extra.items()
         if p.barge_in_speaking_ms != D.BARGE_IN_SPEAKING_MS
     }
     out = {
@@ -351,7 +405,7 @@ def main() -> None:
         "continuation": continuation_available(),
         "simulated": "virtual clock; Piper and the model charged at their measured CPU time",
         "engine": f"scripted, {TOKEN_S * 1000:g} ms a word: {REPLY!r}",
-        "tts_ms_by_piece": speech.costs_ms(),
+        "tts_ms_by_piece": speech.costs_ms(),  # empty when every result was resumed
         "model": None if detector is None else detector.name,
         "model_call_ms": None if detector is None else round(detector.call_s * 1000, 1),
         "model_calls": None if detector is None else detector.calls,
@@ -363,9 +417,7 @@ def main() -> None:
             f"fragment_rate_cut <= {GOAL_FRAGMENTS}, latency_mean_ms < {GOAL_LATENCY_MS:g}, "
             f"talk_over_stop_p95_ms <= {GOAL_TALK_OVER_MS:g}"
         ),
-        "picked": None if chosen is None else {"name": chosen[0].name, **chosen[1]},
-        "closest_under_goal_latency": None if near is None else {"name": near[0].name, **near[1]},
-        "held_out": held_out(runs, recordings),
+        **analyze({p.name: r for p, r in runs.items()}, recordings),
         "table": rows,
         "barge_in_variants": barge_ins,
         "goal_met_by": [k for k, r in results.items() if meets_goal(r)],

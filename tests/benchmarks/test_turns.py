@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.turn_cases import Case, build_cases
-from benchmarks.turn_felt import Felt, score, summarize
+from benchmarks.turn_felt import score
 from benchmarks.turn_sim import CachedSpeech, Meter, Run, simulate
-from benchmarks.turns import Policy, continuation_available, pick
+from benchmarks.turns import Policy, analyze, choose, continuation_available, result
 from tests.helpers.tts import ToneTTS
 from voice_agent.protocol import ReplyCancelled
 
@@ -63,9 +63,11 @@ def test_continuation_takes_the_fragments_reply_back(cases: tuple[Case, Case]) -
 
 def test_the_rule_picks_the_fastest_policy_without_fragments(cases: tuple[Case, Case]) -> None:
     whole, cut = cases
-    runs: dict[Policy, list[Felt]] = {}
+    results = {}
     for p in (Policy(hangover_ms=300), Policy(hangover_ms=1300)):
-        runs[p] = [score(c, run(c, p)) for c in (whole, cut)]
-    got = pick(runs, [LDC])
-    assert got is not None and got[0] == Policy(hangover_ms=1300)
-    assert summarize(runs[Policy(hangover_ms=300)])["fragment_rate_cut"] == 1.0
+        felt = [score(c, run(c, p)) for c in (whole, cut)]
+        results[p.name] = result(p, felt)
+    assert results["silence 300 ms"]["fragment_rate_cut"] == 1.0
+    got = choose(results, [LDC])
+    assert got is not None and got[0] == "silence 1300 ms" and got[2]  # by the rule
+    assert analyze(results, [LDC])["picked"]["name"] == "silence 1300 ms"
