@@ -126,7 +126,7 @@ async def test_spoken_reply_heard_or_not(
     # Inside the window either way; the second case leaves the reply's audio
     # playing for seconds (well past continue_heard_ms) before speech resumes.
     base, engine = spoken
-    config = replace(base, continue_window_ms=window_ms)
+    config = replace(base, continue_window_ms=window_ms, continue_heard_ms=600)
     audio = cut_sentence(audio_dir, pause_s)
     async with (
         running_server(config, engine, speech=piper) as server,

@@ -3,6 +3,9 @@ takes the reply to it back, and the two are answered as one turn."""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -39,7 +42,16 @@ from voice_agent.vad.frames import to_float
 # 600 ms hangover, 1000 + 200..920 ms into the stream (pre-roll from 900 ms).
 CUT = 940 * 2 * RATE // 1000
 FIRST_AUDIO_MS = 900
-CHECKED = SessionConfig(speech_check=silero_model())
+# The window and heard limit these tests are written for (pinned: the
+# defaults are chosen by benchmarks/turns.py and may change).
+BASE = SessionConfig(continue_window_ms=1500, continue_heard_ms=600)
+
+
+def cfg(**fields: Any) -> SessionConfig:
+    return dataclasses.replace(BASE, **fields)
+
+
+CHECKED = cfg(speech_check=silero_model())
 
 
 def first_part() -> bytes:
@@ -71,7 +83,7 @@ def spans_the_stream(audio: np.ndarray, stream: bytes, end_ms: int) -> None:
 
 
 def test_a_cut_sentence_resumed_in_the_window_is_one_turn() -> None:
-    s = Session("s1")
+    s = Session("s1", BASE)
     pause = silence(0.9)
     before = feed(s, first_part() + pause)
     assert one_submit(before).utterance_id == "u1"
@@ -110,7 +122,7 @@ def test_a_cut_sentence_resumed_in_the_window_is_one_turn() -> None:
 
 
 def test_a_finished_reply_not_heard_is_withdrawn() -> None:
-    s = Session("s1")
+    s = Session("s1", BASE)
     feed(s, first_part() + silence(0.9))
     s.on_done("r1", result("Sure thing."))
     assert len(s.history) == 2
@@ -125,7 +137,7 @@ def test_a_finished_reply_not_heard_is_withdrawn() -> None:
 
 
 def test_a_queued_turn_is_just_joined() -> None:
-    s = Session("s1")
+    s = Session("s1", BASE)
     stream = first_part() + silence(0.9) + second_part()
     split = 2 * RATE * 1600 // 1000  # u1 has started
     feed(s, stream[:split])
@@ -144,7 +156,7 @@ def test_a_queued_turn_is_just_joined() -> None:
 
 
 def test_resumed_after_the_window_stays_two_turns() -> None:
-    s = Session("s1")
+    s = Session("s1", BASE)
     feed(s, first_part() + silence(2.5))
     s.on_done("r1", result("Sure."))
     after = feed(s, second_part())
@@ -156,7 +168,7 @@ def test_resumed_after_the_window_stays_two_turns() -> None:
 
 
 def test_resumed_after_the_reply_was_heard_stays_two_turns() -> None:
-    s = Session("s1")
+    s = Session("s1", BASE)
     feed(s, first_part() + silence(0.6))  # closes at the end of this
     s.on_done("r1", result("Sure."))
     s.playback("r1", True)  # heard from now: 900 ms by the time speech resumes
@@ -169,7 +181,7 @@ def test_resumed_after_the_reply_was_heard_stays_two_turns() -> None:
 
 
 def test_heard_for_less_than_the_limit_is_still_continued() -> None:
-    s = Session("s1")
+    s = Session("s1", BASE)
     feed(s, first_part() + silence(0.6))
     s.on_done("r1", result("Sure."))
     feed(s, silence(0.5))
@@ -180,7 +192,7 @@ def test_heard_for_less_than_the_limit_is_still_continued() -> None:
 
 
 def test_a_typed_turn_is_never_joined() -> None:
-    s = Session("s1")
+    s = Session("s1", BASE)
     feed(s, first_part() + silence(0.9))
     s.text("and the weather?")  # a typed turn after u1: u1 is no longer the last turn
     s.on_done("r1", result("Sure."))
@@ -215,7 +227,7 @@ def test_the_speech_check_still_joins_speech() -> None:
 
 
 def test_off_with_a_zero_window() -> None:
-    s = Session("s1", SessionConfig(continue_window_ms=0))
+    s = Session("s1", cfg(continue_window_ms=0))
     feed(s, first_part() + silence(0.9))
     after = feed(s, second_part())
     assert CancelTurn("r1", 0, "barge_in") in after  # today's barge-in
@@ -223,7 +235,7 @@ def test_off_with_a_zero_window() -> None:
 
 
 def test_cancel_and_barge_in_work_on_the_joined_reply() -> None:
-    s = Session("s1")
+    s = Session("s1", BASE)
     feed(s, first_part() + silence(0.9) + second_part())
     assert s.reply_id == "r2"
     s.on_delta("r2", Delta("Right", 1))
@@ -237,7 +249,7 @@ def test_cancel_and_barge_in_work_on_the_joined_reply() -> None:
 
 
 def test_a_client_cancel_ends_the_chance_to_continue() -> None:
-    s = Session("s1")
+    s = Session("s1", BASE)
     feed(s, first_part() + silence(0.7))
     s.cancel()
     after = feed(s, silence(0.2) + second_part())
@@ -246,8 +258,7 @@ def test_a_client_cancel_ends_the_chance_to_continue() -> None:
 
 
 def test_joined_audio_beyond_the_model_window_is_two_turns_again() -> None:
-    cfg = SessionConfig(vad=VadConfig(max_utterance_ms=3000))
-    s = Session("s1", cfg)
+    s = Session("s1", cfg(vad=VadConfig(max_utterance_ms=3000)))
     feed(s, first_part() + silence(0.9))
     after = feed(s, second_part())
     assert ReplyCancelled("r1", "continued", "") in events(after)  # taken back at once
@@ -264,8 +275,8 @@ def test_a_short_last_word_joins_when_it_closes_if_silero_calls_it_speech(checke
     # While the reply plays the resumed speech must last barge_in_speaking_ms
     # (here 1000 ms, longer than "year") before it counts; once the word has
     # closed, Silero's word that it was speech is enough (min_speech_ms of it).
-    cfg = SessionConfig(barge_in_speaking_ms=1000, speech_check=silero_model() if checked else None)
-    s = Session("s1", cfg)
+    config = cfg(barge_in_speaking_ms=1000, speech_check=silero_model() if checked else None)
+    s = Session("s1", config)
     pcm = speech("ldc93s1-16k-mono.wav")
     cut = YEAR_MS * 2 * RATE // 1000
     feed(s, silence(1.0) + pcm[:cut] + silence(0.6))
@@ -289,16 +300,14 @@ def test_the_benchmarks_lone_last_word_joins() -> None:
     cases = [c for c in build_cases(["ldc93s1-16k-mono.wav"]) if c.boundary == "all | year"]
     assert cases
     for case in cases:
-        s = Session(
-            "s1", SessionConfig(vad=VadConfig(hangover_ms=300), speech_check=silero_model())
-        )
+        s = Session("s1", cfg(vad=VadConfig(hangover_ms=300), speech_check=silero_model()))
         actions = feed(s, float_to_pcm16(case.audio))
         assert [e.continues for e in stopped(actions)] == [None, "u1"], case.pause_ms
 
 
-def decided_after_ms(cfg: SessionConfig) -> int:
+def decided_after_ms(config: SessionConfig) -> int:
     """Audio of the resumed part fed when the reply was taken back."""
-    s = Session("s1", cfg)
+    s = Session("s1", config)
     feed(s, first_part() + silence(0.9))
     rest = second_part()
     for i in range(0, len(rest), CHUNK):
@@ -310,7 +319,7 @@ def decided_after_ms(cfg: SessionConfig) -> int:
 def test_the_speech_check_does_not_delay_the_decision() -> None:
     # barge_in_ms of voiced frames decides how long; Silero only whether it
     # is speech (its sure frames lag): the reply stops as soon as without it
-    plain = decided_after_ms(SessionConfig())
+    plain = decided_after_ms(cfg())
     assert decided_after_ms(CHECKED) == plain
     assert 300 <= plain <= 420  # 300 ms of speech, plus the onset frames
 
@@ -319,7 +328,7 @@ def test_a_reply_that_sent_commands_is_never_taken_back() -> None:
     from tests.helpers.devices import DEVICES_TOML
     from voice_agent.commands import parse_devices
 
-    s = Session("s1", SessionConfig(devices=parse_devices(DEVICES_TOML)))
+    s = Session("s1", cfg(devices=parse_devices(DEVICES_TOML)))
     feed(s, first_part() + silence(0.9))
     on = '<command>{"action": "on", "target": "light.kitchen"}</command>'
     done = s.on_done("r1", result(f"Turning it on. {on}"))
