@@ -113,3 +113,41 @@ async def test_config_flags_reach_the_engine(
         await engine.close()
     assert not await engine.ready()
     assert engine.runtime_stats() == EngineStats()
+
+
+async def test_the_worker_forgets_a_released_conversation_and_reopens_it_on_resume(
+    tiny_model_dir: Path,
+    make_engine: EngineFactory,
+    short_speech: AudioArray,
+) -> None:
+    """The worker held every conversation it ever opened (clips, ids) until it
+    died (found by benchmarks/soak.py: its RSS grew with every session). A
+    released conversation is now forgotten there once nothing of it is in
+    flight, and a later turn opens it again with its settled history."""
+    from tests.helpers.waiting import until
+
+    turns = [TurnInput(audio=short_speech), TurnInput(text="And then?"), TurnInput(text="Bye.")]
+    reference = await make_engine(max_new_tokens=4)
+    ref_conv = reference.new_conversation()
+    for t in turns:
+        await collect(reference.submit(ref_conv, t))
+
+    engine = ProcessEngine(str(tiny_model_dir), max_new_tokens=4)
+    await engine.start()
+    try:
+        conv = engine.new_conversation()
+        await collect(engine.submit(conv, turns[0]))
+        await until(lambda: engine.worker_conversations == 1)
+        engine.release(conv)  # the session ended with nothing in flight
+        await until(lambda: engine.worker_conversations == 0)
+        second = engine.submit(conv, turns[1])  # resumed
+        engine.release(conv)  # ended again while its turn runs: forgotten once it settles
+        await collect(second)
+        await until(lambda: engine.worker_conversations == 0)
+        last = engine.submit(conv, turns[2])
+        await collect(last)
+        assert last.result.usage.cached_tokens == 0  # rebuilt from the history sent again
+        assert engine.history_ids(conv) == history_ids(reference, ref_conv)
+        assert conv.turns == 3 and conv.audio_clips == 1
+    finally:
+        await engine.close()

@@ -70,6 +70,7 @@ class _Mirror:
     clips: list[AudioArray] = field(default_factory=list)
     clip_starts: list[int] = field(default_factory=list)
     generation: int = -1  # the worker generation that knows this conversation
+    forget: bool = False  # released: the worker forgets it once nothing of it is in flight
     # Numbered as the worker numbers them; handed to a new worker with the history.
     turn_log: TurnLog = field(default_factory=TurnLog)
 
@@ -113,6 +114,7 @@ class ProcessEngine(Engine):
         self.info: dict[str, Any] = {}
         # The worker's last stats report: figures, health, when it came.
         self._stats = EngineStats()
+        self.worker_conversations = 0  # held by the worker, from its last stats report
         self._healthy = False
         self._stats_at = 0.0
 
@@ -242,8 +244,9 @@ class ProcessEngine(Engine):
     def _dispatch(self, msg: tuple[Any, ...]) -> None:
         kind, tid = msg[0], msg[1]
         if kind == "stats":
-            _, _, batch_size, kv_bytes, queued, healthy = msg
+            _, _, batch_size, kv_bytes, queued, healthy, conversations = msg
             self._stats = EngineStats(batch_size, kv_bytes, queued)
+            self.worker_conversations = conversations
             self._healthy = bool(healthy)
             self._stats_at = time.monotonic()
             return
@@ -256,6 +259,8 @@ class ProcessEngine(Engine):
                 resolve_threadsafe(e.future, EngineError(msg[2]))
                 return
             self._mirror_edit(e.conversation, msg[3])
+            with self._lock:
+                self._forget_if_idle(e.conversation)
             resolve_threadsafe(e.future, bool(msg[2]))
             return
         f = self._turns.get(tid)
@@ -268,11 +273,15 @@ class ProcessEngine(Engine):
             self._turns.pop(tid, None)
         if kind == "error":
             _log(f, entered=False)
+            with self._lock:
+                self._forget_if_idle(f.conversation)
             f.handle.push(EngineError(msg[2]))
             return
         text, usage, timing, cancelled, snapshot = msg[2:]
         if snapshot is not None:
             self._settle(f, snapshot)
+        with self._lock:
+            self._forget_if_idle(f.conversation)
         f.handle.push(TurnResult(text, Usage(**usage), Timing(**timing), cancelled=cancelled))
 
     def _settle(self, f: _InFlight, snapshot: dict[str, Any]) -> None:
@@ -341,6 +350,7 @@ class ProcessEngine(Engine):
         m = conversation.state
         if not isinstance(m, _Mirror):
             raise ValueError("conversation was not created by this engine")
+        m.forget = False  # in use again
         if m.generation != self._generation:
             snapshot = {
                 "messages": m.messages,
@@ -406,9 +416,32 @@ class ProcessEngine(Engine):
         return future
 
     def release(self, conversation: Conversation) -> None:
+        """Drop its KV cache now; the worker forgets the conversation (its
+        clips, ids) once none of its turns or edits is in flight, and a later
+        use opens it there again from the settled history, as after a restart."""
         m = conversation.state
-        if isinstance(m, _Mirror) and m.generation == self._generation:
-            self._send_quiet(("release", conversation.conversation_id))
+        if not isinstance(m, _Mirror) or m.generation != self._generation:
+            return
+        with self._lock:
+            m.forget = True
+            if self._forget_if_idle(conversation):
+                return
+        self._send_quiet(("release", conversation.conversation_id))
+
+    def _forget_if_idle(self, conversation: Conversation) -> bool:
+        """Under the lock: tell the worker to forget a released conversation
+        with nothing in flight (True when it was told)."""
+        m = conversation.state
+        if not isinstance(m, _Mirror) or not m.forget or m.generation != self._generation:
+            return False
+        if any(f.conversation is conversation for f in self._turns.values()) or any(
+            e.conversation is conversation for e in self._edits.values()
+        ):
+            return False
+        m.forget = False
+        m.generation = -1  # the next use opens it again
+        self._send_quiet(("forget", conversation.conversation_id))
+        return True
 
     def prefill_speculative(self, conversation: Conversation, audio: AudioArray) -> bool:
         try:

@@ -3,12 +3,14 @@ its own event loop, driven over the Pipe (see process.py for the messages).
 
 The parent sends ("open", cid, system_prompt, history), ("turn", tid, cid,
 audio, text, max_new_tokens), ("cancel", tid, keep_tokens), ("release", cid),
-("spec", cid, audio), ("discard", cid), ("edit", eid, cid, edit) and
+("spec", cid, audio), ("discard", cid), ("forget", cid) (a released
+conversation with nothing in flight: dropped here, opened again when used),
+("edit", eid, cid, edit) and
 ("stop",); the worker answers ("ready", info) or ("error", message) once
 loaded, then ("delta", tid, text, tokens), ("done", tid, text, usage, timing,
 cancelled, history), ("error", tid, message), ("edited", eid, applied,
 history) or ("edit_failed", eid, message) and, every STATS_INTERVAL,
-("stats", 0, batch_size, kv_bytes, queued, healthy).
+("stats", 0, batch_size, kv_bytes, queued, healthy, conversations).
 """
 
 from __future__ import annotations
@@ -129,6 +131,10 @@ async def _serve(conn: Connection, engine: Any) -> None:
                 h.cancel(msg[2])
         elif kind == "release" and msg[1] in convs:
             engine.release(convs[msg[1]])
+        elif kind == "forget" and msg[1] in convs:
+            conv = convs.pop(msg[1])
+            engine.discard_speculative(conv)
+            engine.release(conv)
         elif kind == "spec" and msg[1] in convs:
             engine.prefill_speculative(convs[msg[1]], msg[2])
         elif kind == "discard" and msg[1] in convs:
@@ -158,6 +164,7 @@ async def _serve(conn: Connection, engine: Any) -> None:
                         stats.kv_cache_bytes,
                         stats.queued,
                         engine.healthy(),
+                        len(convs),
                     )
                 )
             except (OSError, ValueError):  # the parent is gone
