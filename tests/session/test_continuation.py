@@ -42,9 +42,9 @@ from voice_agent.vad.frames import to_float
 # 600 ms hangover, 1000 + 200..920 ms into the stream (pre-roll from 900 ms).
 CUT = 940 * 2 * RATE // 1000
 FIRST_AUDIO_MS = 900
-# The window and heard limit these tests are written for (pinned: the
-# defaults are chosen by benchmarks/turns.py and may change).
-BASE = SessionConfig(continue_window_ms=1500, continue_heard_ms=600)
+# The hangover, window and heard limit these tests are written for (pinned:
+# the defaults are chosen by benchmarks/turns.py and may change).
+BASE = SessionConfig(vad=VadConfig(hangover_ms=600), continue_window_ms=1500, continue_heard_ms=600)
 
 
 def cfg(**fields: Any) -> SessionConfig:
@@ -258,7 +258,7 @@ def test_a_client_cancel_ends_the_chance_to_continue() -> None:
 
 
 def test_joined_audio_beyond_the_model_window_is_two_turns_again() -> None:
-    s = Session("s1", cfg(vad=VadConfig(max_utterance_ms=3000)))
+    s = Session("s1", cfg(vad=VadConfig(hangover_ms=600, max_utterance_ms=3000)))
     feed(s, first_part() + silence(0.9))
     after = feed(s, second_part())
     assert ReplyCancelled("r1", "continued", "") in events(after)  # taken back at once
