@@ -115,6 +115,12 @@ class Config:
     max_stored_sessions: int = _f(
         10000, "stored conversations at most; beyond it the least recently used are deleted"
     )
+    kept_conversation_bytes: int = _f(
+        256 * 2**20,
+        "bytes of audio clips and token ids that ended conversations kept in memory for "
+        "resuming may hold; beyond it the least recently ended are dropped from memory "
+        "(a later resume reads them from --db; with --db none they are gone; 0: none kept)",
+    )
     store_audio: bool = _f(
         False,
         "also store each conversation's audio clips (without it, a conversation rebuilt "

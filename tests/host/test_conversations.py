@@ -125,3 +125,41 @@ async def test_a_failing_store_read_falls_back_to_memory() -> None:
     assert again is not None and again.resumed == "memory"
     assert saves.stats.errors == 1
     assert await convs.open("other", "", create=False) is None  # unknown, store down
+
+
+class ClipEngine(CountingEngine):
+    """Each conversation's history holds one 1-second clip (64,000 bytes of
+    float32) and 100 token ids (800 bytes), as the real engines' do."""
+
+    def snapshot(self, conversation: Conversation) -> History | None:
+        import numpy as np
+
+        return History(clips=[np.zeros(16000, dtype=np.float32)], ids=[0] * 100)
+
+
+async def test_kept_conversations_are_bounded_in_bytes_too() -> None:
+    # Before: only the count bounded them (1,024 by default), and each kept
+    # its audio clips: a soak of many sessions grew the server by ~5 MB/min.
+    engine = ClipEngine()
+    convs = Conversations(engine, SaveQueue(None), capacity=100, max_bytes=3 * 64_800)
+    for key in "abcdef":
+        opened = await convs.open(key, "")
+        assert opened is not None
+        convs.detach(key, opened.conversation, owner="")
+        assert convs.kept_bytes <= 3 * 64_800
+    assert list(convs.kept) == ["d", "e", "f"]  # the least recently ended went
+    assert convs.kept_bytes == 3 * 64_800
+
+
+async def test_a_conversation_dropped_for_bytes_resumes_from_the_store() -> None:
+    engine = ClipEngine()
+    store = MemoryStore()
+    convs = Conversations(engine, SaveQueue(store), capacity=100, max_bytes=64_800)
+    for key in ("a", "b"):
+        opened = await convs.open(key, "alice")
+        assert opened is not None
+        store.records[key] = stored(key, "alice", 2)
+        convs.detach(key, opened.conversation, owner="alice")
+    assert list(convs.kept) == ["b"]
+    again = await convs.open("a", "alice", create=False)
+    assert again is not None and again.resumed == "store"

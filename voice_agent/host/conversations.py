@@ -18,7 +18,10 @@ match (MQTT's owner is never one a WebSocket client has).
         and counted (SaveQueue) and the memory copy, if any, is used.
     detach(key, conversation, ...)  the session ended: keep it for resuming
         (engine.release frees its KV cache unless release=False); at most
-        `capacity` are kept, the least recently detached released first
+        `capacity` are kept and at most `max_bytes` of their audio clips and
+        token ids (from engine.snapshot at detach), the least recently
+        detached released first (such a conversation then resumes from the
+        store when there is one; without one it is gone)
     release(key)                  the session ended without keeping it (shutdown)
     save(key, conversation, ...)  snapshot now and queue the save (SaveQueue)
 
@@ -52,6 +55,7 @@ class Kept:
     owner: str = ""
     device: str | None = None
     released: bool = True  # engine.release was called at detach
+    nbytes: int = 0  # its audio clips and token ids, from engine.snapshot
 
 
 @dataclass(frozen=True)
@@ -68,10 +72,13 @@ class Opened:
 class Conversations:
     """The conversations of the process; see the module doc."""
 
-    def __init__(self, engine: Engine, saves: SaveQueue, *, capacity: int) -> None:
+    def __init__(
+        self, engine: Engine, saves: SaveQueue, *, capacity: int, max_bytes: int | None = None
+    ) -> None:
         self.engine = engine
         self.saves = saves
         self.capacity = max(1, capacity)
+        self.max_bytes = max_bytes  # None: no bound in bytes
         self._kept: OrderedDict[str, Kept] = OrderedDict()
         self._in_use: set[str] = set()
         self.restored = 0
@@ -169,12 +176,34 @@ class Conversations:
         self._in_use.discard(key)
         if release:
             self.engine.release(conversation)
-        self._kept[key] = Kept(conversation, ids_used, owner, device, release)
+        nbytes = self._nbytes(conversation)
+        self._kept[key] = Kept(conversation, ids_used, owner, device, release, nbytes)
         self._kept.move_to_end(key)
-        while len(self._kept) > self.capacity:
+        total = sum(k.nbytes for k in self._kept.values())
+        while self._kept and (
+            len(self._kept) > self.capacity
+            or (self.max_bytes is not None and total > self.max_bytes)
+        ):
             _, old = self._kept.popitem(last=False)
+            total -= old.nbytes
             if not old.released:
                 self.engine.release(old.conversation)
+
+    @property
+    def kept_bytes(self) -> int:
+        """Audio clips and token ids held by the kept conversations."""
+        return sum(k.nbytes for k in self._kept.values())
+
+    def _nbytes(self, conversation: Conversation) -> int:
+        if self.max_bytes is None:
+            return 0
+        try:
+            history = self.engine.snapshot(conversation)
+        except Exception:
+            return 0
+        if history is None:
+            return 0
+        return sum(int(getattr(c, "nbytes", 0)) for c in history.clips) + 8 * len(history.ids)
 
     def release(self, key: str) -> None:
         """The session of `key` ended; its conversation is not kept."""

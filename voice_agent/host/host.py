@@ -67,7 +67,9 @@ class ConversationHost:
         self.metrics = metrics if metrics is not None else Metrics()
         self.saves = SaveQueue(store, max_pending=max_pending_saves)
         kept = capacity if capacity is not None else max(config.max_sessions, KEPT_CONVERSATIONS)
-        self.conversations = Conversations(engine, self.saves, capacity=kept)
+        self.conversations = Conversations(
+            engine, self.saves, capacity=kept, max_bytes=config.kept_conversation_bytes
+        )
         self.admission = Admission(
             max_sessions=config.max_sessions, per_address=config.max_connections_per_client
         )
