@@ -24,6 +24,7 @@ from voice_agent.protocol import (
     SpeechStoppedEvent,
 )
 from voice_agent.session import SessionConfig
+from voice_agent.vad import VadConfig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -206,7 +207,8 @@ async def test_speculative_prefill_is_used_by_the_real_engine(
     engine = Qwen2AudioEngine(str(tiny_model_dir), max_new_tokens=4)
     await engine.start()
     rec = EventRecorder()
-    live = LiveSession(engine, rec, session_id="s1", config=SessionConfig(), max_new_tokens=4)
+    config = SessionConfig(vad=VadConfig(hangover_ms=600))  # the 0.3 s pause below stays open
+    live = LiveSession(engine, rec, session_id="s1", config=config, max_new_tokens=4)
     audio = decode(audio_dir / "ldc93s1-16k-mono.wav")
     try:
         for frame in frames(silence(0.5)):

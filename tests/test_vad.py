@@ -86,7 +86,7 @@ def edges(events: list[SegmenterEvent]) -> list[tuple[int, int]]:
 
 def test_jfk_is_one_utterance_with_accurate_edges() -> None:
     # jfk.wav's pauses last up to 1.15 s, so it is one utterance only with a
-    # hangover longer than that; the default 600 ms splits it (next test). With
+    # hangover longer than that; 600 ms splits it (next test). With
     # such a hangover the crowd noise of 10.7-11.0 s (as loud as the speech,
     # and speech to webrtcvad) joins the utterance, so the end may reach 11.0 s.
     pcm, rate, ch = load_pcm("jfk.wav", pad_s=1.0)
@@ -98,9 +98,9 @@ def test_jfk_is_one_utterance_with_accurate_edges() -> None:
     assert seg.position_ms == 14000
 
 
-def test_jfk_default_config_splits_only_inside_real_pauses() -> None:
+def test_jfk_with_a_600_ms_hangover_splits_only_inside_real_pauses() -> None:
     pcm, rate, ch = load_pcm("jfk.wav", pad_s=1.0)
-    events, _ = run(pcm, rate, ch)
+    events, _ = run(pcm, rate, ch, VadConfig(hangover_ms=600))  # the listed pauses are >= 600
     found = edges(events)
     assert len(found) >= 3
     assert abs(found[0][0] - (PAD_MS + JFK_START_MS)) <= 150
@@ -341,7 +341,7 @@ def test_speech_resuming_after_a_pause_makes_the_pause_audio_stale() -> None:
     word = clip[2 * rate * 200 // 1000 : 2 * rate * 2780 // 1000]  # the speech only
     gap = bytes(2 * rate * 300 // 1000)  # 300 ms: shorter than the 600 ms hangover
     pad = bytes(2 * rate)
-    seg = Segmenter(VadConfig(), rate, 1, pause_events=True)
+    seg = Segmenter(VadConfig(hangover_ms=600), rate, 1, pause_events=True)
     events = seg.feed(pad + word + gap + word + pad) + seg.flush()
     [stop] = stops(events)
     paused = [e for e in events if isinstance(e, SpeechPaused)]

@@ -107,7 +107,7 @@ def test_speculate_carries_exactly_the_audio_of_the_turn() -> None:
 
 
 def test_no_speculate_while_a_reply_is_in_flight_or_when_disabled() -> None:
-    s = Session("s1")
+    s = Session("s1", SessionConfig(continue_window_ms=0))  # speech into a reply, not a resumption
     start_reply(s)
     assert not [a for a in feed(s, utterance()) if isinstance(a, Speculate)]
     off = Session("s2", SessionConfig(speculative_prefill=False))

@@ -35,6 +35,10 @@ from voice_agent.session import (
 )
 from voice_agent.vad import VadConfig
 
+# barge-in alone: speech this soon after the turn closed would otherwise be a
+# continuation under the default window (tests/session/test_continuation.py)
+NO_CONTINUE = SessionConfig(continue_window_ms=0)
+
 # ---------------------------------------------------------------- barge-in
 
 
@@ -50,7 +54,7 @@ def barge(s: Session, pcm: bytes) -> tuple[list[Action], bytes, int]:
 
 
 def test_barge_in_cancels_with_the_sent_text_and_tokens() -> None:
-    s = Session("s1")  # barge_in_ms = 300
+    s = Session("s1", NO_CONTINUE)  # barge_in_ms = 300
     start_reply(s)
     s.on_delta("r1", Delta("Sure,", 2))
     s.on_delta("r1", Delta(" the light", 5))
@@ -82,7 +86,7 @@ def test_barge_in_cancels_with_the_sent_text_and_tokens() -> None:
 
 
 def test_barge_in_while_thinking_keeps_nothing() -> None:
-    s = Session("s1")
+    s = Session("s1", NO_CONTINUE)
     start_reply(s)
     assert state(s) == "thinking"
     before, _, _ = barge(s, utterance())
@@ -203,13 +207,13 @@ def test_barge_in_fires_after_barge_in_speaking_ms_of_speech() -> None:
 
 
 def test_short_speech_barges_in_when_the_reply_is_not_heard() -> None:
-    s = Session("s1")
+    s = Session("s1", NO_CONTINUE)
     start_reply(s)
     s.on_delta("r1", Delta("Sure,", 2))
     assert s.playing is None  # reply.audio.started not sent yet
     assert cancels(feed(s, clip(350))) == [CancelTurn("r1", 2, "barge_in")]
     # after the playback ended, the normal rule is back
-    s = Session("s1")
+    s = Session("s1", NO_CONTINUE)
     start_reply(s)
     s.playback("r1", True)
     s.playback("r1", False)
@@ -229,7 +233,7 @@ def test_barge_in_speaking_ms_is_never_below_barge_in_ms() -> None:
 
 
 def test_speech_while_a_finished_reply_is_still_heard_stops_its_audio() -> None:
-    s = Session("s1")
+    s = Session("s1", NO_CONTINUE)
     start_reply(s)
     s.on_delta("r1", Delta("Sure, the light is on.", 6))
     s.playback("r1", True)
