@@ -340,8 +340,8 @@ def is_stop(e: ServerEvent) -> bool:
 
 
 def test_the_default_policy_is_the_benchmarks_pick() -> None:
-    """benchmarks/turns.py picks one check at 200 ms, p >= 0.97, 1500 ms at most
-    (docs/benchmarks/turns.json); the server and the Session default to it."""
+    """benchmarks/turn_segments.py picks one check at 200 ms, p >= 0.97, 1500 ms at most
+    (docs/benchmarks/turn-segments.json); the server and the Session default to it."""
     cfg = Config()
     assert (cfg.min_silence_ms, cfg.turn_threshold, cfg.turn_rechecks, cfg.max_silence_ms) == (
         200, 0.97, "", 1500
