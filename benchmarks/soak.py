@@ -192,6 +192,7 @@ class Soak:
             "json",
             "--log-level",
             "info",
+            *self.args.serve_arg,
         ]
 
     async def run(self) -> dict[str, Any]:
@@ -422,6 +423,9 @@ async def main() -> int:
     ap.add_argument("--progress-s", type=float, default=30.0)
     ap.add_argument("--settle-s", type=float, default=10.0, help="idle pause, then the last sample")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    ap.add_argument(
+        "--serve-arg", action="append", default=[], help="one more `serve` argument, repeatable"
+    )
     args = ap.parse_args()
     if not 0 < args.minutes <= 180:
         ap.error("--minutes: more than 0, at most 180")
