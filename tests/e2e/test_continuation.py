@@ -93,10 +93,10 @@ async def test_a_cut_sentence_is_one_turn_on_the_tiny_model(
     # its KV cache is that history's (nothing of the first turn is kept: it
     # would make the cache longer than the ids)
     assert cached is not None and history.clip_starts[0] < cached <= len(history.ids)
-    # the joined clip's speculative prefill was adopted, or not made in time
-    # (the first part's prefill may still run on a loaded CPU): never a miss.
-    # test_live.py checks the hit itself, without real time.
-    assert tiny_engine.stats["speculative_hits"] in (hits, hits + 1)
+    # speculative prefills (the first part's, the joined clip's) were adopted
+    # or not made in time (a loaded CPU): never a miss, never a wrong clip.
+    # test_live.py checks the joined clip's hit itself, without real time.
+    assert tiny_engine.stats["speculative_hits"] - hits in (0, 1, 2)
     assert tiny_engine.stats["speculative_misses"] == misses
 
 
