@@ -132,9 +132,11 @@ async def test_three_clips_in_one_stream(
         parts += [decode(audio_dir / name), gap]
     stream = pcm16_mono(np.concatenate(parts))
     # At real-time pace with the default settings (barge-in on): each reply
-    # finishes in the 1.5 s gap, before the next clip starts.
+    # finishes in the 1.5 s gap, before the next clip starts. Three requests:
+    # within the default continue window the next would join the one before.
+    separate = replace(config, continue_window_ms=0)
     async with (
-        running_server(config, tiny_engine, close_engine=False) as server,
+        running_server(separate, tiny_engine, close_engine=False) as server,
         RealtimeClient(server.url) as client,
     ):
         sid = (await client.start()).session_id
@@ -199,7 +201,8 @@ async def test_barge_in_cancels_the_reply_and_answers_the_new_speech(
     gap = np.zeros(24000, dtype=np.float32)
     stream = pcm16_mono(np.concatenate([gap[:8000], first, gap, second]))
     async with (
-        running_server(replace(config, max_new_tokens=256), engine) as server,
+        # a new request 1.5 s after the first: a barge-in, not a continuation
+        running_server(replace(config, max_new_tokens=256, continue_window_ms=0), engine) as server,
         RealtimeClient(server.url) as client,
     ):
         await client.start()
