@@ -273,7 +273,10 @@ async def test_speaking_over_a_streaming_reply_cuts_it_off(
     caplog.set_level(logging.INFO)
     # about 55 s of reply at 0.1 s a word: still streaming when the mic speaks again
     engine = ScriptedEngine([LONG_REPLY, SHORT_REPLY], token_delay=0.1)
-    config = dataclasses.replace(config, max_new_tokens=1000)
+    # barge-in as such: the second sentence comes 2.5 s after the first, within
+    # the continuation window, which would join the two (test_browser_continuation.py)
+    # the mic's first sentence is one turn (its pauses are under 600 ms), the second barges in
+    config = dataclasses.replace(config, max_new_tokens=1000, continue_window_ms=0, hangover_ms=600)
     query = "" if transport == "webrtc" else "?transport=ws"
     async with running_server(config, engine) as server, chromium(barge_in_mic) as browser:
         page, watch = await watched_page(browser, WATCH_REPLIES)
