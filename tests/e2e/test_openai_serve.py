@@ -39,7 +39,9 @@ async def test_a_spoken_conversation_with_voice_agent_serve(
     args += ["--token", KEY, "--db", "none", "--max-new-tokens", str(MAX_TOKENS)]
     clips = [
         pcm24(audio_dir / "ldc93s1-16k-mono.wav"),
-        pcm24(audio_dir / "new-home-in-the-stars-16k.wav"),
+        # The user waits past the default continue window (3 s of microphone
+        # audio after the first turn closed): a new turn, not a continuation.
+        pcm24(audio_dir / "new-home-in-the-stars-16k.wav", before=2.5),
     ]
     with (tmp_path / "serve.log").open("w") as out:
         proc = cli_process(*args, log=out)
