@@ -72,6 +72,9 @@ class Tracker:
         self.utterances: dict[str, Turn] = {}
         self.texts: deque[Turn] = deque()
         self.replies: dict[str, Turn] = {}
+        # utterances joined to a later one before their own reply began (a
+        # continuation: speech.stopped `continues`): answered with its reply
+        self.riders: dict[str, list[Turn]] = {}
         self.audio_open: set[str] = set()
         self.stopped = 0
         self.last_reply = 0  # the number of the last reply id seen (r7 -> 7)
@@ -84,10 +87,16 @@ class Tracker:
         if isinstance(e, SpeechStoppedEvent):
             self.stopped += 1
             self.utterances[e.utterance_id] = self.ledger.begin(self.kind, self.client)
+            earlier = self.utterances.pop(e.continues, None) if e.continues else None
+            if earlier is not None:
+                riders = [earlier, *self.riders.pop(e.continues or "", [])]
+                self.riders.setdefault(e.utterance_id, []).extend(riders)
         elif isinstance(e, ReplyStarted):
             turn = None
             if e.utterance_id is not None:
                 turn = self.utterances.pop(e.utterance_id, None)
+                if e.utterance_id in self.riders:
+                    self.riders[e.reply_id] = self.riders.pop(e.utterance_id)
             elif self.texts:
                 turn = self.texts.popleft()
             self.replies[e.reply_id] = turn or self.ledger.begin(self.kind, self.client)
@@ -95,30 +104,35 @@ class Tracker:
                 self.last_reply = max(self.last_reply, int(e.reply_id.lstrip("r")))
         elif isinstance(e, ReplyDone):
             self.ledger.timed(e.timing)
-            if (turn := self.replies.pop(e.reply_id, None)) is not None:
-                self.ledger.end(turn, "answered")
+            self._end_reply(e.reply_id, "answered")
         elif isinstance(e, ReplyCancelled):
-            if (turn := self.replies.pop(e.reply_id, None)) is not None:
-                self.ledger.end(turn, f"cancelled:{e.reason}")
+            self._end_reply(e.reply_id, f"cancelled:{e.reason}")
         elif isinstance(e, ErrorEvent):
-            turn = self.replies.pop(e.reply_id, None) if e.reply_id else None
-            if turn is None and e.code == "busy":
-                turn = self.texts.popleft() if self.texts else self._oldest_utterance()
-            if turn is not None:
-                self.ledger.end(turn, f"error:{e.code}")
-            else:
+            if e.reply_id and e.reply_id in self.replies:
+                self._end_reply(e.reply_id, f"error:{e.code}")
+                self.changed.set()
+                return
+            if e.code != "busy" or not (self.texts or self.utterances):
                 self.ledger.error(e.code)
+            elif self.texts:  # a refused turn: the oldest waiting one
+                self.ledger.end(self.texts.popleft(), "error:busy")
+            else:
+                uid = next(iter(self.utterances))
+                self.ledger.end(self.utterances.pop(uid), "error:busy")
+                for rider in self.riders.pop(uid, []):
+                    self.ledger.end(rider, "error:busy")
         elif isinstance(e, ReplyAudioStarted):
             self.audio_open.add(e.reply_id)
         elif isinstance(e, ReplyAudioDone):
             self.audio_open.discard(e.reply_id)
         self.changed.set()
 
-    def _oldest_utterance(self) -> Turn | None:
-        if not self.utterances:
-            return None
-        key = next(iter(self.utterances))
-        return self.utterances.pop(key)
+    def _end_reply(self, reply_id: str, outcome: str) -> None:
+        turn = self.replies.pop(reply_id, None)
+        if turn is not None:
+            self.ledger.end(turn, outcome)
+        for rider in self.riders.pop(reply_id, []):
+            self.ledger.end(rider, outcome)
 
     def stopped_since(self, before: int) -> Callable[[], bool]:
         """A test: a speech.stopped has come since the count was `before`."""
@@ -139,8 +153,10 @@ class Tracker:
         return True
 
     def fail_all(self, outcome: str) -> None:
-        for turn in [*self.utterances.values(), *self.texts, *self.replies.values()]:
+        riders = [turn for turns in self.riders.values() for turn in turns]
+        for turn in [*self.utterances.values(), *self.texts, *self.replies.values(), *riders]:
             self.ledger.end(turn, outcome)
+        self.riders.clear()
         self.utterances.clear()
         self.texts.clear()
         self.replies.clear()
