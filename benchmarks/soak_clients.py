@@ -233,12 +233,13 @@ async def speech_client(ctx: Context, name: str) -> None:
             for _ in range(ctx.rng.randint(4, 8)):
                 if ctx.stopping.is_set() or client.ended:
                     break
-                before = tracker.stopped
+                before, spoke_at = tracker.stopped, ctx.ledger.now()
                 spoken = mic.say(ctx.rng.choice(ctx.recordings))
                 await asyncio.sleep(spoken)
                 heard = await tracker.wait(tracker.stopped_since(before), 15, client)
                 if not heard and not client.ended:
-                    ctx.ledger.end(ctx.ledger.begin("speech", name), "no_speech_stopped")
+                    lost = ctx.ledger.begin("speech", name, spoke_at)
+                    ctx.ledger.end(lost, "no_speech_stopped")
                 await asyncio.sleep(1.0)  # a second pause closes what is still open
                 if not await tracker.wait(tracker.idle, ctx.turn_timeout, client):
                     tracker.fail_all("timeout")

@@ -67,8 +67,8 @@ class Ledger:
     def now(self) -> float:
         return time.monotonic() - self.t0
 
-    def begin(self, kind: str, client: str) -> Turn:
-        turn = Turn(kind, client, self.now())
+    def begin(self, kind: str, client: str, at: float | None = None) -> Turn:
+        turn = Turn(kind, client, self.now() if at is None else at)
         self.turns.append(turn)
         return turn
 

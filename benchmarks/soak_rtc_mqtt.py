@@ -114,11 +114,12 @@ async def webrtc_client(ctx: Context, name: str) -> None:
             for _ in range(ctx.rng.randint(2, 3)):
                 if ctx.stopping.is_set() or client.ended:
                     break
-                before = tracker.stopped
+                before, spoke_at = tracker.stopped, ctx.ledger.now()
                 await asyncio.sleep(mic.say(ctx.rng.choice(recordings)))
                 heard = await tracker.wait(tracker.stopped_since(before), 15, client)
                 if not heard and not client.ended:
-                    ctx.ledger.end(ctx.ledger.begin("webrtc", name), "no_speech_stopped")
+                    lost = ctx.ledger.begin("webrtc", name, spoke_at)
+                    ctx.ledger.end(lost, "no_speech_stopped")
                 await asyncio.sleep(1.0)
                 if not await tracker.wait(tracker.idle, ctx.turn_timeout, client):
                     tracker.fail_all("timeout")
