@@ -54,9 +54,13 @@ async def test_a_cut_sentence_is_one_user_item(
     ]
     assert len(users) == 2  # one per utterance
     assert final["response"]["status"] in ("completed", "incomplete")  # (12 tokens at most)
-    cancelled = [e for e in log.of("response.done") if e["response"]["id"] == first]
-    if cancelled:  # it was still open when the speech resumed
-        assert cancelled[0]["response"]["status"] == "cancelled"
+    # The first response either was still open when the speech resumed
+    # (cancelled) or had already ended on its own (12 tokens at most: how
+    # fast depends on the machine); either way it is taken back below.
+    ended = [
+        e["response"]["status"] for e in log.of("response.done") if e["response"]["id"] == first
+    ]
+    assert ended in ([], ["cancelled"], ["completed"], ["incomplete"])
     deleted = [e["item_id"] for e in log.of("conversation.item.deleted")]
     assert deleted[0] == users[0] and len(deleted) == 2  # the first user item, then its reply
     assert users[1] not in deleted
