@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from voice_agent.engine.types import (
     SAMPLE_RATE,
@@ -33,6 +34,7 @@ from voice_agent.engine.types import (
     TurnResult,
     Usage,
 )
+from voice_agent.errors import EngineError
 
 __all__ = [
     "SAMPLE_RATE",
@@ -52,6 +54,7 @@ __all__ = [
     "TurnInput",
     "TurnResult",
     "Usage",
+    "edit_after",
     "edit_future",
     "resolve_threadsafe",
 ]
@@ -174,6 +177,24 @@ def edit_future(loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future
     future = (loop or asyncio.get_running_loop()).create_future()
     future.add_done_callback(_retrieve)
     return future
+
+
+async def edit_after(
+    previous: asyncio.Task[Any] | None, future: asyncio.Future[bool], apply: Callable[[], bool]
+) -> None:
+    """Run an edit in order: once the conversation's `previous` task has ended
+    (however it ended), `apply` it and settle `future` with its answer; a
+    cancel meanwhile (the engine closes) fails the future with EngineError."""
+    try:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
+    except asyncio.CancelledError:
+        if not future.done():
+            future.set_exception(EngineError("the engine is closed"))
+        raise
+    applied = apply()
+    if not future.done():
+        future.set_result(applied)
 
 
 def resolve_threadsafe(future: asyncio.Future[bool], outcome: bool | BaseException) -> None:

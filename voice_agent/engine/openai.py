@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -47,6 +48,7 @@ from voice_agent.engine.base import (
     TurnInput,
     TurnResult,
     Usage,
+    edit_after,
     edit_future,
 )
 from voice_agent.engine.remote_history import RemoteState, apply_edit, user_message, wav_base64
@@ -234,31 +236,13 @@ class OpenAIEngine(Engine):
             future.set_exception(EngineError("the engine is closed"))
             return future
         upto = state.turn_log.submitted
-        task = asyncio.create_task(self._edit(conversation, state, edit, state.last, future, upto))
+        task = asyncio.create_task(
+            edit_after(state.last, future, partial(apply_edit, conversation, state, edit, upto))
+        )
         state.last = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return future
-
-    async def _edit(
-        self,
-        conversation: Conversation,
-        state: RemoteState,
-        edit: HistoryEdit,
-        previous: asyncio.Task[None] | None,
-        future: asyncio.Future[bool],
-        upto: int,
-    ) -> None:
-        try:
-            if previous is not None:
-                await asyncio.gather(previous, return_exceptions=True)
-        except asyncio.CancelledError:
-            if not future.done():
-                future.set_exception(EngineError("the engine is closed"))
-            raise
-        applied = apply_edit(conversation, state, edit, upto)
-        if not future.done():
-            future.set_result(applied)
 
     # ----------------------------------------------------------------- turn
 

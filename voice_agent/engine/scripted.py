@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from voice_agent.engine import defaults, edits, prompt
@@ -35,6 +36,7 @@ from voice_agent.engine.base import (
     TurnInput,
     TurnResult,
     Usage,
+    edit_after,
     edit_future,
 )
 from voice_agent.errors import Busy, EngineError
@@ -252,31 +254,13 @@ class ScriptedEngine(Engine):
             return future
         self.edits.append((conversation, edit))
         upto = state.turn_log.submitted
-        task = asyncio.create_task(self._edit(conversation, state, edit, state.last, future, upto))
+        task = asyncio.create_task(
+            edit_after(state.last, future, partial(_apply, conversation, state, edit, upto))
+        )
         state.last = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return future
-
-    async def _edit(
-        self,
-        conversation: Conversation,
-        state: _ScriptState,
-        edit: HistoryEdit,
-        previous: asyncio.Task[Any] | None,
-        future: asyncio.Future[bool],
-        upto: int,
-    ) -> None:
-        try:
-            if previous is not None:
-                await asyncio.gather(previous, return_exceptions=True)
-        except asyncio.CancelledError:
-            if not future.done():
-                future.set_exception(EngineError("the engine is closed"))
-            raise
-        applied = _apply(conversation, state, edit, upto)
-        if not future.done():
-            future.set_result(applied)
 
     def history_text(self, conversation: Conversation) -> str:
         state = conversation.state
