@@ -344,6 +344,8 @@ class Soak:
             },
             "errors_by_code": dict(sorted(self.ledger.errors.items())),
             "server_closes_seen": dict(sorted(self.ledger.closes.items())),
+            "close_causes": dict(sorted(self.ledger.close_causes.items())),
+            "well_behaved_close_detail": self.ledger.close_detail,
             "misbehaving_clients": dict(sorted(self.ledger.misbehaving.items())),
             "notes": dict(sorted(self.ledger.notes.items())),
             "client_tasks": {"failed": dict(failed_tasks), "cancelled_at_end": late_tasks},

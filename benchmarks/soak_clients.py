@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
 from benchmarks.soak_ledger import Ledger, Turn
@@ -210,11 +211,23 @@ async def open_session(
 async def finish(
     ctx: Context, client: RealtimeClient, tracker: Tracker, who: str, dropped: bool = False
 ) -> None:
-    if client.ended and not dropped:  # the server closed us: why
-        ctx.ledger.closed(client.close_code, who)
+    if client.ended and not dropped:  # the connection ended under us: why
+        ctx.ledger.closed(client.close_code, who, close_cause(client.ws))
         tracker.fail_all(f"closed:{client.close_code}")
     with contextlib.suppress(Exception):
         await asyncio.wait_for(client.close(), 10)
+
+
+def close_cause(ws: ClientConnection) -> str:
+    """Who ended a connection and why, from the close frames sent and
+    received (1006 alone cannot tell a server's drop from our own keepalive
+    giving up on a server that did not answer in time)."""
+    sent, rcvd = ws.protocol.close_sent, ws.protocol.close_rcvd
+    if rcvd is not None and (sent is None or ws.protocol.close_rcvd_then_sent):
+        return f"server closed {rcvd.code} {rcvd.reason}".strip()
+    if sent is not None:
+        return f"client closed {sent.code} {sent.reason}".strip()
+    return "connection dropped without a close frame"
 
 
 async def speech_client(ctx: Context, name: str) -> None:
@@ -354,7 +367,7 @@ async def never_reading_client(ctx: Context, name: str) -> None:
             ctx.ledger.misbehaving[f"never_read ended: {type(exc).__name__}"] += 1
         finally:
             if ws.close_code is not None:
-                ctx.ledger.closed(ws.close_code, "never_read")
+                ctx.ledger.closed(ws.close_code, "never_read", close_cause(ws))
             ws.transport.abort()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.wait_closed(), 5)

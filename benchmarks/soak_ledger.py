@@ -58,6 +58,8 @@ class Ledger:
     faults: list[Fault] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     closes: Counter[str] = field(default_factory=Counter)
+    close_causes: Counter[str] = field(default_factory=Counter)
+    close_detail: list[dict[str, Any]] = field(default_factory=list)  # well-behaved ones
     resumes: Counter[str] = field(default_factory=Counter)
     failed_resumes: list[dict[str, Any]] = field(default_factory=list)
     misbehaving: Counter[str] = field(default_factory=Counter)
@@ -91,8 +93,12 @@ class Ledger:
         """An error event that ended no turn of a well-behaved client."""
         self.errors[code] += 1
 
-    def closed(self, code: int | None, who: str) -> None:
+    def closed(self, code: int | None, who: str, cause: str = "") -> None:
         self.closes[f"{who}:{code}"] += 1
+        if cause:
+            self.close_causes[f"{who}: {cause}"] += 1
+        if who != "never_read" and len(self.close_detail) < 50:
+            self.close_detail.append({"at_s": round(self.now(), 1), "who": who, "cause": cause})
 
     def resume(self, ok: bool, how: str, detail: dict[str, Any]) -> None:
         self.resumes[f"{how}:{'resumed' if ok else 'failed'}"] += 1
