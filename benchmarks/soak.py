@@ -103,10 +103,11 @@ class Soak:
     def _auto_warmup(self) -> float:
         return float(min(180.0, max(3.0, 0.15 * self.duration)))
 
-    def sample(self, phase: str) -> dict[str, Any]:
+    def sample(self, phase: str, kept_mb: float | None = None) -> dict[str, Any]:
         assert self.server is not None
         worker = self.server.worker_pid()
         row = {
+            "server_kept_mb": kept_mb,  # ended conversations kept for resuming (/metrics)
             "t_s": round(self.ledger.now(), 1),
             "phase": phase,
             "server_rss_mb": rss_mb(self.server.pid),
@@ -119,18 +120,36 @@ class Soak:
         self.samples.append(row)
         return row
 
+    async def kept_mb(self) -> float | None:
+        """The server's voice_agent_kept_conversation_bytes (MB), from /metrics."""
+        assert self.server is not None
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", self.server.port), 5
+            )
+            writer.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            body = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+        except (OSError, TimeoutError):
+            return None
+        for line in body.decode(errors="replace").splitlines():
+            if line.startswith("voice_agent_kept_conversation_bytes "):
+                return round(float(line.split()[1]) / 1e6, 1)
+        return None
+
     async def sampler(self, stopping: asyncio.Event) -> None:
         last_log = 0.0
         while not stopping.is_set():
             t = self.ledger.now()
             phase = "drain" if self.draining else "warmup" if t < self.warmup else "load"
-            row = self.sample(phase)
+            row = self.sample(phase, await self.kept_mb())
             if t - last_log >= self.args.progress_s:
                 last_log = t
                 s = self.ledger.summary()
                 log(
                     f"t={t:.0f}s rss server {row['server_rss_mb']} MB worker "
-                    f"{row['worker_rss_mb']} MB, fds {row['server_fds']}/{row['worker_fds']}; "
+                    f"{row['worker_rss_mb']} MB (kept {row['server_kept_mb']} MB), "
+                    f"fds {row['server_fds']}/{row['worker_fds']}; "
                     f"turns {s['sent']} sent {s['answered']} answered "
                     f"{s['in_flight_at_fault']} at fault {s['lost']} lost {s['open']} open; "
                     f"errors {dict(self.ledger.errors)}"
@@ -279,6 +298,9 @@ class Soak:
         load = [s for s in self.samples if s["phase"] == "load"]
         memory = {
             "server": _series_growth(load, "server_rss_mb"),
+            # of which: the ended conversations kept for resuming (bounded by
+            # --kept-conversation-bytes); the rest is everything else
+            "server_kept_conversations": _series_growth(load, "server_kept_mb"),
             "worker": _worker_growth(load, "worker_rss_mb", self.warmup),
         }
         fds = {

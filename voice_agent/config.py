@@ -116,7 +116,7 @@ class Config:
         10000, "stored conversations at most; beyond it the least recently used are deleted"
     )
     kept_conversation_bytes: int = _f(
-        32 * 2**20,
+        16 * 2**20,
         "bytes of audio clips and token ids that ended conversations kept in memory for "
         "resuming may hold; beyond it the least recently ended are dropped from memory "
         "(a later resume reads them from --db; with --db none they are gone; 0: none kept)",

@@ -44,6 +44,8 @@ Every name starts with `voice_agent_`:
     queue_depth_max{queue}          gauge    the fullest single queue of that kind
     engine_batch_size               gauge    turns decoding together now
     engine_kv_cache_bytes           gauge    KV cache bytes held by the engine
+    kept_conversation_bytes         gauge    clips and ids of ended conversations kept
+                                             for resuming (host/conversations.py)
     mqtt_*                          counters and gauges of the MQTT transport
                                              (transports/mqtt/), among them
                                              mqtt_requests_total and

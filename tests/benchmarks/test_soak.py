@@ -47,6 +47,9 @@ def test_a_short_soak_answers_every_turn_and_reports_its_figures() -> None:
         assert result["rss_mb"][process]["growth_after_warmup"] is not None
         assert result["fds"][process]["growth_after_warmup"] is not None
     assert result["samples"] and result["samples"][0]["server_rss_mb"] > 0
+    # the kept conversations' share of the server's memory, read from /metrics
+    assert result["samples"][-1]["server_kept_mb"] is not None
+    assert result["rss_mb"]["server_kept_conversations"]["growth_after_warmup"] is not None
     assert result["faults"] == [] and result["resumes"]["failed"] == 0
     assert result["server"]["exit_code"] == 0
     assert set(result["goals"]) == {

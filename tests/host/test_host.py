@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from tests.helpers.recorders import EventRecorder
 from voice_agent.config import Config
-from voice_agent.engine.base import TurnInput
+from voice_agent.engine.base import Conversation, History, TurnInput
 from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.host import ConversationHost
 from voice_agent.store import Store
@@ -120,4 +122,28 @@ async def test_a_client_back_before_its_dropped_connection_is_noticed_resumes() 
     # a session of another owner is not waited for: a new conversation at once
     other = await host.start_session(EventRecorder().send, resume=again.session_id, owner="x")
     assert other.session_id != again.session_id
+    await host.close()
+
+
+class ClipScriptedEngine(ScriptedEngine):
+    """A history of one 1-second float32 clip and 100 ids, as the real engines'."""
+
+    def snapshot(self, conversation: Conversation) -> History | None:
+        return History(clips=[np.zeros(16000, dtype=np.float32)], ids=[0] * 100)
+
+
+async def test_metrics_show_the_bytes_of_kept_conversations() -> None:
+    host = ConversationHost(Config(), ClipScriptedEngine(echo, token_delay=0.0))
+    host.engine_started()
+
+    def kept_gauge() -> float:
+        for line in host.metrics.render().decode().splitlines():
+            if line.startswith("voice_agent_kept_conversation_bytes "):
+                return float(line.split()[1])
+        raise AssertionError("no voice_agent_kept_conversation_bytes in /metrics")
+
+    assert kept_gauge() == 0
+    await one_turn(host, "remember me")
+    assert host.conversations.kept_bytes == 64_000 + 800
+    assert kept_gauge() == host.conversations.kept_bytes
     await host.close()

@@ -21,7 +21,7 @@ from voice_agent.host.saving import MAX_PENDING_SAVES, SaveQueue, StoreLike
 from voice_agent.host.speaking import reply_speaker
 from voice_agent.hub import CommandBus, load_devices
 from voice_agent.live import LiveSession, session_config
-from voice_agent.metrics import Metric, Metrics, counter
+from voice_agent.metrics import Metric, Metrics, counter, gauge
 from voice_agent.protocol import ReplyCancelled, ReplyDone, ServerEvent
 from voice_agent.session import SessionConfig
 from voice_agent.tts.speaker import AudioSink, EventSink, ReplySpeaker, Speech
@@ -411,5 +411,10 @@ class ConversationHost:
                 "client_limit",
                 "connections refused: too many from one address",
                 refused.get("address_limit", 0),
+            ),
+            gauge(
+                "kept_conversation_bytes",
+                "audio clips and token ids of ended conversations kept in memory for resuming",
+                self.conversations.kept_bytes,
             ),
         ]
