@@ -37,7 +37,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -49,41 +48,11 @@ sys.path.insert(0, str(ROOT))
 from websockets.client import ClientProtocol  # noqa: E402
 from websockets.uri import parse_uri  # noqa: E402
 
+from benchmarks.traced_server import TRACED_SERVER as SERVER  # noqa: E402
 from voice_agent.client import RealtimeClient  # noqa: E402
 from voice_agent.protocol import ReplyAudioDone, ReplyDone  # noqa: E402
 
 PROMPT = "Tell me about the weather today, please."
-
-# The server: `voice-agent serve` as the CLI runs it, plus (with
-# VOICE_AGENT_BENCH_TRACE) tracemalloc and a thread that writes its top
-# allocation sites when the trigger file appears.
-SERVER = textwrap.dedent(
-    """
-    import os, sys, threading, time, tracemalloc
-    trace = os.environ.get("VOICE_AGENT_BENCH_TRACE")
-    def wait_for(path):
-        while not os.path.exists(path):
-            time.sleep(0.2)
-    if trace:
-        def watch():
-            wait_for(trace + ".start")
-            tracemalloc.start(4)
-            wait_for(trace + ".go")
-            snap = tracemalloc.take_snapshot().filter_traces(
-                [tracemalloc.Filter(False, tracemalloc.__file__)])
-            stats = snap.statistics("lineno")
-            with open(trace + ".tmp", "w") as f:
-                total = sum(s.size for s in stats)
-                f.write(f"total {total}\\n")
-                for s in stats[:25]:
-                    frame = s.traceback[0]
-                    f.write(f"{s.size} {s.count} {frame.filename}:{frame.lineno}\\n")
-            os.replace(trace + ".tmp", trace)
-        threading.Thread(target=watch, daemon=True).start()
-    from voice_agent.cli import main
-    sys.exit(main(sys.argv[1:]))
-    """
-)
 
 
 def log(msg: str) -> None:

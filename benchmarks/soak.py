@@ -142,6 +142,8 @@ class Soak:
         while not stopping.is_set():
             t = self.ledger.now()
             phase = "drain" if self.draining else "warmup" if t < self.warmup else "load"
+            if phase == "load" and self.server is not None and self.server.trace is not None:
+                self.server.trace.with_suffix(".txt.start").touch()  # objects made from now on
             row = self.sample(phase, await self.kept_mb())
             if t - last_log >= self.args.progress_s:
                 last_log = t
@@ -226,7 +228,8 @@ class Soak:
         )
         self.postgres.init()
         self.mosquitto.start()
-        self.server = server = Server(self.tmp, self.server_args(model))
+        trace = self.tmp / "trace.txt" if args.trace else None
+        self.server = server = Server(self.tmp, self.server_args(model), trace)
         server.start()
         log(f"server ready on port {server.port} (pid {server.pid}, worker {server.worker_pid()})")
         recordings = [load_pcm(AUDIO_DIR / name).pcm for name in RECORDINGS]
@@ -261,6 +264,7 @@ class Soak:
         await asyncio.sleep(max(0.0, self.duration - self.ledger.now()))
         log("time is up: the clients finish the turn in hand")
         loaded = self.sample("end_of_load")
+        traced = await self.traced()
         self.draining = True
         ctx.stopping.set()
         _, late = await asyncio.wait(clients, timeout=args.turn_timeout + 30)
@@ -281,7 +285,23 @@ class Soak:
         await asyncio.sleep(args.settle_s)
         idle_end = self.sample("idle_end")
         exit_code = await asyncio.to_thread(server.stop)
-        return self.report(mix, idle_start, loaded, idle_end, exit_code, failed_tasks, len(late))
+        result = self.report(mix, idle_start, loaded, idle_end, exit_code, failed_tasks, len(late))
+        if traced is not None:
+            result["trace"] = traced
+        return result
+
+    async def traced(self) -> list[str] | None:
+        """With --trace: the Python allocations made after the warm-up and
+        alive at the end of the load (benchmarks/traced_server.py)."""
+        trace = None if self.server is None else self.server.trace
+        if trace is None:
+            return None
+        trace.with_suffix(".txt.go").touch()
+        for _ in range(600):  # a big snapshot takes a while
+            if trace.exists():
+                return trace.read_text().splitlines()
+            await asyncio.sleep(0.5)
+        return ["the server wrote no trace within 300 s"]
 
     def report(
         self,
@@ -447,6 +467,11 @@ async def main() -> int:
     ap.add_argument("--progress-s", type=float, default=30.0)
     ap.add_argument("--settle-s", type=float, default=10.0, help="idle pause, then the last sample")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="tracemalloc in the server from the end of the warm-up (slower; for finding growth)",
+    )
     ap.add_argument(
         "--serve-arg", action="append", default=[], help="one more `serve` argument, repeatable"
     )

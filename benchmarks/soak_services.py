@@ -20,6 +20,8 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
+from benchmarks.traced_server import TRACED_SERVER
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -225,8 +227,9 @@ class Postgres:
 class Server:
     """`voice-agent serve` in a child process; its log in DIR/server.log."""
 
-    def __init__(self, directory: Path, args: list[str]) -> None:
+    def __init__(self, directory: Path, args: list[str], trace: Path | None = None) -> None:
         self.port = free_port()
+        self.trace = trace  # tracemalloc in the server, driven by files (memory.SERVER)
         self.directory = directory
         self.args = ["serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.log_path = directory / "server.log"
@@ -242,9 +245,13 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VOICE_AGENT_")}
         env["PYTHONPATH"] = str(ROOT)
         env["XDG_DATA_HOME"] = str(self.directory / "xdg")
+        command = [sys.executable, "-m", "voice_agent.cli", *self.args]
+        if self.trace is not None:
+            env["VOICE_AGENT_BENCH_TRACE"] = str(self.trace)
+            command = [sys.executable, "-c", TRACED_SERVER, *self.args]
         with self.log_path.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "voice_agent.cli", *self.args],
+                command,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
