@@ -57,6 +57,7 @@ from benchmarks.soak_clients import (  # noqa: E402
 )
 from benchmarks.soak_ledger import Ledger  # noqa: E402
 from benchmarks.soak_rtc_mqtt import MqttAsker, webrtc_client  # noqa: E402
+from benchmarks.soak_series import log_summary, series_growth, worker_growth  # noqa: E402
 from benchmarks.soak_services import (  # noqa: E402
     Mosquitto,
     Postgres,
@@ -317,15 +318,15 @@ class Soak:
         turns = self.ledger.summary()
         load = [s for s in self.samples if s["phase"] == "load"]
         memory = {
-            "server": _series_growth(load, "server_rss_mb"),
+            "server": series_growth(load, "server_rss_mb"),
             # of which: the ended conversations kept for resuming (bounded by
             # --kept-conversation-bytes); the rest is everything else
-            "server_kept_conversations": _series_growth(load, "server_kept_mb"),
-            "worker": _worker_growth(load, "worker_rss_mb", self.warmup),
+            "server_kept_conversations": series_growth(load, "server_kept_mb"),
+            "worker": worker_growth(load, "worker_rss_mb", self.warmup),
         }
         fds = {
-            "server": _series_growth(load, "server_fds"),
-            "worker": _worker_growth(load, "worker_fds", self.warmup),
+            "server": series_growth(load, "server_fds"),
+            "worker": worker_growth(load, "worker_fds", self.warmup),
             "server_idle_start": idle_start["server_fds"],
             "server_idle_end": idle_end["server_fds"],
         }
@@ -361,7 +362,7 @@ class Soak:
                 ],
                 "model": "tiny random Qwen2-Audio",
                 "exit_code": exit_code,
-                "log": _log_summary(self.server.log_path),
+                "log": log_summary(self.server.log_path),
             },
             "mix": mix,
             "warmup_s": self.warmup,
@@ -395,63 +396,6 @@ class Soak:
             "goals": goals,
             "samples": self.samples,
         }
-
-
-def _series_growth(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """First, last and max after the warm-up, and the growth: of the medians
-    of the first and the last tenth of the samples (at least 3 each;
-    `growth_after_warmup`, what the goal is on: RSS swings by a few hundred
-    MB from one sample to the next while replies are synthesized), of the
-    two single samples, and of the smallest value of each tenth."""
-    values = [r[key] for r in rows if r.get(key) is not None]
-    if not values:
-        return {"after_warmup": None, "end": None, "max": None, "growth_after_warmup": None}
-    n = max(3, len(values) // 10)
-    head, tail = values[:n], values[-n:]
-    return {
-        "after_warmup": values[0],
-        "end": values[-1],
-        "max": max(values),
-        "median_first_tenth": statistics.median(head),
-        "median_last_tenth": statistics.median(tail),
-        "growth_after_warmup": round(statistics.median(tail) - statistics.median(head), 1),
-        "growth_first_to_last_sample": round(values[-1] - values[0], 1),
-        "growth_of_minimum": round(min(tail) - min(head), 1),
-        "samples": len(values),
-    }
-
-
-def _worker_growth(rows: list[dict[str, Any]], key: str, warmup: float) -> dict[str, Any]:
-    """Growth of the last worker process, from `warmup` after its first sample
-    (a killed worker's successor starts small and warms up again)."""
-    if not rows or rows[-1].get("worker_pid") is None:
-        return _series_growth([], key)
-    pid = rows[-1]["worker_pid"]
-    mine = [r for r in rows if r.get("worker_pid") == pid]
-    born = mine[0]["t_s"]
-    first_gen = all(r.get("worker_pid") == pid for r in rows)
-    settled = mine if first_gen else [r for r in mine if r["t_s"] >= born + warmup]
-    out = _series_growth(settled, key)
-    out["pid"] = pid
-    out["measured_from_s"] = settled[0]["t_s"] if settled else None
-    out["workers_seen"] = len({r.get("worker_pid") for r in rows if r.get("worker_pid")})
-    return out
-
-
-def _log_summary(path: Path) -> dict[str, Any]:
-    levels: Counter[str] = Counter()
-    messages: Counter[str] = Counter()
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            levels["non_json"] += 1
-            continue
-        level = str(record.get("level", "?")).lower()
-        levels[level] += 1
-        if level in ("warning", "error", "critical"):
-            messages[f"{level}: {str(record.get('msg', record.get('message', '')))[:100]}"] += 1
-    return {"levels": dict(levels), "warnings_and_errors": dict(messages.most_common(15))}
 
 
 async def main() -> int:
