@@ -322,6 +322,14 @@ class Soak:
             # of which: the ended conversations kept for resuming (bounded by
             # --kept-conversation-bytes); the rest is everything else
             "server_kept_conversations": series_growth(load, "server_kept_mb"),
+            "server_without_kept": series_growth(
+                [
+                    {"rest": r["server_rss_mb"] - r["server_kept_mb"]}
+                    for r in load
+                    if r.get("server_rss_mb") is not None and r.get("server_kept_mb") is not None
+                ],
+                "rest",
+            ),
             "worker": worker_growth(load, "worker_rss_mb", self.warmup),
         }
         fds = {

@@ -50,6 +50,8 @@ def test_a_short_soak_answers_every_turn_and_reports_its_figures() -> None:
     # the kept conversations' share of the server's memory, read from /metrics
     assert result["samples"][-1]["server_kept_mb"] is not None
     assert result["rss_mb"]["server_kept_conversations"]["growth_after_warmup"] is not None
+    rest = result["rss_mb"]["server_without_kept"]
+    assert rest["samples"] == result["rss_mb"]["server"]["samples"]
     assert result["faults"] == [] and result["resumes"]["failed"] == 0
     assert result["server"]["exit_code"] == 0
     assert set(result["goals"]) == {
