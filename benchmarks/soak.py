@@ -235,7 +235,7 @@ class Soak:
         log(f"server ready on port {server.port} (pid {server.pid}, worker {server.worker_pid()})")
         recordings = [load_pcm(AUDIO_DIR / name).pcm for name in RECORDINGS]
         self.ledger = Ledger()
-        idle_start = self.sample("idle_start")
+        idle_start = self.sample("idle_start", await self.kept_mb())
         ctx = Context(server.url, self.ledger, recordings, args.turn_timeout, args.think_s)
         mix = parse_mix(args.mix)
         clients: list[asyncio.Task[None]] = []
@@ -264,7 +264,7 @@ class Soak:
         side.append(asyncio.create_task(self.faults(ctx.stopping)))
         await asyncio.sleep(max(0.0, self.duration - self.ledger.now()))
         log("time is up: the clients finish the turn in hand")
-        loaded = self.sample("end_of_load")
+        loaded = self.sample("end_of_load", await self.kept_mb())
         traced = await self.traced()
         self.draining = True
         ctx.stopping.set()
@@ -284,7 +284,7 @@ class Soak:
         await asyncio.gather(*side, return_exceptions=True)
         log(f"clients gone; the idle server settles for {args.settle_s:g} s")
         await asyncio.sleep(args.settle_s)
-        idle_end = self.sample("idle_end")
+        idle_end = self.sample("idle_end", await self.kept_mb())
         exit_code = await asyncio.to_thread(server.stop)
         result = self.report(mix, idle_start, loaded, idle_end, exit_code, failed_tasks, len(late))
         if traced is not None:
