@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers.recorders import EventRecorder, count_at_least
 from voice_agent.audio import decode, float_to_pcm16, frames, silence
-from voice_agent.engine.base import Conversation, TurnHandle, TurnInput
+from voice_agent.engine.base import Conversation, HistoryEdit, TurnHandle, TurnInput
 from voice_agent.engine.scripted import ScriptedEngine
 from voice_agent.errors import Busy
 from voice_agent.live import LiveSession
@@ -281,6 +281,14 @@ async def test_a_continued_sentence_is_prefilled_joined_on_the_real_engine(
 
     engine = Qwen2AudioEngine(str(tiny_model_dir), max_new_tokens=4)
     await engine.start()
+    edits: list[asyncio.Future[bool]] = []  # the take-back's DropTurns, to wait for
+    edit_history = engine.edit_history
+
+    def recorded_edit(conversation: Conversation, edit: HistoryEdit) -> asyncio.Future[bool]:
+        edits.append(edit_history(conversation, edit))
+        return edits[-1]
+
+    engine.edit_history = recorded_edit  # type: ignore[method-assign]
     rec = EventRecorder()
     live = LiveSession(engine, rec, session_id="s1", config=SessionConfig(), max_new_tokens=4)
     first, rest = cut_sentence(audio_dir)
@@ -295,6 +303,10 @@ async def test_a_continued_sentence_is_prefilled_joined_on_the_real_engine(
         async with asyncio.timeout(30):  # the taken-back turn has settled in the engine
             while live.replies_in_flight:
                 await asyncio.sleep(0.01)
+        # ... and its DropTurns applied: one applied after the speculation began
+        # would discard it (seen on a loaded machine: no hit, no miss)
+        assert edits
+        await asyncio.wait_for(asyncio.gather(*edits), 30)
         for frame in frames(after[: 16 * 200]):  # 200 ms: the pause, Speculate (joined)
             await live.feed_audio(frame)
         async with asyncio.timeout(30):
