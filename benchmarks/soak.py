@@ -124,27 +124,23 @@ class Soak:
     async def kept_mb(self) -> float | None:
         """The server's voice_agent_kept_conversation_bytes (MB), from /metrics."""
         assert self.server is not None
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", self.server.port), 5
-            )
-            writer.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            body = await asyncio.wait_for(reader.read(), 5)
-            writer.close()
-        except (OSError, TimeoutError):
-            return None
-        for line in body.decode(errors="replace").splitlines():
-            if line.startswith("voice_agent_kept_conversation_bytes "):
-                return round(float(line.split()[1]) / 1e6, 1)
-        return None
+        kept = await asyncio.to_thread(self.server.metric, "voice_agent_kept_conversation_bytes")
+        return None if kept is None else round(kept / 1e6, 1)
+
+    def start_trace(self) -> bool:
+        """With --trace: tracemalloc starts in the server (True once asked)."""
+        if self.server is not None and self.server.trace is not None:
+            Path(f"{self.server.trace}.start").touch()
+        return True
 
     async def sampler(self, stopping: asyncio.Event) -> None:
         last_log = 0.0
+        traced = False
         while not stopping.is_set():
             t = self.ledger.now()
             phase = "drain" if self.draining else "warmup" if t < self.warmup else "load"
-            if phase == "load" and self.server is not None and self.server.trace is not None:
-                self.server.trace.with_suffix(".txt.start").touch()  # objects made from now on
+            if phase == "load" and not traced:
+                traced = self.start_trace()  # objects made from now on
             row = self.sample(phase, await self.kept_mb())
             if t - last_log >= self.args.progress_s:
                 last_log = t
@@ -297,7 +293,7 @@ class Soak:
         trace = None if self.server is None else self.server.trace
         if trace is None:
             return None
-        trace.with_suffix(".txt.go").touch()
+        Path(f"{trace}.go").touch()
         for _ in range(600):  # a big snapshot takes a while
             if trace.exists():
                 return trace.read_text().splitlines()

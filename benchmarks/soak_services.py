@@ -229,7 +229,7 @@ class Server:
 
     def __init__(self, directory: Path, args: list[str], trace: Path | None = None) -> None:
         self.port = free_port()
-        self.trace = trace  # tracemalloc in the server, driven by files (memory.SERVER)
+        self.trace = trace  # tracemalloc in the server, driven by files (traced_server.py)
         self.directory = directory
         self.args = ["serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.log_path = directory / "server.log"
@@ -268,6 +268,20 @@ class Server:
                 return bool(r.status == 200)
         except OSError:
             return False
+
+    def metric(self, name: str) -> float | None:
+        """One unlabelled figure from the server's /metrics (None when absent
+        or the server does not answer)."""
+        try:
+            url = f"http://127.0.0.1:{self.port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                body = r.read().decode(errors="replace")
+        except OSError:
+            return None
+        for line in body.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return None
 
     def wait_ready(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
